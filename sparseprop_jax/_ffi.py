@@ -1,0 +1,20 @@
+"""Loads the compiled extension and registers its XLA FFI targets with JAX."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from sparseprop_jax import _sparseprop_jax_ffi as _ext
+
+for _name, _capsule in _ext.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+LINEAR_FORWARD = "sparseprop_linear_forward"
+LINEAR_INPUT_GRAD = "sparseprop_linear_input_grad"
+LINEAR_WEIGHT_GRAD = "sparseprop_linear_weight_grad"
+
+# SPARSEPROP_JAX_SIMD=scalar|avx2|avx512|auto picks the kernel path at import.
+if os.environ.get("SPARSEPROP_JAX_SIMD"):
+    _ext.set_simd_path(os.environ["SPARSEPROP_JAX_SIMD"])

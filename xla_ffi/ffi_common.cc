@@ -1,0 +1,167 @@
+#include "ffi_common.h"
+
+#include <algorithm>
+#include <memory>
+
+#include "simd_dispatch.h"
+
+namespace sparseprop {
+namespace {
+
+std::string prefix(const char* op) { return std::string("sparseprop_jax ") + op + ": "; }
+
+// Below this many multiply-adds a call is not worth splitting across threads.
+constexpr int64_t kMinParallelFlops = 1 << 16;
+
+}  // namespace
+
+ffi::Error decode_stack(ffi::Span<const int64_t> dims, int rank, const char* op,
+                        const char* name, Stack* out) {
+  const int64_t ndim = static_cast<int64_t>(dims.size());
+  if (ndim < rank)
+    return ffi::Error::InvalidArgument(prefix(op) + name + " must have at least " +
+                                       std::to_string(rank) + " dims, got " +
+                                       std::to_string(ndim));
+  Stack s;
+  for (int64_t i = 0; i < ndim - rank; ++i) s.count *= dims[i];
+  s.rows = dims[ndim - rank];
+  s.cols = rank == 2 ? dims[ndim - 1] : 1;
+  *out = s;
+  return ffi::Error::Success();
+}
+
+ffi::Error check_stack_count(const Stack& s, int64_t total, const char* op, const char* name) {
+  if (s.count == 1 || s.count == total) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(prefix(op) + name + " is stacked " +
+                                     std::to_string(s.count) +
+                                     " times, expected 1 or " + std::to_string(total));
+}
+
+ffi::Error decode_operand(ffi::Span<const int64_t> dims, int rank, int64_t total,
+                          const char* op, const char* name, Stack* out) {
+  ffi::Error error = decode_stack(dims, rank, op, name, out);
+  if (error.failure()) return error;
+  return check_stack_count(*out, total, op, name);
+}
+
+ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                          int64_t rows, int64_t cols, int64_t total, const char* op,
+                          const char* name, Pattern* out) {
+  Pattern p;
+  const std::string ptr_name = std::string(name) + " indptr";
+  const std::string idx_name = std::string(name) + " indices";
+  ffi::Error error = decode_operand(indptr.dimensions(), 1, total, op, ptr_name.c_str(), &p.indptr_stack);
+  if (error.failure()) return error;
+  error = decode_operand(indices.dimensions(), 1, total, op, idx_name.c_str(), &p.indices_stack);
+  if (error.failure()) return error;
+  error = check_size(p.indptr_stack.rows, rows + 1, op, (ptr_name + " length").c_str());
+  if (error.failure()) return error;
+  p.indptr = indptr.typed_data();
+  p.indices = indices.typed_data();
+  p.rows = rows;
+  p.cols = cols;
+  p.nnz = p.indices_stack.rows;
+  const int64_t distinct = std::max(p.indptr_stack.count, p.indices_stack.count);
+  for (int64_t v = 0; v < distinct; ++v) {
+    error = validate_compressed(p.row_ptr(v), rows, p.col_idx(v), p.nnz, cols, op, name);
+    if (error.failure()) return error;
+  }
+  *out = p;
+  return ffi::Error::Success();
+}
+
+ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char* what) {
+  if (got == expected) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(prefix(op) + what + " is " + std::to_string(got) +
+                                     ", expected " + std::to_string(expected));
+}
+
+ffi::Error validate_compressed(const int32_t* indptr, int64_t rows,
+                               const int32_t* indices, int64_t nnz, int64_t cols,
+                               const char* op, const char* name) {
+  if (indptr[0] != 0 || indptr[rows] != nnz)
+    return ffi::Error::InvalidArgument(
+        prefix(op) + name + " row pointers must run from 0 to nnz=" + std::to_string(nnz) +
+        ", got " + std::to_string(indptr[0]) + " to " + std::to_string(indptr[rows]));
+  for (int64_t r = 0; r < rows; ++r)
+    if (indptr[r + 1] < indptr[r])
+      return ffi::Error::InvalidArgument(prefix(op) + name +
+                                         " row pointers decrease at row " + std::to_string(r));
+  for (int64_t p = 0; p < nnz; ++p)
+    if (indices[p] < 0 || indices[p] >= cols)
+      return ffi::Error::InvalidArgument(prefix(op) + name + " index " +
+                                         std::to_string(indices[p]) + " at entry " +
+                                         std::to_string(p) + " is outside [0, " +
+                                         std::to_string(cols) + ")");
+  return ffi::Error::Success();
+}
+
+ffi::Error validate_permutation(const int32_t* perm, int64_t nnz, const char* op,
+                                const char* name) {
+  for (int64_t p = 0; p < nnz; ++p)
+    if (perm[p] < 0 || perm[p] >= nnz)
+      return ffi::Error::InvalidArgument(prefix(op) + name + " entry " + std::to_string(p) +
+                                         " is " + std::to_string(perm[p]) +
+                                         ", outside [0, " + std::to_string(nnz) + ")");
+  return ffi::Error::Success();
+}
+
+void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
+                std::vector<RowTask>* tasks) {
+  // Work before row r is indptr[r] + r: monotone, so each cut is a binary search.
+  const int64_t total = indptr[rows] + rows;
+  parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, rows)));
+  int64_t begin = 0;
+  for (int k = 1; k <= parts; ++k) {
+    int64_t end = rows;
+    if (k < parts) {
+      const int64_t target = total * k / parts;
+      int64_t lo = begin, hi = rows;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (indptr[mid] + mid < target) lo = mid + 1; else hi = mid;
+      }
+      end = lo;
+    }
+    if (end > begin) tasks->push_back({slice, begin, end});
+    begin = end;
+  }
+  if (rows == 0) tasks->push_back({slice, 0, 0});
+}
+
+int parallel_parts(ffi::ThreadPool& pool, int64_t flops) {
+  if (flops < kMinParallelFlops) return 1;
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (max_tasks() > 0) threads = std::min<int64_t>(threads, max_tasks());
+  return static_cast<int>(threads);
+}
+
+ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<RowTask> tasks,
+                      std::function<void(const RowTask&)> fn) {
+  if (tasks.size() <= 1) {
+    for (const RowTask& t : tasks) fn(t);
+    ffi::Promise done;
+    ffi::Future future(done);
+    done.SetAvailable();
+    return future;
+  }
+  ffi::CountDownPromise remaining(static_cast<int64_t>(tasks.size()));
+  ffi::Future future(remaining);
+  auto shared_fn = std::make_shared<const std::function<void(const RowTask&)>>(std::move(fn));
+  for (const RowTask& t : tasks) {
+    pool.Schedule([shared_fn, t, remaining]() mutable {
+      (*shared_fn)(t);
+      remaining.CountDown();
+    });
+  }
+  return future;
+}
+
+ffi::Future failed(ffi::Error error) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  promise.SetError(std::move(error));
+  return future;
+}
+
+}  // namespace sparseprop

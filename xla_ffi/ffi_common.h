@@ -1,0 +1,105 @@
+// Shared plumbing of the FFI handlers: decoding operands that vmap stacked,
+// validating sparse patterns before any kernel reads them, and spreading the
+// kernel's rows over XLA's intra-op thread pool.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace sparseprop {
+
+namespace ffi = xla::ffi;
+
+// An operand seen as `count` stacked slices. The op's own operand has `rank`
+// trailing dims (`rows` x `cols`, or `rows` alone for rank 1); vmap with
+// vmap_method="expand_dims" adds leading dims, size 1 where it broadcasts.
+struct Stack {
+  int64_t count = 1;
+  int64_t rows = 0;
+  int64_t cols = 1;
+  int64_t slice() const { return rows * cols; }
+};
+
+// Decodes `dims` into a Stack, or an InvalidArgument error naming `op` and
+// `name` if the operand has fewer than `rank` dims.
+ffi::Error decode_stack(ffi::Span<const int64_t> dims, int rank, const char* op,
+                        const char* name, Stack* out);
+
+// Offset of slice `v` of an operand with `count` slices inside a vmap of size
+// `total` slices: a single slice is shared (broadcast) by all.
+inline int64_t slice_offset(const Stack& s, int64_t v) { return s.count == 1 ? 0 : v * s.slice(); }
+
+// Checks that an operand's stack is either shared (1) or matches `total`.
+ffi::Error check_stack_count(const Stack& s, int64_t total, const char* op, const char* name);
+
+// decode_stack followed by check_stack_count against `total` slices.
+ffi::Error decode_operand(ffi::Span<const int64_t> dims, int rank, int64_t total,
+                          const char* op, const char* name, Stack* out);
+
+// Error unless `got` == `expected`.
+ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char* what);
+
+// Validates a compressed-rows pattern: indptr starts at 0, never decreases and
+// ends at nnz; every index lies in [0, cols). Sortedness is not needed for
+// memory safety and is checked in Python where patterns are built.
+ffi::Error validate_compressed(const int32_t* indptr, int64_t rows,
+                               const int32_t* indices, int64_t nnz, int64_t cols,
+                               const char* op, const char* name);
+
+// Error unless every perm[p] lies in [0, n).
+ffi::Error validate_permutation(const int32_t* perm, int64_t nnz, const char* op,
+                                const char* name);
+
+// A compressed-rows pattern operand pair (indptr, indices), possibly stacked.
+struct Pattern {
+  const int32_t* indptr = nullptr;
+  const int32_t* indices = nullptr;
+  Stack indptr_stack, indices_stack;
+  int64_t rows = 0, cols = 0, nnz = 0;
+  const int32_t* row_ptr(int64_t v) const { return indptr + slice_offset(indptr_stack, v); }
+  const int32_t* col_idx(int64_t v) const { return indices + slice_offset(indices_stack, v); }
+};
+
+// Decodes and fully validates (validate_compressed on every distinct slice) a
+// pattern of `rows` x `cols` used in a call of `total` vmap slices.
+ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                          int64_t rows, int64_t cols, int64_t total, const char* op,
+                          const char* name, Pattern* out);
+
+// Returns early from a handler that returns ffi::Future.
+#define SPARSEPROP_RETURN_IF_ERROR(expr)                  \
+  do {                                                    \
+    ::xla::ffi::Error sparseprop_error_ = (expr);         \
+    if (sparseprop_error_.failure())                      \
+      return ::sparseprop::failed(std::move(sparseprop_error_)); \
+  } while (0)
+
+// One unit of work: rows [row_begin, row_end) of vmap slice `slice`.
+struct RowTask {
+  int64_t slice;
+  int64_t row_begin;
+  int64_t row_end;
+};
+
+// Appends tasks covering rows [0, rows) of one slice, split into at most
+// `parts` contiguous ranges of about equal work (entries + rows), so a thread
+// never waits on another over a few dense rows.
+void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
+                std::vector<RowTask>* tasks);
+
+// How many parts to split a call of `flops` multiply-adds into, given the pool.
+int parallel_parts(ffi::ThreadPool& pool, int64_t flops);
+
+// Runs `fn` on every task, on the pool when there is more than one, and
+// returns a future that completes when all have run. Tasks may run inline.
+ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<RowTask> tasks,
+                      std::function<void(const RowTask&)> fn);
+
+// A future already completed with `error`.
+ffi::Future failed(ffi::Error error);
+
+}  // namespace sparseprop

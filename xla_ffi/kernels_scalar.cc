@@ -1,0 +1,10 @@
+// The scalar instantiation of the sparse kernels (1 float lane(s) per vector).
+#include "sparse_kernels.h"
+
+namespace sparseprop {
+namespace scalar {
+#define SPARSEPROP_SIMD_WIDTH 1
+#include "kernels_impl.h"
+#undef SPARSEPROP_SIMD_WIDTH
+}  // namespace scalar
+}  // namespace sparseprop

@@ -1,0 +1,157 @@
+// XLA FFI handlers of the sparse linear layer. They decode and validate the
+// buffers, then schedule the kernels of sparse_kernels.h over XLA's pool.
+//
+// Activations travel feature-major with the batch minor ("transposed"):
+// x^T is [in, batch], y^T is [out, batch]. The weight W (out x in, i.e. the
+// transpose of Flax's (in, out) kernel) is stored in compressed rows, one row
+// per output feature; the input gradient uses the same nonzeros in compressed
+// columns plus a permutation into the values.
+#include <memory>
+#include <vector>
+
+#include "ffi_common.h"
+#include "linear_ffi.h"
+#include "simd_dispatch.h"
+
+namespace sparseprop {
+namespace {
+
+// y^T = W x^T.
+ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
+                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                          ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> yt) {
+  constexpr const char* op = "sparse_linear forward";
+  Stack ys, xs, vs;
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(yt->dimensions(), 2, op, "output", &ys));
+  const int64_t total = ys.count, batch = ys.cols;
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(xt.dimensions(), 2, total, op, "x^T", &xs));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(xs.cols, batch, op, "x^T batch size"));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  Pattern pat;
+  SPARSEPROP_RETURN_IF_ERROR(
+      decode_pattern(indptr, indices, ys.rows, xs.rows, total, op, "pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(vs.rows, pat.nnz, op, "values length"));
+
+  std::vector<RowTask> tasks;
+  const int parts = parallel_parts(pool, total * batch * pat.nnz);
+  for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
+  const KernelTable& k = active_kernels();
+  const float* x = xt.typed_data();
+  const float* w = values.typed_data();
+  float* y = yt->typed_data();
+  return run_tasks(pool, std::move(tasks), [=, &k](const RowTask& t) {
+    k.spmm_rows(pat.row_ptr(t.slice), pat.col_idx(t.slice), w + slice_offset(vs, t.slice),
+                x + slice_offset(xs, t.slice), batch, y + t.slice * ys.slice(), batch, batch,
+                t.row_begin, t.row_end);
+  });
+}
+
+// dx^T = W^T dy^T, iterating W by columns (the transposed pattern) so each row
+// of dx^T accumulates in registers.
+ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
+                            ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
+                            ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
+                            ffi::ResultBuffer<ffi::F32> dxt) {
+  constexpr const char* op = "sparse_linear input gradient";
+  Stack dxs, dys, vs, ps;
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dxt->dimensions(), 2, op, "output", &dxs));
+  const int64_t total = dxs.count, batch = dxs.cols;
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dyt.dimensions(), 2, total, op, "dy^T", &dys));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(dys.cols, batch, op, "dy^T batch size"));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  SPARSEPROP_RETURN_IF_ERROR(
+      decode_operand(t_perm.dimensions(), 1, total, op, "transposed permutation", &ps));
+  Pattern pat;
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, dxs.rows, dys.rows, total, op,
+                                            "transposed pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(vs.rows, pat.nnz, op, "values length"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(ps.rows, pat.nnz, op, "transposed permutation length"));
+
+  // Values in the transposed order, gathered once per call (O(nnz)) so the
+  // kernel's inner loop needs no indirection.
+  const int64_t nnz = pat.nnz;
+  const int64_t gathered_count = std::max(vs.count, ps.count);
+  auto gathered = std::make_shared<std::vector<float>>(gathered_count * nnz);
+  for (int64_t g = 0; g < gathered_count; ++g) {
+    const int32_t* perm = t_perm.typed_data() + slice_offset(ps, g);
+    SPARSEPROP_RETURN_IF_ERROR(validate_permutation(perm, nnz, op, "transposed permutation"));
+    const float* w = values.typed_data() + slice_offset(vs, g);
+    float* dst = gathered->data() + g * nnz;
+    for (int64_t p = 0; p < nnz; ++p) dst[p] = w[perm[p]];
+  }
+
+  std::vector<RowTask> tasks;
+  const int parts = parallel_parts(pool, total * batch * nnz);
+  for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
+  const KernelTable& k = active_kernels();
+  const float* dy = dyt.typed_data();
+  float* dx = dxt->typed_data();
+  return run_tasks(pool, std::move(tasks), [=, &k](const RowTask& t) {
+    const float* w = gathered->data() + (gathered_count == 1 ? 0 : t.slice * nnz);
+    k.spmm_rows(pat.row_ptr(t.slice), pat.col_idx(t.slice), w, dy + slice_offset(dys, t.slice),
+                batch, dx + t.slice * dxs.slice(), batch, batch, t.row_begin, t.row_end);
+  });
+}
+
+// dvalues[p] = <dy^T[n, :], x^T[m, :]> for every nonzero (n, m) of W.
+ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
+                             ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::S32> indptr,
+                             ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> dvalues) {
+  constexpr const char* op = "sparse_linear weight gradient";
+  Stack ds, dys, xs;
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dvalues->dimensions(), 1, op, "output", &ds));
+  const int64_t total = ds.count;
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dyt.dimensions(), 2, total, op, "dy^T", &dys));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(xt.dimensions(), 2, total, op, "x^T", &xs));
+  const int64_t batch = dys.cols;
+  SPARSEPROP_RETURN_IF_ERROR(check_size(xs.cols, batch, op, "x^T batch size"));
+  Pattern pat;
+  SPARSEPROP_RETURN_IF_ERROR(
+      decode_pattern(indptr, indices, dys.rows, xs.rows, total, op, "pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(ds.rows, pat.nnz, op, "output length"));
+
+  std::vector<RowTask> tasks;
+  const int parts = parallel_parts(pool, total * batch * pat.nnz);
+  for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
+  const KernelTable& k = active_kernels();
+  const float* dy = dyt.typed_data();
+  const float* x = xt.typed_data();
+  float* dw = dvalues->typed_data();
+  return run_tasks(pool, std::move(tasks), [=, &k](const RowTask& t) {
+    k.sddmm_rows(pat.row_ptr(t.slice), pat.col_idx(t.slice), dy + slice_offset(dys, t.slice),
+                 batch, x + slice_offset(xs, t.slice), batch, dw + t.slice * ds.slice(), batch,
+                 t.row_begin, t.row_end);
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForward, LinearForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearInputGrad, LinearInputGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearWeightGrad, LinearWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+}  // namespace sparseprop

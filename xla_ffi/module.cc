@@ -1,0 +1,46 @@
+// The Python extension: FFI handler capsules for jax.ffi.register_ffi_target,
+// plus the run-time SIMD and threading switches.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <stdexcept>
+
+#include "linear_ffi.h"
+#include "simd_dispatch.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename T>
+nb::capsule capsule(T* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+NB_MODULE(_sparseprop_jax_ffi, m) {
+  m.doc() = "XLA FFI handlers of sparseprop_jax";
+
+  m.def("registrations", []() {
+    nb::dict targets;
+    targets["sparseprop_linear_forward"] = capsule(sparseprop::kLinearForward);
+    targets["sparseprop_linear_input_grad"] = capsule(sparseprop::kLinearInputGrad);
+    targets["sparseprop_linear_weight_grad"] = capsule(sparseprop::kLinearWeightGrad);
+    return targets;
+  });
+
+  m.def("simd_path", &sparseprop::active_simd_path, "The kernel instruction set in use.");
+  m.def("supported_simd_paths", &sparseprop::supported_simd_paths,
+        "Instruction sets this CPU can run, best first.");
+  m.def(
+      "set_simd_path",
+      [](const std::string& name) {
+        if (!sparseprop::set_simd_path(name))
+          throw std::invalid_argument("unknown or unsupported SIMD path: " + name);
+      },
+      nb::arg("name"));
+  m.def("max_tasks", &sparseprop::max_tasks);
+  m.def("set_max_tasks", &sparseprop::set_max_tasks, nb::arg("n"));
+}

@@ -1,0 +1,71 @@
+#include "simd_dispatch.h"
+
+#include <atomic>
+
+namespace sparseprop {
+namespace {
+
+struct Path {
+  const char* name;
+  const KernelTable* kernels;
+  bool (*cpu_supports)();
+};
+
+#if defined(SPARSEPROP_X86_SIMD)
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+}
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#endif
+bool always() { return true; }
+
+// Best first.
+const Path kPaths[] = {
+#if defined(SPARSEPROP_X86_SIMD)
+    {"avx512", &avx512::kKernels, &has_avx512},
+    {"avx2", &avx2::kKernels, &has_avx2},
+#endif
+    {"scalar", &scalar::kKernels, &always},
+};
+constexpr int kNumPaths = sizeof(kPaths) / sizeof(kPaths[0]);
+
+int best_path() {
+  for (int i = 0; i < kNumPaths; ++i)
+    if (kPaths[i].cpu_supports()) return i;
+  return kNumPaths - 1;
+}
+
+std::atomic<int> active{best_path()};
+std::atomic<int> task_limit{0};
+
+}  // namespace
+
+const KernelTable& active_kernels() { return *kPaths[active.load(std::memory_order_relaxed)].kernels; }
+
+std::string active_simd_path() { return kPaths[active.load()].name; }
+
+std::vector<std::string> supported_simd_paths() {
+  std::vector<std::string> names;
+  for (const Path& p : kPaths)
+    if (p.cpu_supports()) names.push_back(p.name);
+  return names;
+}
+
+bool set_simd_path(const std::string& name) {
+  if (name == "auto") {
+    active.store(best_path());
+    return true;
+  }
+  for (int i = 0; i < kNumPaths; ++i) {
+    if (name == kPaths[i].name && kPaths[i].cpu_supports()) {
+      active.store(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+int max_tasks() { return task_limit.load(); }
+void set_max_tasks(int n) { task_limit.store(n < 0 ? 0 : n); }
+
+}  // namespace sparseprop
