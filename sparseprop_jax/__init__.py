@@ -1,1 +1,26 @@
+"""sparseprop_jax: sparse backpropagation for JAX and Flax on CPUs.
 
+Sparse layers whose forward pass, input gradient and weight gradient all cost
+O(batch x nnz), run by C++ kernels registered as XLA FFI custom calls.
+"""
+
+from sparseprop_jax.kernels import (
+    set_simd_path,
+    use_simd_path,
+    simd_path,
+    supported_simd_paths,
+)
+from sparseprop_jax.linear import sparse_linear
+from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseWeight",
+    "SparsityPattern",
+    "set_simd_path",
+    "simd_path",
+    "sparse_linear",
+    "supported_simd_paths",
+    "use_simd_path",
+]

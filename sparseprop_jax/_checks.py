@@ -1,0 +1,63 @@
+"""Argument checks shared by the ops, the weight type and the layers.
+
+Every check raises before anything reaches C++, with a message that names the
+argument and what was expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_DTYPES = ("float32",)
+
+
+def check_float32(where: str, name: str, array: Any) -> None:
+    """Raises TypeError unless `array` is float32, naming the supported dtypes."""
+    dtype = jnp.result_type(array)
+    if dtype != jnp.float32:
+        raise TypeError(
+            f"{where}: {name} must be float32 (supported dtypes: "
+            f"{', '.join(SUPPORTED_DTYPES)}), got {dtype}"
+        )
+
+
+def check_shape(where: str, name: str, array: Any, expected: tuple[int, ...]) -> None:
+    """Raises ValueError unless `array` has exactly the shape `expected`."""
+    shape = tuple(np.shape(array))
+    if shape != tuple(expected):
+        raise ValueError(f"{where}: {name} must have shape {tuple(expected)}, got {shape}")
+
+
+def check_sparsity(where: str, sparsity: Any) -> float:
+    """Returns `sparsity` as a float, or raises ValueError if it is outside [0, 1]."""
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: sparsity must be a number in [0, 1], got {sparsity!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: sparsity must be in [0, 1], got {value}")
+    return value
+
+
+def check_features(where: str, name: str, value: Any) -> int:
+    """Returns `value` as a positive int, or raises ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def concrete(where: str, name: str, array: Any) -> np.ndarray:
+    """Returns `array` as a NumPy array, or explains that it must not be traced.
+
+    Patterns are built eagerly: their number of nonzeros fixes array shapes.
+    """
+    try:
+        return np.asarray(array)
+    except Exception as err:  # jax raises a TracerArrayConversionError subclass
+        raise TypeError(
+            f"{where}: {name} must be a concrete array (sparse patterns are built "
+            "outside jit/grad/vmap, because the number of nonzeros fixes the shapes)"
+        ) from err

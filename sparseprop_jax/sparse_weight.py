@@ -1,0 +1,346 @@
+"""The sparse weight type: trainable float32 values on a fixed nonzero pattern.
+
+A `SparseWeight` stands for a dense kernel of Flax's orientation,
+`(in_features, out_features)`. Its nonzeros are stored grouped by output
+feature (the compressed sparse columns of the kernel; the rows of the
+`out x in` weight the forward pass multiplies with). `SparsityPattern` also
+keeps the same nonzeros grouped by input feature, with a permutation into the
+values, for the input gradient; both orders are computed once, when the
+pattern is made, never per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparseprop_jax import _checks
+
+Array = jax.Array
+
+
+@jax.tree_util.register_pytree_node_class
+class SparsityPattern:
+    """The fixed nonzero pattern of an `(in_features, out_features)` kernel.
+
+    Attributes:
+      indptr: int32 `[out_features + 1]`; the nonzeros of output feature `j`
+        are entries `indptr[j]:indptr[j + 1]` of the values.
+      indices: int32 `[nnz]`; the input feature of each entry, ascending
+        within each output feature.
+      t_indptr: int32 `[in_features + 1]`; the same nonzeros grouped by input
+        feature.
+      t_indices: int32 `[nnz]`; output feature of each entry in that grouping.
+      t_perm: int32 `[nnz]`; position in the values of each entry of that
+        grouping.
+      shape: the kernel shape `(in_features, out_features)` (static).
+
+    Build patterns with the class methods, which validate their input; the
+    constructor itself trusts its arguments (it also runs on traced arrays).
+    """
+
+    def __init__(self, indptr, indices, t_indptr, t_indices, t_perm, shape):
+        self.indptr = indptr
+        self.indices = indices
+        self.t_indptr = t_indptr
+        self.t_indices = t_indices
+        self.t_perm = t_perm
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    # -- pytree -------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.indptr, self.indices, self.t_indptr, self.t_indices, self.t_perm), self.shape
+
+    @classmethod
+    def tree_unflatten(cls, shape, children):
+        return cls(*children, shape=shape)
+
+    # -- facts --------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nnz(self) -> int:
+        return int(np.shape(self.indices)[-1])
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.shape[0] * self.shape[1])
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def output_index(self) -> Array:
+        """Output feature of each entry, in value order (traceable)."""
+        counts = jnp.diff(jnp.asarray(self.indptr))
+        return jnp.repeat(jnp.arange(self.shape[1], dtype=jnp.int32), counts,
+                          total_repeat_length=self.nnz)
+
+    def mask(self) -> np.ndarray:
+        """The pattern as a dense boolean `(in_features, out_features)` NumPy array."""
+        mask = np.zeros(self.shape, dtype=bool)
+        mask[np.asarray(self.indices), np.asarray(self.output_index())] = True
+        return mask
+
+    def __repr__(self) -> str:
+        return (f"SparsityPattern(shape={self.shape}, nnz={self.nnz}, "
+                f"sparsity={self.sparsity:.4f})")
+
+    # -- constructors -------------------------------------------------------
+    @classmethod
+    def from_mask(cls, mask: Any) -> "SparsityPattern":
+        """Pattern of the True entries of a boolean `(in_features, out_features)` mask."""
+        where = "SparsityPattern.from_mask"
+        mask = _checks.concrete(where, "mask", mask)
+        if mask.ndim != 2:
+            raise ValueError(f"{where}: mask must be 2-D (in_features, out_features), "
+                             f"got shape {mask.shape}")
+        if mask.dtype != np.bool_:
+            raise TypeError(f"{where}: mask must be boolean, got {mask.dtype}")
+        _checks.check_features(where, "mask.shape[0] (in_features)", mask.shape[0])
+        _checks.check_features(where, "mask.shape[1] (out_features)", mask.shape[1])
+        # Row-major nonzeros of mask.T come sorted by output, then input feature.
+        out_idx, in_idx = np.nonzero(mask.T)
+        return cls._from_sorted_coords(in_idx, out_idx, mask.shape)
+
+    @classmethod
+    def from_csc(cls, indptr: Any, indices: Any, shape: tuple[int, int]) -> "SparsityPattern":
+        """Pattern from the compressed sparse columns of the kernel.
+
+        Args:
+          indptr: `[out_features + 1]` non-decreasing, from 0 to nnz.
+          indices: `[nnz]` input features; strictly increasing within a column.
+          shape: the kernel shape `(in_features, out_features)`.
+        """
+        where = "SparsityPattern.from_csc"
+        if len(tuple(shape)) != 2:
+            raise ValueError(f"{where}: shape must be (in_features, out_features), got {shape!r}")
+        n_in = _checks.check_features(where, "shape[0] (in_features)", shape[0])
+        n_out = _checks.check_features(where, "shape[1] (out_features)", shape[1])
+        indptr = _checks.concrete(where, "indptr", indptr)
+        indices = _checks.concrete(where, "indices", indices)
+        for name, arr in (("indptr", indptr), ("indices", indices)):
+            if arr.ndim != 1:
+                raise ValueError(f"{where}: {name} must be 1-D, got shape {arr.shape}")
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(f"{where}: {name} must hold integers, got {arr.dtype}")
+        if indptr.shape != (n_out + 1,):
+            raise ValueError(f"{where}: indptr must have shape ({n_out + 1},) "
+                             f"(out_features + 1), got {indptr.shape}")
+        indptr = indptr.astype(np.int64)
+        indices = indices.astype(np.int64)
+        if indptr[0] != 0 or indptr[-1] != indices.size:
+            raise ValueError(f"{where}: indptr must start at 0 and end at len(indices)="
+                             f"{indices.size}, got {indptr[0]} and {indptr[-1]}")
+        steps = np.diff(indptr)
+        if np.any(steps < 0):
+            raise ValueError(f"{where}: indptr must be non-decreasing; it decreases after "
+                             f"column {int(np.argmax(steps < 0))}")
+        if indices.size and (indices.min() < 0 or indices.max() >= n_in):
+            bad = int(np.argmax((indices < 0) | (indices >= n_in)))
+            raise ValueError(f"{where}: indices must lie in [0, {n_in}) (in_features); "
+                             f"indices[{bad}] = {indices[bad]}")
+        out_idx = np.repeat(np.arange(n_out), steps)
+        # Within a column the next index must be strictly larger.
+        same_col = out_idx[1:] == out_idx[:-1]
+        not_increasing = same_col & (indices[1:] <= indices[:-1])
+        if np.any(not_increasing):
+            p = int(np.argmax(not_increasing)) + 1
+            kind = "duplicate" if indices[p] == indices[p - 1] else "unsorted"
+            raise ValueError(f"{where}: {kind} indices in column {out_idx[p]}: indices must be "
+                             f"strictly increasing within a column (entry {p})")
+        return cls._from_sorted_coords(indices, out_idx, (n_in, n_out))
+
+    @classmethod
+    def random(cls, shape: tuple[int, int], sparsity: float, key: Array) -> "SparsityPattern":
+        """A uniformly random pattern with exactly `round(sparsity * size)` zeros."""
+        where = "SparsityPattern.random"
+        n_in = _checks.check_features(where, "shape[0] (in_features)", shape[0])
+        n_out = _checks.check_features(where, "shape[1] (out_features)", shape[1])
+        sparsity = _checks.check_sparsity(where, sparsity)
+        size = n_in * n_out
+        nnz = size - int(round(sparsity * size))
+        chosen = np.asarray(jax.random.choice(key, size, (nnz,), replace=False))
+        mask = np.zeros(size, dtype=bool)
+        mask[chosen] = True
+        return cls.from_mask(mask.reshape(n_in, n_out))
+
+    @classmethod
+    def _from_sorted_coords(cls, in_idx, out_idx, shape) -> "SparsityPattern":
+        """Builds both orders from coordinates sorted by (output, input) feature."""
+        n_in, n_out = shape
+        indptr = np.zeros(n_out + 1, dtype=np.int64)
+        np.cumsum(np.bincount(out_idx, minlength=n_out), out=indptr[1:])
+        t_perm = np.lexsort((out_idx, in_idx))  # by input feature, then output feature
+        t_indptr = np.zeros(n_in + 1, dtype=np.int64)
+        np.cumsum(np.bincount(in_idx, minlength=n_in), out=t_indptr[1:])
+        if indptr[-1] > np.iinfo(np.int32).max:
+            raise ValueError("sparse pattern has more than 2**31 - 1 nonzeros")
+        i32 = lambda a: jnp.asarray(np.asarray(a, dtype=np.int32))  # noqa: E731
+        return cls(i32(indptr), i32(in_idx), i32(t_indptr), i32(np.asarray(out_idx)[t_perm]),
+                   i32(t_perm), shape)
+
+
+@jax.tree_util.register_pytree_node_class
+class SparseWeight:
+    """Float32 values on a fixed `SparsityPattern`: a sparse `(in, out)` kernel.
+
+    A JAX pytree whose leaves are the values (the only trainable leaf) and the
+    pattern's int32 arrays. To differentiate or optimise, take `.values`.
+    """
+
+    def __init__(self, values: Any, pattern: SparsityPattern):
+        self.values = values
+        self.pattern = pattern
+
+    def tree_flatten(self):
+        return (self.values, self.pattern), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pattern.shape
+
+    @property
+    def nnz(self) -> int:
+        return self.pattern.nnz
+
+    @property
+    def sparsity(self) -> float:
+        return self.pattern.sparsity
+
+    @property
+    def dtype(self):
+        return jnp.result_type(self.values)
+
+    def __repr__(self) -> str:
+        return f"SparseWeight(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.4f})"
+
+    def with_values(self, values: Any) -> "SparseWeight":
+        """The same pattern with new values (checked for shape and dtype)."""
+        _check_values("SparseWeight.with_values", values, self.pattern)
+        return SparseWeight(values, self.pattern)
+
+    def to_dense(self) -> Array:
+        """The dense `(in_features, out_features)` kernel (traceable)."""
+        p = self.pattern
+        dense = jnp.zeros(p.shape, dtype=self.dtype)
+        return dense.at[jnp.asarray(p.indices), p.output_index()].set(self.values)
+
+    def to_scipy(self):
+        """The kernel as a `scipy.sparse.csc_array` of shape `(in, out)`."""
+        import scipy.sparse
+
+        p = self.pattern
+        return scipy.sparse.csc_array(
+            (np.asarray(self.values), np.asarray(p.indices), np.asarray(p.indptr)), shape=p.shape)
+
+    # -- constructors -------------------------------------------------------
+    @classmethod
+    def from_dense(cls, kernel: Any, mask: Optional[Any] = None) -> "SparseWeight":
+        """From a dense `(in_features, out_features)` kernel.
+
+        Args:
+          kernel: the dense kernel, float32.
+          mask: optional boolean array of the kernel's shape choosing the
+            nonzeros; without it, the kernel's exact zeros define the pattern.
+            Kernel entries outside the mask are dropped.
+        """
+        where = "SparseWeight.from_dense"
+        kernel = _checks.concrete(where, "kernel", kernel)
+        if kernel.ndim != 2:
+            raise ValueError(f"{where}: kernel must be 2-D (in_features, out_features), "
+                             f"got shape {kernel.shape}")
+        _checks.check_float32(where, "kernel", kernel)
+        if mask is None:
+            mask = kernel != 0
+        else:
+            mask = _checks.concrete(where, "mask", mask)
+            _checks.check_shape(where, "mask", mask, kernel.shape)
+        return cls.gather(kernel, SparsityPattern.from_mask(mask))
+
+    @classmethod
+    def gather(cls, kernel: Any, pattern: SparsityPattern) -> "SparseWeight":
+        """The entries of a dense `(in, out)` kernel that lie on `pattern`."""
+        _checks.check_shape("SparseWeight.gather", "kernel", kernel, pattern.shape)
+        values = jnp.asarray(kernel)[jnp.asarray(pattern.indices), pattern.output_index()]
+        return cls(values, pattern)
+
+    @classmethod
+    def from_csc(cls, values: Any, indptr: Any, indices: Any,
+                 shape: tuple[int, int]) -> "SparseWeight":
+        """From the compressed sparse columns of the `(in, out)` kernel.
+
+        See `SparsityPattern.from_csc`; `values[p]` belongs to entry `p`.
+        """
+        pattern = SparsityPattern.from_csc(indptr, indices, shape)
+        values = jnp.asarray(_checks.concrete("SparseWeight.from_csc", "values", values))
+        _check_values("SparseWeight.from_csc", values, pattern)
+        return cls(values, pattern)
+
+    @classmethod
+    def from_scipy(cls, matrix: Any) -> "SparseWeight":
+        """From a `scipy.sparse` matrix or array of shape `(in, out)`.
+
+        Stored entries define the pattern (explicit zeros included); duplicate
+        entries are summed, as scipy does.
+        """
+        import scipy.sparse
+
+        where = "SparseWeight.from_scipy"
+        if not scipy.sparse.issparse(matrix):
+            raise TypeError(f"{where}: matrix must be a scipy.sparse matrix, got {type(matrix)}")
+        csc = scipy.sparse.csc_array(matrix, copy=True)
+        csc.sum_duplicates()  # also sorts indices
+        return cls.from_csc(csc.data.astype(np.float32), csc.indptr, csc.indices, csc.shape)
+
+    @classmethod
+    def from_jax_sparse(cls, matrix: Any) -> "SparseWeight":
+        """From a `jax.experimental.sparse` BCOO or BCSR matrix of shape `(in, out)`.
+
+        Stored entries define the pattern; out-of-range padding entries are
+        dropped and duplicates summed.
+        """
+        import scipy.sparse
+        from jax.experimental import sparse as jsparse
+
+        where = "SparseWeight.from_jax_sparse"
+        if not isinstance(matrix, (jsparse.BCOO, jsparse.BCSR)):
+            raise TypeError(f"{where}: matrix must be a BCOO or BCSR matrix, got {type(matrix)}")
+        if matrix.n_batch or matrix.n_dense or len(matrix.shape) != 2:
+            raise ValueError(f"{where}: only 2-D matrices without batch or dense dims are "
+                             f"supported, got n_batch={matrix.n_batch}, n_dense={matrix.n_dense}")
+        if isinstance(matrix, jsparse.BCSR):
+            matrix = matrix.to_bcoo()
+        data = _checks.concrete(where, "data", matrix.data)
+        rows, cols = _checks.concrete(where, "indices", matrix.indices).T
+        keep = (rows < matrix.shape[0]) & (cols < matrix.shape[1])
+        coo = scipy.sparse.coo_array((data[keep], (rows[keep], cols[keep])), shape=matrix.shape)
+        return cls.from_scipy(coo)
+
+    @classmethod
+    def random(cls, shape: tuple[int, int], sparsity: float, key: Array,
+               init=jax.nn.initializers.lecun_normal()) -> "SparseWeight":
+        """Values from `init` on a uniformly random pattern of the given sparsity."""
+        mask_key, init_key = jax.random.split(key)
+        pattern = SparsityPattern.random(shape, sparsity, mask_key)
+        return cls.gather(init(init_key, pattern.shape, jnp.float32), pattern)
+
+
+def _check_values(where: str, values: Any, pattern: SparsityPattern) -> None:
+    _checks.check_float32(where, "values", values)
+    if np.shape(values) != (pattern.nnz,):
+        raise ValueError(f"{where}: values must have shape ({pattern.nnz},) to match the "
+                         f"pattern's nnz, got {np.shape(values)}")
