@@ -6,6 +6,8 @@ O(batch x nnz), run by C++ kernels registered as XLA FFI custom calls.
 
 from sparseprop_jax.kernels import (
     set_simd_path,
+    set_tasks_per_call,
+    tasks_per_call,
     use_simd_path,
     simd_path,
     supported_simd_paths,
@@ -22,5 +24,7 @@ __all__ = [
     "simd_path",
     "sparse_linear",
     "supported_simd_paths",
+    "set_tasks_per_call",
+    "tasks_per_call",
     "use_simd_path",
 ]

@@ -45,3 +45,19 @@ def use_simd_path(name: str) -> Iterator[None]:
         yield
     finally:
         set_simd_path(previous)
+
+
+def tasks_per_call() -> int:
+    """Tasks each kernel call is split into; 0 means one per XLA pool thread."""
+    return _ext.tasks_per_call()
+
+
+def set_tasks_per_call(n: int) -> None:
+    """Splits every kernel call into exactly `n` tasks on XLA's pool (0: automatic).
+
+    `n=1` runs each call on one thread, which is how the benchmarks measure
+    single-thread speed. Results do not depend on `n`.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"set_tasks_per_call: n must be a non-negative int, got {n!r}")
+    _ext.set_tasks_per_call(n)

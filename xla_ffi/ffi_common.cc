@@ -130,10 +130,9 @@ void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
 }
 
 int parallel_parts(ffi::ThreadPool& pool, int64_t flops) {
+  if (tasks_per_call() > 0) return tasks_per_call();
   if (flops < kMinParallelFlops) return 1;
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (max_tasks() > 0) threads = std::min<int64_t>(threads, max_tasks());
-  return static_cast<int>(threads);
+  return static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
 }
 
 ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<RowTask> tasks,

@@ -91,7 +91,8 @@ struct RowTask {
 void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
                 std::vector<RowTask>* tasks);
 
-// How many parts to split a call of `flops` multiply-adds into, given the pool.
+// How many parts to split a call of `flops` multiply-adds into, given the pool
+// (see tasks_per_call in simd_dispatch.h).
 int parallel_parts(ffi::ThreadPool& pool, int64_t flops);
 
 // Runs `fn` on every task, on the pool when there is more than one, and

@@ -41,6 +41,6 @@ NB_MODULE(_sparseprop_jax_ffi, m) {
           throw std::invalid_argument("unknown or unsupported SIMD path: " + name);
       },
       nb::arg("name"));
-  m.def("max_tasks", &sparseprop::max_tasks);
-  m.def("set_max_tasks", &sparseprop::set_max_tasks, nb::arg("n"));
+  m.def("tasks_per_call", &sparseprop::tasks_per_call);
+  m.def("set_tasks_per_call", &sparseprop::set_tasks_per_call, nb::arg("n"));
 }

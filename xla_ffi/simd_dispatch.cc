@@ -36,7 +36,7 @@ int best_path() {
 }
 
 std::atomic<int> active{best_path()};
-std::atomic<int> task_limit{0};
+std::atomic<int> task_count{0};
 
 }  // namespace
 
@@ -65,7 +65,7 @@ bool set_simd_path(const std::string& name) {
   return false;
 }
 
-int max_tasks() { return task_limit.load(); }
-void set_max_tasks(int n) { task_limit.store(n < 0 ? 0 : n); }
+int tasks_per_call() { return task_count.load(); }
+void set_tasks_per_call(int n) { task_count.store(n < 0 ? 0 : n); }
 
 }  // namespace sparseprop

@@ -23,9 +23,11 @@ std::vector<std::string> supported_simd_paths();
 // (and changes nothing) for an unknown name or a path this CPU cannot run.
 bool set_simd_path(const std::string& name);
 
-// Upper bound on the tasks one kernel call is split into (0: one per thread of
-// XLA's pool).
-int max_tasks();
-void set_max_tasks(int n);
+// Number of tasks every kernel call is split into, whatever its size; 0 (the
+// default) means one per thread of XLA's pool for calls big enough to gain.
+// Benchmarks use 1 to measure one thread; tests use odd counts to exercise the
+// row splitting.
+int tasks_per_call();
+void set_tasks_per_call(int n);
 
 }  // namespace sparseprop

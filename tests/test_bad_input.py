@@ -1,0 +1,134 @@
+"""Every misuse gives a clear error naming the argument, before or inside C++."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparseprop_jax as sp
+from conftest import random_kernel
+
+
+@pytest.fixture
+def weight(rng):
+    return sp.SparseWeight.from_dense(random_kernel(rng, 8, 5, 0.5))
+
+
+def test_input_feature_mismatch(weight):
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 8\]"):
+        sp.sparse_linear(jnp.ones((3, 7)), weight)
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        sp.sparse_linear(jnp.float32(1.0), weight)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.int32])
+def test_unsupported_input_dtype(weight, dtype):
+    with pytest.raises(TypeError, match=r"x must be float32 \(supported dtypes: float32\)"):
+        sp.sparse_linear(jnp.ones((3, 8), dtype), weight)
+
+
+def test_unsupported_values_and_bias(weight):
+    with pytest.raises(TypeError, match="values must be float32"):
+        sp.sparse_linear(jnp.ones((3, 8)), sp.SparseWeight(weight.values.astype(jnp.bfloat16),
+                                                           weight.pattern))
+    with pytest.raises(ValueError, match=r"weight.values must have shape \(20,\)"):
+        sp.sparse_linear(jnp.ones((3, 8)), sp.SparseWeight(weight.values[:-1], weight.pattern))
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        sp.sparse_linear(jnp.ones((3, 8)), weight, jnp.ones(4))
+    with pytest.raises(TypeError, match="bias must be float32"):
+        sp.sparse_linear(jnp.ones((3, 8)), weight, jnp.ones(5, jnp.bfloat16))
+    with pytest.raises(TypeError, match="weight must be a SparseWeight"):
+        sp.sparse_linear(jnp.ones((3, 8)), jnp.ones((8, 5)))
+    with pytest.raises(ValueError, match="values must have shape"):
+        weight.with_values(jnp.ones(3))
+
+
+def test_kernel_must_be_2d_float32_with_matching_mask():
+    with pytest.raises(ValueError, match="kernel must be 2-D"):
+        sp.SparseWeight.from_dense(np.ones((2, 3, 4), np.float32))
+    with pytest.raises(TypeError, match="kernel must be float32"):
+        sp.SparseWeight.from_dense(np.ones((2, 3), np.int32))
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 3\)"):
+        sp.SparseWeight.from_dense(np.ones((2, 3), np.float32), mask=np.ones((3, 2), bool))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        sp.SparsityPattern.from_mask(np.ones((2, 3)))
+
+
+def test_bad_csc_patterns():
+    ok = dict(indptr=[0, 2, 3], indices=[0, 2, 1], shape=(3, 2))
+    sp.SparsityPattern.from_csc(**ok)
+    cases = [
+        (dict(ok, indices=[0, 3, 1]), r"indices must lie in \[0, 3\)"),
+        (dict(ok, indices=[0, -1, 1]), r"indices must lie in \[0, 3\)"),
+        (dict(ok, indices=[2, 0, 1]), "unsorted indices in column 0"),
+        (dict(ok, indices=[1, 1, 1]), "duplicate indices in column 0"),
+        (dict(ok, indptr=[0, 3, 2, 3], shape=(3, 3)), "indptr must be non-decreasing"),
+        (dict(ok, indptr=[1, 2, 3]), "indptr must start at 0 and end at len"),
+        (dict(ok, indptr=[0, 2]), r"indptr must have shape \(3,\)"),
+        (dict(ok, indices=[[0, 2, 1]]), "indices must be 1-D"),
+        (dict(ok, shape=(0, 2)), "in_features"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sp.SparsityPattern.from_csc(**kwargs)
+    with pytest.raises(ValueError, match=r"values must have shape \(3,\)"):
+        sp.SparseWeight.from_csc(np.ones(2, np.float32), **ok)
+
+
+def test_bad_sparsity():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
+            sp.SparsityPattern.random((3, 3), bad, jax.random.key(0))
+
+
+def test_patterns_are_not_built_under_tracing():
+    with pytest.raises(TypeError, match="must be a concrete array"):
+        jax.jit(lambda k: sp.SparseWeight.from_dense(k))(jnp.ones((3, 3)))
+
+
+def _tampered(weight, **arrays):
+    """A pattern whose arrays bypass the Python constructors' validation."""
+    p = weight.pattern
+    fields = dict(indptr=p.indptr, indices=p.indices, t_indptr=p.t_indptr,
+                  t_indices=p.t_indices, t_perm=p.t_perm)
+    fields.update({k: jnp.asarray(v, jnp.int32) for k, v in arrays.items()})
+    return sp.SparseWeight(weight.values, sp.SparsityPattern(**fields, shape=p.shape))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("index_out_of_range", "index 1000 at entry 0 is outside"),
+    ("negative_index", "index -1 at entry 0 is outside"),
+    ("indptr_decreasing", "row pointers decrease"),
+    ("indptr_wrong_end", "row pointers must run from 0 to nnz"),
+    ("perm_out_of_range", "transposed permutation entry 0"),
+    ("t_index_out_of_range", "transposed pattern index"),
+])
+def test_cpp_handlers_reject_corrupt_patterns(weight, case, message):
+    p = weight.pattern
+    indices, indptr = np.asarray(p.indices).copy(), np.asarray(p.indptr).copy()
+    perm, t_indices = np.asarray(p.t_perm).copy(), np.asarray(p.t_indices).copy()
+    if case == "index_out_of_range":
+        indices[0] = 1000
+    elif case == "negative_index":
+        indices[0] = -1
+    elif case == "indptr_decreasing":
+        indptr[1], indptr[2] = indptr[2], indptr[1] - 1
+    elif case == "indptr_wrong_end":
+        indptr[-1] -= 1
+    elif case == "perm_out_of_range":
+        perm[0] = 99999
+    elif case == "t_index_out_of_range":
+        t_indices[0] = 77
+    bad = _tampered(weight, indices=indices, indptr=indptr, t_perm=perm, t_indices=t_indices)
+    x = jnp.ones((4, 8))
+
+    def loss(x, values):
+        return jnp.sum(sp.sparse_linear(x, bad.with_values(values)))
+
+    # Forward corruption fails in the forward pass, the rest in the backward.
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1)))(x, bad.values))
+    # The interpreter survives and a good call still works.
+    assert sp.sparse_linear(x, weight).shape == (4, 5)

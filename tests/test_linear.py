@@ -1,0 +1,157 @@
+"""sparse_linear against the dense reference: values and all three gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import sparseprop_jax as sp
+from conftest import assert_close, dense_reference, random_kernel
+
+SHAPES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (33, 33), (4096, 7), (7, 4096)]
+SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
+BATCHES = [1, 3, 17, 100]
+
+
+def _value_and_grads(weight, x, bias, dy):
+    """Output and (dx, dvalues, dbias) of sparse_linear for cotangent dy, jitted."""
+
+    def loss(x, values, bias):
+        y = sp.sparse_linear(x, weight.with_values(values), bias)
+        return jnp.vdot(y, dy), y
+
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (dx, dvalues, dbias), y = grad_fn(x, weight.values, bias)
+    return y, dx, weight.with_values(dvalues).to_dense(), dbias
+
+
+def _check_against_dense(kernel, x, rng):
+    n_in, n_out = kernel.shape
+    weight = sp.SparseWeight.from_dense(kernel)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    dy = rng.standard_normal(x.shape[:-1] + (n_out,)).astype(np.float32)
+    y_ref, dx_ref, dk_ref, db_ref = dense_reference(x, kernel, bias, dy)
+    batch = int(np.prod(x.shape[:-1]))
+    for path in sp.supported_simd_paths():
+        with sp.use_simd_path(path):
+            y, dx, dk, db = _value_and_grads(weight, x, bias, dy)
+        assert_close(y, y_ref, n_in)
+        assert_close(dx, dx_ref, n_out)
+        # The weight gradient exists only on the pattern; elsewhere it is exactly 0.
+        assert_close(dk, dk_ref * (kernel != 0), batch)
+        assert np.all(np.asarray(dk)[kernel == 0] == 0)
+        assert_close(db, db_ref, batch)
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matches_dense_over_shapes_sparsities_batches(shape, sparsity, rng):
+    kernel = random_kernel(rng, *shape, sparsity)
+    for batch in BATCHES:
+        x = rng.standard_normal((batch, shape[0])).astype(np.float32)
+        _check_against_dense(kernel, x, rng)
+
+
+def test_large_square_layer(rng):
+    kernel = random_kernel(rng, 4096, 4096, 0.99)
+    _check_against_dense(kernel, rng.standard_normal((17, 4096)).astype(np.float32), rng)
+
+
+def test_empty_rows_and_columns(rng):
+    kernel = random_kernel(rng, 40, 30, 0.5)
+    kernel[[0, 13, 39], :] = 0  # input features nothing reads
+    kernel[:, [0, 11, 29]] = 0  # output features that stay at the bias
+    x = rng.standard_normal((37, 40)).astype(np.float32)
+    _check_against_dense(kernel, x, rng)
+
+
+def test_leading_dims_and_vector_input(rng):
+    kernel = random_kernel(rng, 9, 5, 0.6)
+    _check_against_dense(kernel, rng.standard_normal((2, 3, 4, 9)).astype(np.float32), rng)
+    _check_against_dense(kernel, rng.standard_normal((9,)).astype(np.float32), rng)
+
+
+def test_empty_batch(rng):
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 9, 5, 0.6))
+    x = np.zeros((0, 9), np.float32)
+    assert sp.sparse_linear(x, weight).shape == (0, 5)
+    dvalues = jax.grad(lambda v: sp.sparse_linear(x, weight.with_values(v)).sum())(weight.values)
+    np.testing.assert_array_equal(dvalues, np.zeros(weight.nnz))
+
+
+def test_check_grads_numerically(simd_path, rng):
+    kernel = random_kernel(rng, 13, 6, 0.5)
+    weight = sp.SparseWeight.from_dense(kernel)
+    x = rng.standard_normal((5, 13)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+
+    def f(x, values, bias):
+        return jnp.tanh(sp.sparse_linear(x, weight.with_values(values), bias))
+
+    check_grads(f, (x, weight.values, bias), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_value_and_grad_and_remat_agree(rng):
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 20, 12, 0.8))
+    x = rng.standard_normal((7, 20)).astype(np.float32)
+
+    def loss(x, values):
+        return jnp.sum(jnp.sin(sp.sparse_linear(x, weight.with_values(values))))
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, weight.values)
+    remat_value, remat_grads = jax.jit(jax.value_and_grad(jax.checkpoint(loss), argnums=(0, 1)))(
+        x, weight.values)
+    np.testing.assert_allclose(value, remat_value, rtol=1e-6)
+    for g, r in zip(grads, remat_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-7)
+
+
+def test_vmap_over_input(rng):
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 20, 12, 0.8))
+    xs = rng.standard_normal((4, 3, 7, 20)).astype(np.float32)
+    f = lambda x: sp.sparse_linear(x, weight)  # noqa: E731
+    expected = np.stack([np.asarray(f(x)) for x in xs])
+    np.testing.assert_allclose(jax.vmap(f)(xs), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.vmap(f))(xs), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.vmap(f, in_axes=1, out_axes=1))(xs), expected,
+                               rtol=1e-6, atol=1e-6)
+
+    # Gradients through vmap: per-example weight gradients summed by vmap's transpose.
+    def loss(values, xs):
+        w = weight.with_values(values)
+        return jnp.sum(jax.vmap(lambda x: sp.sparse_linear(x, w))(xs) ** 2)
+
+    direct = jax.grad(lambda v: jnp.sum(sp.sparse_linear(xs, weight.with_values(v)) ** 2))
+    np.testing.assert_allclose(jax.grad(loss)(weight.values, xs), direct(weight.values),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_vmap_over_values(rng):
+    kernel = random_kernel(rng, 20, 12, 0.8)
+    weight = sp.SparseWeight.from_dense(kernel)
+    stacked = np.stack([np.asarray(weight.values) * s for s in (1.0, -2.0, 0.5)])
+    x = rng.standard_normal((7, 20)).astype(np.float32)
+    f = lambda v: sp.sparse_linear(x, weight.with_values(v))  # noqa: E731
+    np.testing.assert_allclose(jax.vmap(f)(stacked), np.stack([f(v) for v in stacked]),
+                               rtol=1e-6, atol=1e-6)
+    per_values_grad = jax.vmap(jax.grad(lambda v: jnp.sum(f(v) ** 2)))(stacked)
+    expected = np.stack([jax.grad(lambda v: jnp.sum(f(v) ** 2))(v) for v in stacked])
+    np.testing.assert_allclose(per_values_grad, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_results_do_not_depend_on_task_split(rng):
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 300, 200, 0.9))
+    x = rng.standard_normal((37, 300)).astype(np.float32)
+    step = jax.jit(jax.grad(lambda x, v: jnp.sum(jnp.sin(
+        sp.sparse_linear(x, weight.with_values(v)))), argnums=(0, 1)))
+    reference = step(x, weight.values)
+    try:
+        for tasks in (1, 2, 3, 7, 64):
+            sp.set_tasks_per_call(tasks)
+            for got, want in zip(step(x, weight.values), reference):
+                np.testing.assert_array_equal(got, want)
+    finally:
+        sp.set_tasks_per_call(0)
