@@ -6,7 +6,14 @@ import os
 
 import jax
 
-from sparseprop_jax import _sparseprop_jax_ffi as _ext
+try:
+    from sparseprop_jax import _sparseprop_jax_ffi as _ext
+except ImportError as err:  # e.g. importing the source tree instead of the install
+    raise ImportError(
+        "sparseprop_jax: the compiled extension _sparseprop_jax_ffi is missing. Install the "
+        "package (`pip install .`, or the editable developer install in the README) and do not "
+        "run Python from a folder where the source package shadows the installed one."
+    ) from err
 
 for _name, _capsule in _ext.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

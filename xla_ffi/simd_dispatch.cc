@@ -12,10 +12,16 @@ struct Path {
 };
 
 #if defined(SPARSEPROP_X86_SIMD)
+// __builtin_cpu_init is needed because this runs from a static initializer,
+// possibly before libgcc's own CPU detection.
 bool has_avx512() {
+  __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
 }
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
 #endif
 bool always() { return true; }
 
