@@ -42,6 +42,9 @@ class SparsityPattern:
     constructor itself trusts its arguments (it also runs on traced arrays).
     """
 
+    # The pattern's arrays, in pytree (and FFI operand) order.
+    FIELDS = ("indptr", "indices", "t_indptr", "t_indices", "t_perm")
+
     def __init__(self, indptr, indices, t_indptr, t_indices, t_perm, shape):
         self.indptr = indptr
         self.indices = indices
@@ -52,7 +55,7 @@ class SparsityPattern:
 
     # -- pytree -------------------------------------------------------------
     def tree_flatten(self):
-        return (self.indptr, self.indices, self.t_indptr, self.t_indices, self.t_perm), self.shape
+        return tuple(getattr(self, f) for f in self.FIELDS), self.shape
 
     @classmethod
     def tree_unflatten(cls, shape, children):

@@ -10,8 +10,9 @@ namespace {
 
 std::string prefix(const char* op) { return std::string("sparseprop_jax ") + op + ": "; }
 
-// Below this many multiply-adds a call is not worth splitting across threads.
-constexpr int64_t kMinParallelFlops = 1 << 16;
+// Below this many multiply-adds (about 50 us on one core) a call is not worth
+// the cost of scheduling tasks on the pool.
+constexpr int64_t kMinParallelFlops = 1 << 20;
 
 }  // namespace
 
@@ -68,6 +69,19 @@ ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> in
   }
   *out = p;
   return ffi::Error::Success();
+}
+
+EntryOffsets column_offsets(const Pattern& pat, int64_t stride) {
+  EntryOffsets offsets;
+  offsets.nnz = pat.nnz;
+  offsets.shared = pat.indices_stack.count == 1;
+  offsets.data = std::make_shared<std::vector<int64_t>>(pat.indices_stack.count * pat.nnz);
+  for (int64_t v = 0; v < pat.indices_stack.count; ++v) {
+    const int32_t* idx = pat.col_idx(v);
+    int64_t* dst = offsets.data->data() + v * pat.nnz;
+    for (int64_t p = 0; p < pat.nnz; ++p) dst[p] = idx[p] * stride;
+  }
+  return offsets;
 }
 
 ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char* what) {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -63,6 +64,16 @@ struct Pattern {
   const int32_t* row_ptr(int64_t v) const { return indptr + slice_offset(indptr_stack, v); }
   const int32_t* col_idx(int64_t v) const { return indices + slice_offset(indices_stack, v); }
 };
+
+// Kernel offsets `index * stride` of every entry, for each stacked slice of
+// the pattern's indices; `offsets_of(v)` finds slice v's.
+struct EntryOffsets {
+  std::shared_ptr<std::vector<int64_t>> data;
+  int64_t nnz = 0;
+  bool shared = true;  // one slice serves every vmap slice
+  const int64_t* of(int64_t v) const { return data->data() + (shared ? 0 : v * nnz); }
+};
+EntryOffsets column_offsets(const Pattern& pat, int64_t stride);
 
 // Decodes and fully validates (validate_compressed on every distinct slice) a
 // pattern of `rows` x `cols` used in a call of `total` vmap slices.

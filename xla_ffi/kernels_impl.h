@@ -7,9 +7,9 @@
 // Include only from within a namespace, after defining SPARSEPROP_SIMD_WIDTH.
 
 constexpr int kWidth = SPARSEPROP_SIMD_WIDTH;
-// Batch columns held in registers per pass: four independent accumulators hide
-// the multiply-add latency.
-constexpr int kTile = 4 * kWidth;
+// At most this many vectors of a run are held in registers at once; four
+// independent accumulators hide the multiply-add latency.
+constexpr int kMaxVectors = 4;
 
 #if SPARSEPROP_SIMD_WIDTH > 1
 typedef float vfloat __attribute__((vector_size(4 * SPARSEPROP_SIMD_WIDTH)));
@@ -40,68 +40,79 @@ static inline float horizontal_sum(vfloat v) {
 #endif
 }
 
-static void spmm_rows(const int32_t* indptr, const int32_t* indices,
-                      const float* values, const float* dense,
-                      int64_t ld_dense, float* out, int64_t ld_out,
-                      int64_t batch, int64_t row_begin, int64_t row_end) {
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const int64_t lo = indptr[r], hi = indptr[r + 1];
-    float* o = out + r * ld_out;
-    int64_t b = 0;
-    // Full tiles: the output tile stays in registers across the whole row.
-    for (; b + kTile <= batch; b += kTile) {
-      vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t p = lo; p < hi; ++p) {
-        const float* d = dense + indices[p] * ld_dense + b;
-        const vfloat w = broadcast(values[p]);
-        a0 += w * load(d);
-        a1 += w * load(d + kWidth);
-        a2 += w * load(d + 2 * kWidth);
-        a3 += w * load(d + 3 * kWidth);
-      }
-      store(o + b, a0);
-      store(o + b + kWidth, a1);
-      store(o + b + 2 * kWidth, a2);
-      store(o + b + 3 * kWidth, a3);
-    }
-    for (; b + kWidth <= batch; b += kWidth) {
-      vfloat a = {};
-      for (int64_t p = lo; p < hi; ++p)
-        a += broadcast(values[p]) * load(dense + indices[p] * ld_dense + b);
-      store(o + b, a);
-    }
-    for (; b < batch; ++b) {
-      float a = 0.0f;
-      for (int64_t p = lo; p < hi; ++p)
-        a += values[p] * dense[indices[p] * ld_dense + b];
-      o[b] = a;
-    }
+// out[0 : V * kWidth] = sum_p values[p] * in[offsets[p] + (0 : V * kWidth)],
+// the output held in V registers across the whole row.
+template <int V>
+static inline void spmm_tile(int64_t lo, int64_t hi, const int64_t* offsets,
+                             const float* values, const float* in, float* out) {
+  vfloat acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = vfloat{};
+  for (int64_t p = lo; p < hi; ++p) {
+    const float* src = in + offsets[p];
+    const vfloat w = broadcast(values[p]);
+    for (int v = 0; v < V; ++v) acc[v] += w * load(src + v * kWidth);
+  }
+  for (int v = 0; v < V; ++v) store(out + v * kWidth, acc[v]);
+}
+
+// One sparse row times its runs, for a run of `length` floats.
+static inline void spmm_row(int64_t lo, int64_t hi, const int64_t* offsets,
+                            const float* values, const float* in, float* out,
+                            int64_t length) {
+  int64_t l = 0;
+  for (; l + kMaxVectors * kWidth <= length; l += kMaxVectors * kWidth)
+    spmm_tile<kMaxVectors>(lo, hi, offsets, values, in + l, out + l);
+  switch ((length - l) / kWidth) {
+    case 3: spmm_tile<3>(lo, hi, offsets, values, in + l, out + l); l += 3 * kWidth; break;
+    case 2: spmm_tile<2>(lo, hi, offsets, values, in + l, out + l); l += 2 * kWidth; break;
+    case 1: spmm_tile<1>(lo, hi, offsets, values, in + l, out + l); l += kWidth; break;
+    default: break;
+  }
+  for (; l < length; ++l) {
+    float a = 0.0f;
+    for (int64_t p = lo; p < hi; ++p) a += values[p] * in[offsets[p] + l];
+    out[l] = a;
   }
 }
 
-static void sddmm_rows(const int32_t* indptr, const int32_t* indices,
-                       const float* row_operand, int64_t ld_row,
-                       const float* col_operand, int64_t ld_col,
-                       float* out_values, int64_t batch, int64_t row_begin,
-                       int64_t row_end) {
+static void spmm(const int32_t* indptr, const int64_t* offsets, const float* values,
+                 const float* in, float* out, int64_t ld_row, int64_t length,
+                 const Grid& grid, int64_t q_begin, int64_t q_end, int64_t row_begin,
+                 int64_t row_end) {
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    const int64_t i = q / grid.n_inner, j = q % grid.n_inner;
+    const float* in_q = in + i * grid.in_outer + j * grid.in_inner;
+    float* out_q = out + i * grid.out_outer + j * grid.out_inner;
+    for (int64_t r = row_begin; r < row_end; ++r)
+      spmm_row(indptr[r], indptr[r + 1], offsets, values, in_q, out_q + r * ld_row, length);
+  }
+}
+
+static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* rows,
+                  int64_t ld_row, const float* in, float* out_values, int64_t length,
+                  const Grid& grid, int64_t row_begin, int64_t row_end) {
+  const int64_t positions = grid.size();
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const float* g = row_operand + r * ld_row;
     for (int64_t p = indptr[r], hi = indptr[r + 1]; p < hi; ++p) {
-      const float* x = col_operand + indices[p] * ld_col;
       vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      int64_t b = 0;
-      for (; b + kTile <= batch; b += kTile) {
-        a0 += load(g + b) * load(x + b);
-        a1 += load(g + b + kWidth) * load(x + b + kWidth);
-        a2 += load(g + b + 2 * kWidth) * load(x + b + 2 * kWidth);
-        a3 += load(g + b + 3 * kWidth) * load(x + b + 3 * kWidth);
+      float tail = 0.0f;
+      for (int64_t q = 0; q < positions; ++q) {
+        const int64_t i = q / grid.n_inner, j = q % grid.n_inner;
+        const float* g = rows + i * grid.out_outer + j * grid.out_inner + r * ld_row;
+        const float* x = in + i * grid.in_outer + j * grid.in_inner + offsets[p];
+        int64_t l = 0;
+        for (; l + 4 * kWidth <= length; l += 4 * kWidth) {
+          a0 += load(g + l) * load(x + l);
+          a1 += load(g + l + kWidth) * load(x + l + kWidth);
+          a2 += load(g + l + 2 * kWidth) * load(x + l + 2 * kWidth);
+          a3 += load(g + l + 3 * kWidth) * load(x + l + 3 * kWidth);
+        }
+        for (; l + kWidth <= length; l += kWidth) a0 += load(g + l) * load(x + l);
+        for (; l < length; ++l) tail += g[l] * x[l];
       }
-      for (; b + kWidth <= batch; b += kWidth) a0 += load(g + b) * load(x + b);
-      float s = horizontal_sum((a0 + a1) + (a2 + a3));
-      for (; b < batch; ++b) s += g[b] * x[b];
-      out_values[p] = s;
+      out_values[p] = horizontal_sum((a0 + a1) + (a2 + a3)) + tail;
     }
   }
 }
 
-const KernelTable kKernels = {&spmm_rows, &sddmm_rows};
+const KernelTable kKernels = {&spmm, &sddmm};

@@ -36,13 +36,14 @@ ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
   const int parts = parallel_parts(pool, total * batch * pat.nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
+  const EntryOffsets offsets = column_offsets(pat, batch);
   const float* x = xt.typed_data();
   const float* w = values.typed_data();
   float* y = yt->typed_data();
   return run_tasks(pool, std::move(tasks), [=, &k](const RowTask& t) {
-    k.spmm_rows(pat.row_ptr(t.slice), pat.col_idx(t.slice), w + slice_offset(vs, t.slice),
-                x + slice_offset(xs, t.slice), batch, y + t.slice * ys.slice(), batch, batch,
-                t.row_begin, t.row_end);
+    k.spmm(pat.row_ptr(t.slice), offsets.of(t.slice), w + slice_offset(vs, t.slice),
+           x + slice_offset(xs, t.slice), y + t.slice * ys.slice(), batch, batch, Grid{}, 0, 1,
+           t.row_begin, t.row_end);
   });
 }
 
@@ -84,12 +85,13 @@ ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
   const int parts = parallel_parts(pool, total * batch * nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
+  const EntryOffsets offsets = column_offsets(pat, batch);
   const float* dy = dyt.typed_data();
   float* dx = dxt->typed_data();
   return run_tasks(pool, std::move(tasks), [=, &k](const RowTask& t) {
     const float* w = gathered->data() + (gathered_count == 1 ? 0 : t.slice * nnz);
-    k.spmm_rows(pat.row_ptr(t.slice), pat.col_idx(t.slice), w, dy + slice_offset(dys, t.slice),
-                batch, dx + t.slice * dxs.slice(), batch, batch, t.row_begin, t.row_end);
+    k.spmm(pat.row_ptr(t.slice), offsets.of(t.slice), w, dy + slice_offset(dys, t.slice),
+           dx + t.slice * dxs.slice(), batch, batch, Grid{}, 0, 1, t.row_begin, t.row_end);
   });
 }
 
@@ -114,13 +116,14 @@ ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
   const int parts = parallel_parts(pool, total * batch * pat.nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
+  const EntryOffsets offsets = column_offsets(pat, batch);
   const float* dy = dyt.typed_data();
   const float* x = xt.typed_data();
   float* dw = dvalues->typed_data();
   return run_tasks(pool, std::move(tasks), [=, &k](const RowTask& t) {
-    k.sddmm_rows(pat.row_ptr(t.slice), pat.col_idx(t.slice), dy + slice_offset(dys, t.slice),
-                 batch, x + slice_offset(xs, t.slice), batch, dw + t.slice * ds.slice(), batch,
-                 t.row_begin, t.row_end);
+    k.sddmm(pat.row_ptr(t.slice), offsets.of(t.slice), dy + slice_offset(dys, t.slice), batch,
+            x + slice_offset(xs, t.slice), dw + t.slice * ds.slice(), batch, Grid{},
+            t.row_begin, t.row_end);
   });
 }
 

@@ -1,0 +1,208 @@
+"""Shared helpers for the benchmarks: timing, tables and machine info.
+
+Timing model: every case is a jitted function plus its arguments. A case is
+compiled and warmed up first (`Case.warm`), which also estimates its run time;
+`run_interleaved` then takes each case's samples in one merged, evenly spread
+schedule, so slow drifts of the machine (another process, frequency changes)
+hit all cases alike. Each sample is one call timed with `time.perf_counter`
+up to `jax.block_until_ready`. Report medians; nothing here asserts on speed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import jax
+
+
+class Case:
+    """A function and its arguments, timed one call at a time."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], *args: Any):
+        self.name = name
+        self.fn = fn
+        self.args = args
+        self.compile_s: Optional[float] = None
+        self.estimate_s: Optional[float] = None
+
+    def call(self) -> float:
+        """Runs once and returns the seconds it took, output ready."""
+        start = time.perf_counter()
+        jax.block_until_ready(self.fn(*self.args))
+        return time.perf_counter() - start
+
+    def warm(self, warmup_time: float = 0.05, min_calls: int = 2) -> float:
+        """Compiles (first call), then warms up; returns the estimated seconds per call.
+
+        Only the first call is counted as compile time (it includes one run).
+        """
+        if self.compile_s is None:
+            self.compile_s = self.call()
+        times = []
+        start = time.perf_counter()
+        while len(times) < min_calls or time.perf_counter() - start < warmup_time:
+            times.append(self.call())
+        self.estimate_s = statistics.median(times)
+        return self.estimate_s
+
+
+def repeats_for(estimate_s: float, min_time: float, min_repeats: int, max_repeats: int) -> int:
+    """Samples to take so a measurement lasts about `min_time`, within the bounds."""
+    wanted = math.ceil(min_time / max(estimate_s, 1e-9))
+    return max(min_repeats, min(max_repeats, wanted))
+
+
+def run_interleaved(cases: Sequence[Case], *, min_time: float = 0.5, min_repeats: int = 5,
+                    max_repeats: int = 10000,
+                    repeats: Optional[int] = None) -> dict[str, list[float]]:
+    """Samples every case, interleaved; returns seconds per call, by case name.
+
+    Each case gets `repeats` samples if given, else enough for about
+    `min_time` seconds (at least `min_repeats`, at most `max_repeats`). The
+    samples of all cases are spread evenly over one schedule: a case with n
+    samples runs at fractions 0, 1/n, 2/n, ... of it. Cases are warmed first
+    (compiling them if needed); the garbage collector is off while timing.
+    """
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run_interleaved: case names must be unique, got {names}")
+    schedule = []
+    for order, case in enumerate(cases):
+        estimate = case.warm()
+        n = repeats if repeats is not None else repeats_for(estimate, min_time, min_repeats,
+                                                            max_repeats)
+        schedule.extend(((k + 0.5 * order / len(cases)) / n, order) for k in range(n))
+    schedule.sort()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _, order in schedule:
+            samples[names[order]].append(cases[order].call())
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float]:
+    """Median, min, quartiles (milliseconds) and count of samples in seconds."""
+    ms = sorted(s * 1e3 for s in samples)
+    if len(ms) >= 2:
+        q1, _, q3 = statistics.quantiles(ms, n=4)
+    else:
+        q1 = q3 = ms[0]
+    return {"median_ms": statistics.median(ms), "min_ms": ms[0], "p25_ms": q1, "p75_ms": q3,
+            "n": len(ms)}
+
+
+def median_ms(samples: Iterable[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+# -- tables ------------------------------------------------------------------
+
+class TablePrinter:
+    """Prints a fixed-width table row by row (so long runs show progress).
+
+    Columns are (header, width, format); text columns use format "s". Rows
+    are right-aligned except the first column.
+    """
+
+    def __init__(self, columns: Sequence[tuple[str, int, str]], file=None):
+        self.columns = [(h, max(w, len(h)), f) for h, w, f in columns]
+        self.file = file if file is not None else sys.stdout
+
+    def _line(self, cells: Sequence[str]) -> str:
+        parts = []
+        for i, (cell, (_, width, _)) in enumerate(zip(cells, self.columns)):
+            parts.append(cell.ljust(width) if i == 0 else cell.rjust(width))
+        return "  ".join(parts).rstrip()
+
+    def header(self) -> None:
+        print(self._line([h for h, _, _ in self.columns]), file=self.file)
+        print(self._line(["-" * w for _, w, _ in self.columns]), file=self.file, flush=True)
+
+    def row(self, values: Sequence[Any]) -> None:
+        cells = []
+        for value, (_, _, fmt) in zip(values, self.columns):
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append("-")
+            else:
+                cells.append(format(value, fmt))
+        print(self._line(cells), file=self.file, flush=True)
+
+
+# -- machine info ------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _git_commit() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers depend on: CPU, cores, kernel path, versions, date."""
+    import jaxlib
+    import numpy as np
+
+    import sparseprop_jax
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "simd_path": sparseprop_jax.simd_path(),
+        "supported_simd_paths": sparseprop_jax.supported_simd_paths(),
+        "tasks_per_call": sparseprop_jax.tasks_per_call(),
+        "sparseprop_jax": sparseprop_jax.__version__,
+        "git_commit": _git_commit(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "SPARSEPROP_JAX_SIMD",
+                                           "OMP_NUM_THREADS") if k in os.environ},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def machine_summary(info: dict[str, Any]) -> str:
+    return (f"{info['cpu_model']}, {info['usable_cpus']}/{info['cpu_count']} cpus, "
+            f"simd={info['simd_path']}, tasks_per_call={info['tasks_per_call']}, "
+            f"jax {info['jax']} / jaxlib {info['jaxlib']}, {info['date']}")

@@ -1,0 +1,280 @@
+"""Benchmark: `sparse_linear` against XLA's dense `x @ kernel`, forward and fwd+bwd.
+
+For each shape (batch x in -> out) and sparsity it times, in one process:
+
+  * forward:  `jit(f)(x, w)`;
+  * fwd+bwd:  `jit(grad(loss, argnums=(0, 1)))`, the gradient with respect to
+    the input and the weight (dense: the kernel; sparse: `weight.values`),
+    where `loss = vdot(y, ct)` with a fixed random cotangent `ct`.
+
+Before timing a sparsity, the sparse output and both gradients are checked
+against dense XLA on the masked kernel, so a wrong result is never timed.
+
+Dense and sparse samples are interleaved. The dense functions do not depend on
+the sparsity, so their samples are pooled per shape: a dense-only block at
+the start, the dense samples taken alongside every sparsity, and a dense-only
+block at the end; the reported dense time is the median of all of them.
+
+Run `python benchmarks/linear.py --help` for the options. No assertions on
+speed are made anywhere; the numbers are for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import _timing  # noqa: E402
+import sparseprop_jax  # noqa: E402
+from sparseprop_jax import SparseWeight, sparse_linear  # noqa: E402
+
+DEFAULT_SHAPES = ((256, 768, 3072), (256, 3072, 768), (64, 4096, 4096), (128, 512, 256))
+DEFAULT_SPARSITIES = (0.8, 0.9, 0.95, 0.98, 0.99)
+QUICK_SHAPES = ((128, 512, 256),)
+QUICK_SPARSITIES = (0.9, 0.99)
+
+RTOL = 1e-4
+ATOL_SCALE = 1e-3  # atol = ATOL_SCALE * max|reference|
+
+
+# -- the functions timed -----------------------------------------------------
+
+def _dense_loss(x, kernel, ct):
+    return jnp.vdot(x @ kernel, ct)
+
+
+def _sparse_loss(x, values, weight, ct):
+    return jnp.vdot(sparse_linear(x, weight.with_values(values)), ct)
+
+
+dense_fwd = jax.jit(lambda x, kernel: x @ kernel)
+dense_fwdbwd = jax.jit(jax.grad(_dense_loss, argnums=(0, 1)))
+sparse_fwd = jax.jit(lambda x, weight: sparse_linear(x, weight))
+sparse_fwdbwd = jax.jit(jax.grad(_sparse_loss, argnums=(0, 1)))
+
+
+# -- correctness -------------------------------------------------------------
+
+@jax.jit
+def _reference(x, weight, ct):
+    """Dense XLA output and gradients (x, values) for the masked kernel."""
+    hi = jax.lax.Precision.HIGHEST
+    kernel = weight.to_dense()
+    y = jnp.matmul(x, kernel, precision=hi)
+    dx = jnp.matmul(ct, kernel.T, precision=hi)
+    dkernel = jnp.matmul(x.T, ct, precision=hi)
+    p = weight.pattern
+    dvalues = dkernel[p.indices, p.output_index()]
+    return y, dx, dvalues
+
+
+def check_sparse(x, weight, ct, label: str) -> dict[str, float]:
+    """Raises SystemExit if sparse output or gradients disagree with dense XLA.
+
+    Returns the worst error of each, relative to the reference's largest entry.
+    """
+    y_ref, dx_ref, dv_ref = (np.asarray(a) for a in _reference(x, weight, ct))
+    y = np.asarray(sparse_fwd(x, weight))
+    dx, dv = (np.asarray(a) for a in sparse_fwdbwd(x, weight.values, weight, ct))
+    errors = {}
+    for name, got, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dvalues", dv, dv_ref)):
+        scale = float(np.max(np.abs(ref))) or 1.0
+        if got.shape != ref.shape or not np.allclose(got, ref, rtol=RTOL,
+                                                     atol=ATOL_SCALE * scale):
+            worst = (float(np.max(np.abs(got - ref))) if got.shape == ref.shape
+                     else float("nan"))
+            raise SystemExit(f"{label}: sparse {name} disagrees with dense XLA "
+                             f"(shape {got.shape} vs {ref.shape}, max abs error {worst:.3g}, "
+                             f"reference scale {scale:.3g}); not timing a wrong result")
+        errors[name] = float(np.max(np.abs(got - ref))) / scale
+    return errors
+
+
+# -- the benchmark -----------------------------------------------------------
+
+def shape_label(shape) -> str:
+    batch, n_in, n_out = shape
+    return f"{batch}x{n_in}->{n_out}"
+
+
+def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinter) -> list[dict]:
+    batch, n_in, n_out = shape
+    kx, kk, kc, kw = jax.random.split(key, 4)
+    x = jax.random.normal(kx, (batch, n_in), jnp.float32)
+    kernel = jax.nn.initializers.lecun_normal()(kk, (n_in, n_out), jnp.float32)
+    ct = jax.random.normal(kc, (batch, n_out), jnp.float32)
+
+    d_fwd = _timing.Case("dense_fwd", dense_fwd, x, kernel)
+    d_fb = _timing.Case("dense_fwdbwd", dense_fwdbwd, x, kernel, ct)
+    pooled = {"dense_fwd": [], "dense_fwdbwd": []}
+
+    def add_dense(samples):
+        for name in pooled:
+            pooled[name].extend(samples[name])
+
+    add_dense(_timing.run_interleaved([d_fwd, d_fb], **timing))
+
+    measured = []
+    for sparsity, k in zip(sparsities, jax.random.split(kw, len(sparsities))):
+        label = f"{shape_label(shape)} sparsity {sparsity}"
+        weight = SparseWeight.random((n_in, n_out), sparsity, k)
+        errors = check_sparse(x, weight, ct, label)
+        s_fwd = _timing.Case("sparse_fwd", sparse_fwd, x, weight)
+        s_fb = _timing.Case("sparse_fwdbwd", sparse_fwdbwd, x, weight.values, weight, ct)
+        samples = _timing.run_interleaved([d_fwd, s_fwd, d_fb, s_fb], **timing)
+        add_dense(samples)
+        measured.append((sparsity, weight, errors, samples, s_fwd, s_fb))
+
+    add_dense(_timing.run_interleaved([d_fwd, d_fb], **timing))
+    dense = {name: _timing.summarize(s) for name, s in pooled.items()}
+
+    results = []
+    for sparsity, weight, errors, samples, s_fwd, s_fb in measured:
+        stats = {name: _timing.summarize(s) for name, s in samples.items()}
+        dfwd = dense["dense_fwd"]["median_ms"]
+        dfb = dense["dense_fwdbwd"]["median_ms"]
+        sfwd = stats["sparse_fwd"]["median_ms"]
+        sfb = stats["sparse_fwdbwd"]["median_ms"]
+        density = weight.nnz / (n_in * n_out)
+        result = {
+            "batch": batch, "in_features": n_in, "out_features": n_out,
+            "sparsity": sparsity, "nnz": weight.nnz, "density": density,
+            "dense_fwd_ms": dfwd, "sparse_fwd_ms": sfwd,
+            "dense_fwdbwd_ms": dfb, "sparse_fwdbwd_ms": sfb,
+            "fwd_speedup": dfwd / sfwd, "fwdbwd_speedup": dfb / sfb,
+            "efficiency": dfb / sfb * density,
+            # Against only the dense samples interleaved with this sparsity (less
+            # affected by slow drifts, fewer samples).
+            "fwd_speedup_local": stats["dense_fwd"]["median_ms"] / sfwd,
+            "fwdbwd_speedup_local": stats["dense_fwdbwd"]["median_ms"] / sfb,
+            "dense_pooled": dense,
+            "stats": stats,  # this sparsity's interleaved samples, dense ones included
+            "compile_s": {"sparse_fwd": s_fwd.compile_s, "sparse_fwdbwd": s_fb.compile_s,
+                          "dense_fwd": d_fwd.compile_s, "dense_fwdbwd": d_fb.compile_s},
+            "max_rel_error": errors,
+        }
+        table.row([shape_label(shape), sparsity, dfwd, sfwd, dfwd / sfwd, dfb, sfb, dfb / sfb,
+                   dfb / sfb * density])
+        results.append(result)
+    return results
+
+
+# -- command line ------------------------------------------------------------
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    parts = text.strip().lower().replace("->", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"shape must be BATCHxINxOUT with positive integers, e.g. 256x768x3072, got {text!r}")
+    return shape
+
+
+def parse_shapes(text: str):
+    return tuple(parse_shape(s) for s in text.split(",") if s.strip())
+
+
+def parse_sparsities(text: str):
+    try:
+        values = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsities must be comma-separated numbers, "
+                                         f"got {text!r}") from None
+    if not values or any(not 0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"sparsities must lie in [0, 1), got {text!r}")
+    return values
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help="comma-separated BATCHxINxOUT shapes (default: "
+                             + ",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
+    parser.add_argument("--sparsities", type=parse_sparsities, default=None,
+                        help="comma-separated sparsities (default: "
+                             + ",".join(map(str, DEFAULT_SPARSITIES)) + ")")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="minimum samples per measurement (default 5; 3 with --quick)")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="target seconds per measurement (default 0.4; 0.02 with --quick)")
+    parser.add_argument("--max-repeats", type=int, default=10000,
+                        help="maximum samples per measurement")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="write the results and machine info to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: one small shape, two sparsities, few repeats")
+    parser.add_argument("--simd", choices=("auto", "avx512", "avx2", "scalar"), default=None,
+                        help="force the kernel path (default: as loaded)")
+    parser.add_argument("--tasks-per-call", type=int, default=None,
+                        help="split each kernel call into N tasks, 1 = single thread "
+                             "(default: as loaded, 0 = automatic)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else DEFAULT_SPARSITIES)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.4)
+    if repeats < 1 or args.max_repeats < repeats or min_time < 0:
+        parser.error("need 1 <= --repeats <= --max-repeats and --min-time >= 0")
+    if args.simd is not None:
+        sparseprop_jax.set_simd_path(args.simd)
+    if args.tasks_per_call is not None:
+        sparseprop_jax.set_tasks_per_call(args.tasks_per_call)
+    timing = {"min_time": min_time, "min_repeats": repeats, "max_repeats": args.max_repeats}
+
+    info = _timing.machine_info()
+    print(f"# sparse_linear vs dense XLA: {_timing.machine_summary(info)}")
+    print(f"# medians of >= {repeats} samples (~{min_time:g} s per measurement); "
+          f"fwd+bwd = grad w.r.t. x and weight; efficiency = f+b speedup x density",
+          flush=True)
+    table = _timing.TablePrinter([
+        ("shape", 14, "s"), ("sparsity", 8, ".2f"),
+        ("dense fwd ms", 12, ".3f"), ("sparse fwd ms", 13, ".3f"), ("fwd speedup", 11, ".2f"),
+        ("dense f+b ms", 12, ".3f"), ("sparse f+b ms", 13, ".3f"),
+        ("f+b speedup", 11, ".2f"), ("efficiency", 10, ".2f"),
+    ])
+    table.header()
+
+    start = time.perf_counter()
+    key = jax.random.key(args.seed)
+    results = []
+    for shape, k in zip(shapes, jax.random.split(key, len(shapes))):
+        results.extend(bench_shape(shape, sparsities, k, timing, table))
+    elapsed = time.perf_counter() - start
+    print(f"# {len(results)} configurations in {elapsed:.1f} s", flush=True)
+
+    if args.json:
+        payload = {
+            "benchmark": "linear",
+            "machine": info,
+            "config": {"shapes": [list(s) for s in shapes], "sparsities": list(sparsities),
+                       "quick": args.quick, "seed": args.seed,
+                       "rtol": RTOL, "atol_scale": ATOL_SCALE, **timing},
+            "elapsed_s": elapsed,
+            "results": results,
+        }
+        directory = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(directory, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
