@@ -75,15 +75,16 @@ def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None) -> A
     if not isinstance(weight, SparseWeight):
         raise TypeError(f"{where}: weight must be a SparseWeight, got {type(weight).__name__}")
     pattern: SparsityPattern = weight.pattern
+    if len(pattern.shape) != 2:
+        raise ValueError(f"{where}: weight must be a 2-D (in_features, out_features) kernel, got "
+                         f"shape {pattern.shape} (sparse_conv2d takes convolution kernels)")
     n_in, n_out = pattern.shape
     x = jnp.asarray(x)
     _checks.check_float32(where, "x", x)
     if x.ndim < 1 or x.shape[-1] != n_in:
         raise ValueError(f"{where}: x must have shape [..., {n_in}] (in_features={n_in}), "
                          f"got {x.shape}")
-    _checks.check_float32(where, "weight.values", weight.values)
-    _checks.check_shape(where, "weight.values", weight.values, (pattern.nnz,))
-    _check_pattern_arrays(where, pattern)
+    weight.check(where)
     if bias is not None:
         _checks.check_float32(where, "bias", bias)
         _checks.check_shape(where, "bias", bias, (n_out,))
@@ -94,16 +95,3 @@ def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None) -> A
     y = y.reshape(*lead, n_out)
     return y if bias is None else y + bias
 
-
-def _check_pattern_arrays(where: str, pattern: SparsityPattern) -> None:
-    """Static checks of the pattern's arrays: int32, lengths consistent with the shape."""
-    n_in, n_out = pattern.shape
-    nnz = pattern.nnz
-    expected = {"indptr": (n_out + 1,), "indices": (nnz,), "t_indptr": (n_in + 1,),
-                "t_indices": (nnz,), "t_perm": (nnz,)}
-    for name, shape in expected.items():
-        array = getattr(pattern, name)
-        if jnp.result_type(array) != jnp.int32:
-            raise TypeError(f"{where}: weight.pattern.{name} must be int32, "
-                            f"got {jnp.result_type(array)}")
-        _checks.check_shape(where, f"weight.pattern.{name}", array, shape)

@@ -1,9 +1,12 @@
 """The sparse weight type: trainable float32 values on a fixed nonzero pattern.
 
-A `SparseWeight` stands for a dense kernel of Flax's orientation,
-`(in_features, out_features)`. Its nonzeros are stored grouped by output
-feature (the compressed sparse columns of the kernel; the rows of the
-`out x in` weight the forward pass multiplies with). `SparsityPattern` also
+A `SparseWeight` stands for a dense kernel of Flax's orientation: a linear
+kernel `(in_features, out_features)` or a convolution kernel HWIO
+`(kh, kw, in, out)`. Patterns work on the kernel's matrix view, all leading
+dims flattened (C order) into `in_features` rows, the last dim the
+`out_features` columns. Nonzeros are stored grouped by output feature (the
+compressed sparse columns of that matrix; the rows of the `out x in` weight the
+forward pass multiplies with). `SparsityPattern` also
 keeps the same nonzeros grouped by input feature, with a permutation into the
 values, for the input gradient; both orders are computed once, when the
 pattern is made, never per step.
@@ -24,7 +27,7 @@ Array = jax.Array
 
 @jax.tree_util.register_pytree_node_class
 class SparsityPattern:
-    """The fixed nonzero pattern of an `(in_features, out_features)` kernel.
+    """The fixed nonzero pattern of a kernel whose matrix view is `(in_features, out_features)`.
 
     Attributes:
       indptr: int32 `[out_features + 1]`; the nonzeros of output feature `j`
@@ -36,7 +39,8 @@ class SparsityPattern:
       t_indices: int32 `[nnz]`; output feature of each entry in that grouping.
       t_perm: int32 `[nnz]`; position in the values of each entry of that
         grouping.
-      shape: the kernel shape `(in_features, out_features)` (static).
+      shape: the dense kernel shape (static); its matrix view flattens all
+        leading dims into `in_features`.
 
     Build patterns with the class methods, which validate their input; the
     constructor itself trusts its arguments (it also runs on traced arrays).
@@ -51,7 +55,7 @@ class SparsityPattern:
         self.t_indptr = t_indptr
         self.t_indices = t_indices
         self.t_perm = t_perm
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = tuple(int(d) for d in shape)
 
     # -- pytree -------------------------------------------------------------
     def tree_flatten(self):
@@ -64,11 +68,16 @@ class SparsityPattern:
     # -- facts --------------------------------------------------------------
     @property
     def in_features(self) -> int:
-        return self.shape[0]
+        """Rows of the matrix view: the product of all but the last kernel dim."""
+        return int(np.prod(self.shape[:-1]))
 
     @property
     def out_features(self) -> int:
-        return self.shape[1]
+        return self.shape[-1]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
 
     @property
     def nnz(self) -> int:
@@ -76,7 +85,7 @@ class SparsityPattern:
 
     @property
     def density(self) -> float:
-        return self.nnz / (self.shape[0] * self.shape[1])
+        return self.nnz / (self.in_features * self.out_features)
 
     @property
     def sparsity(self) -> float:
@@ -85,14 +94,26 @@ class SparsityPattern:
     def output_index(self) -> Array:
         """Output feature of each entry, in value order (traceable)."""
         counts = jnp.diff(jnp.asarray(self.indptr))
-        return jnp.repeat(jnp.arange(self.shape[1], dtype=jnp.int32), counts,
+        return jnp.repeat(jnp.arange(self.out_features, dtype=jnp.int32), counts,
                           total_repeat_length=self.nnz)
 
     def mask(self) -> np.ndarray:
-        """The pattern as a dense boolean `(in_features, out_features)` NumPy array."""
-        mask = np.zeros(self.shape, dtype=bool)
+        """The pattern as a dense boolean NumPy array of the kernel's shape."""
+        mask = np.zeros(self.matrix_shape, dtype=bool)
         mask[np.asarray(self.indices), np.asarray(self.output_index())] = True
-        return mask
+        return mask.reshape(self.shape)
+
+    def check(self, where: str) -> None:
+        """Static checks of the arrays (works on tracers): int32, lengths fit the shape."""
+        n_in, n_out = self.matrix_shape
+        expected = {"indptr": (n_out + 1,), "indices": (self.nnz,), "t_indptr": (n_in + 1,),
+                    "t_indices": (self.nnz,), "t_perm": (self.nnz,)}
+        for name, shape in expected.items():
+            array = getattr(self, name)
+            if jnp.result_type(array) != jnp.int32:
+                raise TypeError(f"{where}: weight.pattern.{name} must be int32, "
+                                f"got {jnp.result_type(array)}")
+            _checks.check_shape(where, f"weight.pattern.{name}", array, shape)
 
     def __repr__(self) -> str:
         return (f"SparsityPattern(shape={self.shape}, nnz={self.nnz}, "
@@ -101,19 +122,20 @@ class SparsityPattern:
     # -- constructors -------------------------------------------------------
     @classmethod
     def from_mask(cls, mask: Any) -> "SparsityPattern":
-        """Pattern of the True entries of a boolean `(in_features, out_features)` mask."""
+        """Pattern of the True entries of a boolean mask of the kernel's shape.
+
+        The mask is `(in_features, out_features)` for a linear kernel, or has
+        more leading dims (e.g. HWIO) that the pattern flattens.
+        """
         where = "SparsityPattern.from_mask"
         mask = _checks.concrete(where, "mask", mask)
-        if mask.ndim != 2:
-            raise ValueError(f"{where}: mask must be 2-D (in_features, out_features), "
-                             f"got shape {mask.shape}")
         if mask.dtype != np.bool_:
             raise TypeError(f"{where}: mask must be boolean, got {mask.dtype}")
-        _checks.check_features(where, "mask.shape[0] (in_features)", mask.shape[0])
-        _checks.check_features(where, "mask.shape[1] (out_features)", mask.shape[1])
-        # Row-major nonzeros of mask.T come sorted by output, then input feature.
-        out_idx, in_idx = np.nonzero(mask.T)
-        return cls._from_sorted_coords(in_idx, out_idx, mask.shape)
+        shape = _kernel_shape(where, mask.shape, "mask.shape")
+        # Row-major nonzeros of the transposed matrix view come sorted by
+        # output, then input feature.
+        out_idx, in_idx = np.nonzero(mask.reshape(-1, shape[-1]).T)
+        return cls._from_sorted_coords(in_idx, out_idx, shape)
 
     @classmethod
     def from_csc(cls, indptr: Any, indices: Any, shape: tuple[int, int]) -> "SparsityPattern":
@@ -122,13 +144,12 @@ class SparsityPattern:
         Args:
           indptr: `[out_features + 1]` non-decreasing, from 0 to nnz.
           indices: `[nnz]` input features; strictly increasing within a column.
-          shape: the kernel shape `(in_features, out_features)`.
+          shape: the kernel shape, `(in_features, out_features)` or with more
+            leading dims, which the input-feature index runs over flattened.
         """
         where = "SparsityPattern.from_csc"
-        if len(tuple(shape)) != 2:
-            raise ValueError(f"{where}: shape must be (in_features, out_features), got {shape!r}")
-        n_in = _checks.check_features(where, "shape[0] (in_features)", shape[0])
-        n_out = _checks.check_features(where, "shape[1] (out_features)", shape[1])
+        shape = _kernel_shape(where, shape, "shape")
+        n_in, n_out = int(np.prod(shape[:-1])), shape[-1]
         indptr = _checks.concrete(where, "indptr", indptr)
         indices = _checks.concrete(where, "indices", indices)
         for name, arr in (("indptr", indptr), ("indices", indices)):
@@ -161,26 +182,25 @@ class SparsityPattern:
             kind = "duplicate" if indices[p] == indices[p - 1] else "unsorted"
             raise ValueError(f"{where}: {kind} indices in column {out_idx[p]}: indices must be "
                              f"strictly increasing within a column (entry {p})")
-        return cls._from_sorted_coords(indices, out_idx, (n_in, n_out))
+        return cls._from_sorted_coords(indices, out_idx, shape)
 
     @classmethod
-    def random(cls, shape: tuple[int, int], sparsity: float, key: Array) -> "SparsityPattern":
+    def random(cls, shape: tuple[int, ...], sparsity: float, key: Array) -> "SparsityPattern":
         """A uniformly random pattern with exactly `round(sparsity * size)` zeros."""
         where = "SparsityPattern.random"
-        n_in = _checks.check_features(where, "shape[0] (in_features)", shape[0])
-        n_out = _checks.check_features(where, "shape[1] (out_features)", shape[1])
+        shape = _kernel_shape(where, shape, "shape")
         sparsity = _checks.check_sparsity(where, sparsity)
-        size = n_in * n_out
+        size = int(np.prod(shape))
         nnz = size - int(round(sparsity * size))
         chosen = np.asarray(jax.random.choice(key, size, (nnz,), replace=False))
         mask = np.zeros(size, dtype=bool)
         mask[chosen] = True
-        return cls.from_mask(mask.reshape(n_in, n_out))
+        return cls.from_mask(mask.reshape(shape))
 
     @classmethod
     def _from_sorted_coords(cls, in_idx, out_idx, shape) -> "SparsityPattern":
         """Builds both orders from coordinates sorted by (output, input) feature."""
-        n_in, n_out = shape
+        n_in, n_out = int(np.prod(shape[:-1])), shape[-1]
         indptr = np.zeros(n_out + 1, dtype=np.int64)
         np.cumsum(np.bincount(out_idx, minlength=n_out), out=indptr[1:])
         t_perm = np.lexsort((out_idx, in_idx))  # by input feature, then output feature
@@ -231,41 +251,45 @@ class SparseWeight:
     def __repr__(self) -> str:
         return f"SparseWeight(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.4f})"
 
+    def check(self, where: str) -> None:
+        """Static checks (works on tracers): float32 values matching the pattern's arrays."""
+        _check_values(where, self.values, self.pattern, name="weight.values")
+        self.pattern.check(where)
+
     def with_values(self, values: Any) -> "SparseWeight":
         """The same pattern with new values (checked for shape and dtype)."""
         _check_values("SparseWeight.with_values", values, self.pattern)
         return SparseWeight(values, self.pattern)
 
     def to_dense(self) -> Array:
-        """The dense `(in_features, out_features)` kernel (traceable)."""
+        """The dense kernel, of the pattern's shape (traceable)."""
         p = self.pattern
-        dense = jnp.zeros(p.shape, dtype=self.dtype)
-        return dense.at[jnp.asarray(p.indices), p.output_index()].set(self.values)
+        dense = jnp.zeros(p.matrix_shape, dtype=self.dtype)
+        return dense.at[jnp.asarray(p.indices), p.output_index()].set(self.values).reshape(p.shape)
 
     def to_scipy(self):
-        """The kernel as a `scipy.sparse.csc_array` of shape `(in, out)`."""
+        """The kernel's matrix view as a `scipy.sparse.csc_array` `(in, out)`."""
         import scipy.sparse
 
         p = self.pattern
         return scipy.sparse.csc_array(
-            (np.asarray(self.values), np.asarray(p.indices), np.asarray(p.indptr)), shape=p.shape)
+            (np.asarray(self.values), np.asarray(p.indices), np.asarray(p.indptr)),
+            shape=p.matrix_shape)
 
     # -- constructors -------------------------------------------------------
     @classmethod
     def from_dense(cls, kernel: Any, mask: Optional[Any] = None) -> "SparseWeight":
-        """From a dense `(in_features, out_features)` kernel.
+        """From a dense kernel: `(in_features, out_features)`, or HWIO for a convolution.
 
         Args:
-          kernel: the dense kernel, float32.
+          kernel: the dense kernel, float32, at least 2-D.
           mask: optional boolean array of the kernel's shape choosing the
             nonzeros; without it, the kernel's exact zeros define the pattern.
             Kernel entries outside the mask are dropped.
         """
         where = "SparseWeight.from_dense"
         kernel = _checks.concrete(where, "kernel", kernel)
-        if kernel.ndim != 2:
-            raise ValueError(f"{where}: kernel must be 2-D (in_features, out_features), "
-                             f"got shape {kernel.shape}")
+        _kernel_shape(where, kernel.shape, "kernel.shape")
         _checks.check_float32(where, "kernel", kernel)
         if mask is None:
             mask = kernel != 0
@@ -276,9 +300,10 @@ class SparseWeight:
 
     @classmethod
     def gather(cls, kernel: Any, pattern: SparsityPattern) -> "SparseWeight":
-        """The entries of a dense `(in, out)` kernel that lie on `pattern`."""
+        """The entries of a dense kernel of the pattern's shape that lie on it (traceable)."""
         _checks.check_shape("SparseWeight.gather", "kernel", kernel, pattern.shape)
-        values = jnp.asarray(kernel)[jnp.asarray(pattern.indices), pattern.output_index()]
+        matrix = jnp.asarray(kernel).reshape(pattern.matrix_shape)
+        values = matrix[jnp.asarray(pattern.indices), pattern.output_index()]
         return cls(values, pattern)
 
     @classmethod
@@ -334,7 +359,7 @@ class SparseWeight:
         return cls.from_scipy(coo)
 
     @classmethod
-    def random(cls, shape: tuple[int, int], sparsity: float, key: Array,
+    def random(cls, shape: tuple[int, ...], sparsity: float, key: Array,
                init=jax.nn.initializers.lecun_normal()) -> "SparseWeight":
         """Values from `init` on a uniformly random pattern of the given sparsity."""
         mask_key, init_key = jax.random.split(key)
@@ -342,8 +367,17 @@ class SparseWeight:
         return cls.gather(init(init_key, pattern.shape, jnp.float32), pattern)
 
 
-def _check_values(where: str, values: Any, pattern: SparsityPattern) -> None:
-    _checks.check_float32(where, "values", values)
+def _check_values(where: str, values: Any, pattern: SparsityPattern, name: str = "values") -> None:
+    _checks.check_float32(where, name, values)
     if np.shape(values) != (pattern.nnz,):
-        raise ValueError(f"{where}: values must have shape ({pattern.nnz},) to match the "
+        raise ValueError(f"{where}: {name} must have shape ({pattern.nnz},) to match the "
                          f"pattern's nnz, got {np.shape(values)}")
+
+
+def _kernel_shape(where: str, shape: Any, name: str) -> tuple[int, ...]:
+    """Checks a kernel shape: at least 2-D, every dim a positive int."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"{where}: {name} must have at least 2 dims (..., in_features, "
+                         f"out_features), got {shape!r}")
+    return tuple(_checks.check_features(where, f"{name}[{i}]", d) for i, d in enumerate(shape))

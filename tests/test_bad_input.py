@@ -45,9 +45,12 @@ def test_unsupported_values_and_bias(weight):
         weight.with_values(jnp.ones(3))
 
 
-def test_kernel_must_be_2d_float32_with_matching_mask():
-    with pytest.raises(ValueError, match="kernel must be 2-D"):
-        sp.SparseWeight.from_dense(np.ones((2, 3, 4), np.float32))
+def test_kernel_must_be_float32_with_matching_mask(rng):
+    with pytest.raises(ValueError, match="kernel.shape must have at least 2 dims"):
+        sp.SparseWeight.from_dense(np.ones(4, np.float32))
+    conv_kernel = sp.SparseWeight.from_dense(random_kernel(rng, 9, 4, 0.5).reshape(3, 3, 1, 4))
+    with pytest.raises(ValueError, match=r"weight must be a 2-D \(in_features, out_features\)"):
+        sp.sparse_linear(jnp.ones((2, 9)), conv_kernel)
     with pytest.raises(TypeError, match="kernel must be float32"):
         sp.SparseWeight.from_dense(np.ones((2, 3), np.int32))
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 3\)"):
@@ -68,7 +71,7 @@ def test_bad_csc_patterns():
         (dict(ok, indptr=[1, 2, 3]), "indptr must start at 0 and end at len"),
         (dict(ok, indptr=[0, 2]), r"indptr must have shape \(3,\)"),
         (dict(ok, indices=[[0, 2, 1]]), "indices must be 1-D"),
-        (dict(ok, shape=(0, 2)), "in_features"),
+        (dict(ok, shape=(0, 2)), r"shape\[0\] must be a positive integer"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

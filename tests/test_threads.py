@@ -32,7 +32,9 @@ def test_single_cpu_pool_matches_all_cpus(tmp_path):
     results = {}
     for mode in ("one-cpu", "all-cpus"):
         out = tmp_path / f"{mode}.npz"
-        subprocess.run([sys.executable, "-c", SCRIPT, mode, str(out)], check=True, timeout=300)
+        # cwd away from the checkout: `python -c` would import the source tree.
+        subprocess.run([sys.executable, "-c", SCRIPT, mode, str(out)], check=True, timeout=300,
+                       cwd=tmp_path)
         results[mode] = np.load(out)
     for key in ("y", "dx", "dv"):
         np.testing.assert_array_equal(results["one-cpu"][key], results["all-cpus"][key])

@@ -24,9 +24,9 @@ ffi::Error decode_stack(ffi::Span<const int64_t> dims, int rank, const char* op,
                                        std::to_string(rank) + " dims, got " +
                                        std::to_string(ndim));
   Stack s;
+  s.rank = rank;
   for (int64_t i = 0; i < ndim - rank; ++i) s.count *= dims[i];
-  s.rows = dims[ndim - rank];
-  s.cols = rank == 2 ? dims[ndim - 1] : 1;
+  for (int i = 0; i < rank; ++i) s.dims[i] = dims[ndim - rank + i];
   *out = s;
   return ffi::Error::Success();
 }
@@ -55,13 +55,13 @@ ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> in
   if (error.failure()) return error;
   error = decode_operand(indices.dimensions(), 1, total, op, idx_name.c_str(), &p.indices_stack);
   if (error.failure()) return error;
-  error = check_size(p.indptr_stack.rows, rows + 1, op, (ptr_name + " length").c_str());
+  error = check_size(p.indptr_stack.dims[0], rows + 1, op, (ptr_name + " length").c_str());
   if (error.failure()) return error;
   p.indptr = indptr.typed_data();
   p.indices = indices.typed_data();
   p.rows = rows;
   p.cols = cols;
-  p.nnz = p.indices_stack.rows;
+  p.nnz = p.indices_stack.dims[0];
   const int64_t distinct = std::max(p.indptr_stack.count, p.indices_stack.count);
   for (int64_t v = 0; v < distinct; ++v) {
     error = validate_compressed(p.row_ptr(v), rows, p.col_idx(v), p.nnz, cols, op, name);
@@ -71,7 +71,7 @@ ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> in
   return ffi::Error::Success();
 }
 
-EntryOffsets column_offsets(const Pattern& pat, int64_t stride) {
+EntryOffsets entry_offsets(const Pattern& pat, const std::function<int64_t(int32_t)>& offset) {
   EntryOffsets offsets;
   offsets.nnz = pat.nnz;
   offsets.shared = pat.indices_stack.count == 1;
@@ -79,7 +79,7 @@ EntryOffsets column_offsets(const Pattern& pat, int64_t stride) {
   for (int64_t v = 0; v < pat.indices_stack.count; ++v) {
     const int32_t* idx = pat.col_idx(v);
     int64_t* dst = offsets.data->data() + v * pat.nnz;
-    for (int64_t p = 0; p < pat.nnz; ++p) dst[p] = idx[p] * stride;
+    for (int64_t p = 0; p < pat.nnz; ++p) dst[p] = offset(idx[p]);
   }
   return offsets;
 }
@@ -121,7 +121,7 @@ ffi::Error validate_permutation(const int32_t* perm, int64_t nnz, const char* op
 }
 
 void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
-                std::vector<RowTask>* tasks) {
+                std::vector<Task>* tasks) {
   // Work before row r is indptr[r] + r: monotone, so each cut is a binary search.
   const int64_t total = indptr[rows] + rows;
   parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, rows)));
@@ -143,16 +143,24 @@ void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
   if (rows == 0) tasks->push_back({slice, 0, 0});
 }
 
+void split_even(int64_t n, int64_t slice, int64_t group, int parts, std::vector<Task>* tasks) {
+  const int64_t k = std::max<int64_t>(1, std::min<int64_t>(parts, n));
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t begin = n * i / k, end = n * (i + 1) / k;
+    if (end > begin || n == 0) tasks->push_back({slice, begin, end, group});
+  }
+}
+
 int parallel_parts(ffi::ThreadPool& pool, int64_t flops) {
   if (tasks_per_call() > 0) return tasks_per_call();
   if (flops < kMinParallelFlops) return 1;
   return static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
 }
 
-ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<RowTask> tasks,
-                      std::function<void(const RowTask&)> fn) {
+ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
+                      std::function<void(const Task&)> fn) {
   if (tasks.size() <= 1) {
-    for (const RowTask& t : tasks) fn(t);
+    for (const Task& t : tasks) fn(t);
     ffi::Promise done;
     ffi::Future future(done);
     done.SetAvailable();
@@ -160,8 +168,8 @@ ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<RowTask> tasks,
   }
   ffi::CountDownPromise remaining(static_cast<int64_t>(tasks.size()));
   ffi::Future future(remaining);
-  auto shared_fn = std::make_shared<const std::function<void(const RowTask&)>>(std::move(fn));
-  for (const RowTask& t : tasks) {
+  auto shared_fn = std::make_shared<const std::function<void(const Task&)>>(std::move(fn));
+  for (const Task& t : tasks) {
     pool.Schedule([shared_fn, t, remaining]() mutable {
       (*shared_fn)(t);
       remaining.CountDown();

@@ -16,13 +16,18 @@ namespace sparseprop {
 namespace ffi = xla::ffi;
 
 // An operand seen as `count` stacked slices. The op's own operand has `rank`
-// trailing dims (`rows` x `cols`, or `rows` alone for rank 1); vmap with
-// vmap_method="expand_dims" adds leading dims, size 1 where it broadcasts.
+// trailing dims `dims[0..rank)`; vmap with vmap_method="expand_dims" adds
+// leading dims, size 1 where it broadcasts.
 struct Stack {
+  static constexpr int kMaxRank = 6;
   int64_t count = 1;
-  int64_t rows = 0;
-  int64_t cols = 1;
-  int64_t slice() const { return rows * cols; }
+  int rank = 0;
+  int64_t dims[kMaxRank] = {};
+  int64_t slice() const {
+    int64_t n = 1;
+    for (int i = 0; i < rank; ++i) n *= dims[i];
+    return n;
+  }
 };
 
 // Decodes `dims` into a Stack, or an InvalidArgument error naming `op` and
@@ -73,7 +78,8 @@ struct EntryOffsets {
   bool shared = true;  // one slice serves every vmap slice
   const int64_t* of(int64_t v) const { return data->data() + (shared ? 0 : v * nnz); }
 };
-EntryOffsets column_offsets(const Pattern& pat, int64_t stride);
+// `offset(index)` maps an entry's column index to its kernel offset.
+EntryOffsets entry_offsets(const Pattern& pat, const std::function<int64_t(int32_t)>& offset);
 
 // Decodes and fully validates (validate_compressed on every distinct slice) a
 // pattern of `rows` x `cols` used in a call of `total` vmap slices.
@@ -89,18 +95,23 @@ ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> in
       return ::sparseprop::failed(std::move(sparseprop_error_)); \
   } while (0)
 
-// One unit of work: rows [row_begin, row_end) of vmap slice `slice`.
-struct RowTask {
+// One unit of work: the range [begin, end) (of rows, or of grid positions) of
+// vmap slice `slice`, in sub-problem `group` (e.g. a stride phase).
+struct Task {
   int64_t slice;
-  int64_t row_begin;
-  int64_t row_end;
+  int64_t begin;
+  int64_t end;
+  int64_t group = 0;
 };
 
 // Appends tasks covering rows [0, rows) of one slice, split into at most
 // `parts` contiguous ranges of about equal work (entries + rows), so a thread
 // never waits on another over a few dense rows.
 void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
-                std::vector<RowTask>* tasks);
+                std::vector<Task>* tasks);
+
+// Appends tasks covering [0, n) in at most `parts` ranges of equal length.
+void split_even(int64_t n, int64_t slice, int64_t group, int parts, std::vector<Task>* tasks);
 
 // How many parts to split a call of `flops` multiply-adds into, given the pool
 // (see tasks_per_call in simd_dispatch.h).
@@ -108,8 +119,8 @@ int parallel_parts(ffi::ThreadPool& pool, int64_t flops);
 
 // Runs `fn` on every task, on the pool when there is more than one, and
 // returns a future that completes when all have run. Tasks may run inline.
-ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<RowTask> tasks,
-                      std::function<void(const RowTask&)> fn);
+ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
+                      std::function<void(const Task&)> fn);
 
 // A future already completed with `error`.
 ffi::Future failed(ffi::Error error);

@@ -91,24 +91,24 @@ static void spmm(const int32_t* indptr, const int64_t* offsets, const float* val
 static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* rows,
                   int64_t ld_row, const float* in, float* out_values, int64_t length,
                   const Grid& grid, int64_t row_begin, int64_t row_end) {
-  const int64_t positions = grid.size();
   for (int64_t r = row_begin; r < row_end; ++r) {
     for (int64_t p = indptr[r], hi = indptr[r + 1]; p < hi; ++p) {
       vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
       float tail = 0.0f;
-      for (int64_t q = 0; q < positions; ++q) {
-        const int64_t i = q / grid.n_inner, j = q % grid.n_inner;
-        const float* g = rows + i * grid.out_outer + j * grid.out_inner + r * ld_row;
-        const float* x = in + i * grid.in_outer + j * grid.in_inner + offsets[p];
-        int64_t l = 0;
-        for (; l + 4 * kWidth <= length; l += 4 * kWidth) {
-          a0 += load(g + l) * load(x + l);
-          a1 += load(g + l + kWidth) * load(x + l + kWidth);
-          a2 += load(g + l + 2 * kWidth) * load(x + l + 2 * kWidth);
-          a3 += load(g + l + 3 * kWidth) * load(x + l + 3 * kWidth);
+      for (int64_t i = 0; i < grid.n_outer; ++i) {
+        for (int64_t j = 0; j < grid.n_inner; ++j) {
+          const float* g = rows + i * grid.out_outer + j * grid.out_inner + r * ld_row;
+          const float* x = in + i * grid.in_outer + j * grid.in_inner + offsets[p];
+          int64_t l = 0;
+          for (; l + 4 * kWidth <= length; l += 4 * kWidth) {
+            a0 += load(g + l) * load(x + l);
+            a1 += load(g + l + kWidth) * load(x + l + kWidth);
+            a2 += load(g + l + 2 * kWidth) * load(x + l + 2 * kWidth);
+            a3 += load(g + l + 3 * kWidth) * load(x + l + 3 * kWidth);
+          }
+          for (; l + kWidth <= length; l += kWidth) a0 += load(g + l) * load(x + l);
+          for (; l < length; ++l) tail += g[l] * x[l];
         }
-        for (; l + kWidth <= length; l += kWidth) a0 += load(g + l) * load(x + l);
-        for (; l < length; ++l) tail += g[l] * x[l];
       }
       out_values[p] = horizontal_sum((a0 + a1) + (a2 + a3)) + tail;
     }

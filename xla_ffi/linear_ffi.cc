@@ -23,27 +23,27 @@ ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
   constexpr const char* op = "sparse_linear forward";
   Stack ys, xs, vs;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(yt->dimensions(), 2, op, "output", &ys));
-  const int64_t total = ys.count, batch = ys.cols;
+  const int64_t total = ys.count, batch = ys.dims[1];
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(xt.dimensions(), 2, total, op, "x^T", &xs));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(xs.cols, batch, op, "x^T batch size"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], batch, op, "x^T batch size"));
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
   Pattern pat;
   SPARSEPROP_RETURN_IF_ERROR(
-      decode_pattern(indptr, indices, ys.rows, xs.rows, total, op, "pattern", &pat));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(vs.rows, pat.nnz, op, "values length"));
+      decode_pattern(indptr, indices, ys.dims[0], xs.dims[0], total, op, "pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
-  std::vector<RowTask> tasks;
+  std::vector<Task> tasks;
   const int parts = parallel_parts(pool, total * batch * pat.nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
-  const EntryOffsets offsets = column_offsets(pat, batch);
+  const EntryOffsets offsets = entry_offsets(pat, [batch](int32_t c) { return c * batch; });
   const float* x = xt.typed_data();
   const float* w = values.typed_data();
   float* y = yt->typed_data();
-  return run_tasks(pool, std::move(tasks), [=, &k](const RowTask& t) {
+  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) {
     k.spmm(pat.row_ptr(t.slice), offsets.of(t.slice), w + slice_offset(vs, t.slice),
            x + slice_offset(xs, t.slice), y + t.slice * ys.slice(), batch, batch, Grid{}, 0, 1,
-           t.row_begin, t.row_end);
+           t.begin, t.end);
   });
 }
 
@@ -56,17 +56,17 @@ ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
   constexpr const char* op = "sparse_linear input gradient";
   Stack dxs, dys, vs, ps;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(dxt->dimensions(), 2, op, "output", &dxs));
-  const int64_t total = dxs.count, batch = dxs.cols;
+  const int64_t total = dxs.count, batch = dxs.dims[1];
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(dyt.dimensions(), 2, total, op, "dy^T", &dys));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(dys.cols, batch, op, "dy^T batch size"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[1], batch, op, "dy^T batch size"));
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
   SPARSEPROP_RETURN_IF_ERROR(
       decode_operand(t_perm.dimensions(), 1, total, op, "transposed permutation", &ps));
   Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, dxs.rows, dys.rows, total, op,
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, dxs.dims[0], dys.dims[0], total, op,
                                             "transposed pattern", &pat));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(vs.rows, pat.nnz, op, "values length"));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(ps.rows, pat.nnz, op, "transposed permutation length"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(ps.dims[0], pat.nnz, op, "transposed permutation length"));
 
   // Values in the transposed order, gathered once per call (O(nnz)) so the
   // kernel's inner loop needs no indirection.
@@ -81,17 +81,17 @@ ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
     for (int64_t p = 0; p < nnz; ++p) dst[p] = w[perm[p]];
   }
 
-  std::vector<RowTask> tasks;
+  std::vector<Task> tasks;
   const int parts = parallel_parts(pool, total * batch * nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
-  const EntryOffsets offsets = column_offsets(pat, batch);
+  const EntryOffsets offsets = entry_offsets(pat, [batch](int32_t c) { return c * batch; });
   const float* dy = dyt.typed_data();
   float* dx = dxt->typed_data();
-  return run_tasks(pool, std::move(tasks), [=, &k](const RowTask& t) {
+  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) {
     const float* w = gathered->data() + (gathered_count == 1 ? 0 : t.slice * nnz);
     k.spmm(pat.row_ptr(t.slice), offsets.of(t.slice), w, dy + slice_offset(dys, t.slice),
-           dx + t.slice * dxs.slice(), batch, batch, Grid{}, 0, 1, t.row_begin, t.row_end);
+           dx + t.slice * dxs.slice(), batch, batch, Grid{}, 0, 1, t.begin, t.end);
   });
 }
 
@@ -105,25 +105,25 @@ ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
   const int64_t total = ds.count;
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(dyt.dimensions(), 2, total, op, "dy^T", &dys));
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(xt.dimensions(), 2, total, op, "x^T", &xs));
-  const int64_t batch = dys.cols;
-  SPARSEPROP_RETURN_IF_ERROR(check_size(xs.cols, batch, op, "x^T batch size"));
+  const int64_t batch = dys.dims[1];
+  SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], batch, op, "x^T batch size"));
   Pattern pat;
   SPARSEPROP_RETURN_IF_ERROR(
-      decode_pattern(indptr, indices, dys.rows, xs.rows, total, op, "pattern", &pat));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(ds.rows, pat.nnz, op, "output length"));
+      decode_pattern(indptr, indices, dys.dims[0], xs.dims[0], total, op, "pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "output length"));
 
-  std::vector<RowTask> tasks;
+  std::vector<Task> tasks;
   const int parts = parallel_parts(pool, total * batch * pat.nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
-  const EntryOffsets offsets = column_offsets(pat, batch);
+  const EntryOffsets offsets = entry_offsets(pat, [batch](int32_t c) { return c * batch; });
   const float* dy = dyt.typed_data();
   const float* x = xt.typed_data();
   float* dw = dvalues->typed_data();
-  return run_tasks(pool, std::move(tasks), [=, &k](const RowTask& t) {
+  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) {
     k.sddmm(pat.row_ptr(t.slice), offsets.of(t.slice), dy + slice_offset(dys, t.slice), batch,
             x + slice_offset(xs, t.slice), dw + t.slice * ds.slice(), batch, Grid{},
-            t.row_begin, t.row_end);
+            t.begin, t.end);
   });
 }
 

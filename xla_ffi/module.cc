@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 
+#include "conv_ffi.h"
 #include "linear_ffi.h"
 #include "simd_dispatch.h"
 
@@ -28,6 +29,9 @@ NB_MODULE(_sparseprop_jax_ffi, m) {
     targets["sparseprop_linear_forward"] = capsule(sparseprop::kLinearForward);
     targets["sparseprop_linear_input_grad"] = capsule(sparseprop::kLinearInputGrad);
     targets["sparseprop_linear_weight_grad"] = capsule(sparseprop::kLinearWeightGrad);
+    targets["sparseprop_conv_forward"] = capsule(sparseprop::kConvForward);
+    targets["sparseprop_conv_input_grad"] = capsule(sparseprop::kConvInputGrad);
+    targets["sparseprop_conv_weight_grad"] = capsule(sparseprop::kConvWeightGrad);
     return targets;
   });
 

@@ -1,0 +1,10 @@
+// Handler symbols of the sparse 2-D convolution (defined in conv_ffi.cc).
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+namespace sparseprop {
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvForward);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWeightGrad);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvInputGrad);
+}  // namespace sparseprop
