@@ -12,6 +12,7 @@ from sparseprop_jax.kernels import (
     simd_path,
     supported_simd_paths,
 )
+from sparseprop_jax.conv import sparse_conv2d
 from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
@@ -22,6 +23,7 @@ __all__ = [
     "SparsityPattern",
     "set_simd_path",
     "simd_path",
+    "sparse_conv2d",
     "sparse_linear",
     "supported_simd_paths",
     "set_tasks_per_call",

@@ -21,6 +21,9 @@ for _name, _capsule in _ext.registrations().items():
 LINEAR_FORWARD = "sparseprop_linear_forward"
 LINEAR_INPUT_GRAD = "sparseprop_linear_input_grad"
 LINEAR_WEIGHT_GRAD = "sparseprop_linear_weight_grad"
+CONV_FORWARD = "sparseprop_conv_forward"
+CONV_INPUT_GRAD = "sparseprop_conv_input_grad"
+CONV_WEIGHT_GRAD = "sparseprop_conv_weight_grad"
 
 # SPARSEPROP_JAX_SIMD=scalar|avx2|avx512|auto picks the kernel path at import.
 if os.environ.get("SPARSEPROP_JAX_SIMD"):
