@@ -1,0 +1,184 @@
+"""sparse_conv2d against lax.conv_general_dilated: values and all three gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import sparseprop_jax as sp
+from conftest import assert_close, random_kernel
+
+VARIANTS = ["batch", "width", "auto"]
+
+
+def _dense_conv(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, (strides, strides), padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+
+def _random_conv_kernel(rng, kh, kw, cin, cout, sparsity):
+    return random_kernel(rng, kh * kw * cin, cout, sparsity).reshape(kh, kw, cin, cout)
+
+
+def _check(rng, n, h, w, kernel_shape, strides, padding, sparsity, variants=VARIANTS,
+           paths=None):
+    kh, kw, cin, cout = kernel_shape
+    kernel = _random_conv_kernel(rng, kh, kw, cin, cout, sparsity)
+    weight = sp.SparseWeight.from_dense(kernel)
+    x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    y_ref = _dense_conv(x, kernel, strides, padding) + bias
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    dx_ref, dk_ref = jax.grad(lambda x, k: jnp.vdot(_dense_conv(x, k, strides, padding), dy),
+                              argnums=(0, 1))(x, jnp.asarray(kernel))
+    db_ref = dy.sum((0, 1, 2))
+    mask = kernel != 0
+    fan_in, pixels = kh * kw * cin, int(np.prod(y_ref.shape[:3]))
+    for variant in variants:
+        def loss(x, values, bias, variant=variant):
+            y = sp.sparse_conv2d(x, weight.with_values(values), bias, strides, padding,
+                                 kernel=variant)
+            return jnp.vdot(y, dy), y
+
+        step = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+        for path in paths or sp.supported_simd_paths():
+            with sp.use_simd_path(path):
+                (dx, dvalues, db), y = step(x, weight.values, bias)
+            dk = np.asarray(weight.with_values(dvalues).to_dense())
+            assert_close(y, y_ref, fan_in)
+            assert_close(dx, dx_ref, kh * kw * cout)
+            assert_close(dk, np.asarray(dk_ref) * mask, pixels)
+            assert np.all(dk[~mask] == 0)
+            assert_close(db, db_ref, pixels)
+
+
+@pytest.mark.parametrize("ksize", [(1, 1), (3, 3), (5, 5), (7, 7), (1, 3)],
+                         ids=lambda k: f"{k[0]}x{k[1]}")
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 1), (0, 3))],
+                         ids=["SAME", "VALID", "explicit"])
+def test_matches_lax_over_kernels_strides_paddings(ksize, strides, padding, rng):
+    _check(rng, 3, 11, 9, (*ksize, 5, 6), strides, padding, 0.5)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_matches_lax_over_sparsities_and_batches(sparsity, batch, rng):
+    _check(rng, batch, 8, 8, (3, 3, 8, 16), 1, "SAME", sparsity)
+
+
+@pytest.mark.parametrize("spatial, strides", [(1, 1), (2, 2), (5, 1), (13, 2), (28, 2), (56, 1)])
+def test_matches_lax_over_spatial_sizes(spatial, strides, rng):
+    _check(rng, 3, spatial, spatial, (3, 3, 4, 8), strides, "SAME", 0.9)
+
+
+def test_stride_three_and_wide_kernel(rng):
+    _check(rng, 2, 17, 23, (7, 5, 3, 4), 3, "SAME", 0.3)
+
+
+def test_empty_input_channels_and_output_channels(rng):
+    kernel = _random_conv_kernel(rng, 3, 3, 6, 5, 0.3)
+    kernel[:, :, [0, 4], :] = 0  # input channels nothing reads
+    kernel[..., [1, 3]] = 0  # output channels that stay at the bias
+    weight = sp.SparseWeight.from_dense(kernel)
+    x = rng.standard_normal((4, 7, 7, 6)).astype(np.float32)
+    for variant in ("batch", "width"):
+        y = sp.sparse_conv2d(x, weight, kernel=variant)
+        assert_close(y, _dense_conv(x, kernel, 1, "SAME"), 54)
+        dx = jax.grad(lambda x: jnp.sum(sp.sparse_conv2d(x, weight, kernel=variant) ** 2))(x)
+        dx_ref = jax.grad(lambda x: jnp.sum(_dense_conv(x, kernel, 1, "SAME") ** 2))(x)
+        assert_close(dx, dx_ref, 45 * 50)
+        np.testing.assert_array_equal(np.asarray(y)[..., [1, 3]], 0)
+
+
+def test_weight_gradient_is_deterministic(rng):
+    kernel = _random_conv_kernel(rng, 3, 3, 32, 32, 0.9)
+    weight = sp.SparseWeight.from_dense(kernel)
+    x = rng.standard_normal((16, 14, 14, 32)).astype(np.float32)
+    for variant in ("batch", "width"):
+        step = jax.jit(jax.grad(lambda x, v, variant=variant: jnp.sum(jnp.sin(sp.sparse_conv2d(
+            x, weight.with_values(v), strides=2, kernel=variant))), argnums=(0, 1)))
+        first = step(x, weight.values)
+        for tasks in (0, 0, 3):
+            sp.set_tasks_per_call(tasks)
+            try:
+                again = step(x, weight.values)
+            finally:
+                sp.set_tasks_per_call(0)
+            for a, b in zip(first, again):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_variants_agree_and_measure_caches(rng):
+    weight = sp.SparseWeight.from_dense(_random_conv_kernel(rng, 3, 3, 4, 8, 0.8))
+    x = rng.standard_normal((5, 12, 12, 4)).astype(np.float32)
+    expected = sp.sparse_conv2d(x, weight, kernel="batch")
+    for variant in ("width", "auto", "measure"):
+        assert_close(sp.sparse_conv2d(x, weight, kernel=variant), expected, 36)
+    from sparseprop_jax import conv
+    assert any(key[:3] == (5, 12, 12) for key in conv._MEASURED)
+    # Under jit "measure" cannot time and falls back to the cost model.
+    assert_close(jax.jit(lambda x: sp.sparse_conv2d(x, weight, kernel="measure"))(x), expected, 36)
+
+
+def test_vmap_jit_and_remat(rng):
+    weight = sp.SparseWeight.from_dense(_random_conv_kernel(rng, 3, 3, 3, 4, 0.5))
+    xs = rng.standard_normal((3, 2, 6, 6, 3)).astype(np.float32)
+    f = lambda x: sp.sparse_conv2d(x, weight, strides=2)  # noqa: E731
+    expected = np.stack([np.asarray(f(x)) for x in xs])
+    np.testing.assert_allclose(jax.jit(jax.vmap(f))(xs), expected, rtol=1e-6, atol=1e-6)
+
+    def loss(values, x):
+        return jnp.sum(jnp.sin(sp.sparse_conv2d(x, weight.with_values(values), kernel="width")))
+
+    direct = jax.grad(loss)(weight.values, xs[0])
+    remat = jax.grad(jax.checkpoint(loss))(weight.values, xs[0])
+    np.testing.assert_allclose(remat, direct, rtol=1e-6, atol=1e-6)
+    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0))(weight.values, xs)
+    np.testing.assert_allclose(per_example[1], jax.grad(loss)(weight.values, xs[1]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def conv_weight(rng):
+    return sp.SparseWeight.from_dense(_random_conv_kernel(rng, 3, 3, 4, 5, 0.5))
+
+
+def test_bad_inputs(conv_weight):
+    x = jnp.ones((2, 8, 8, 4))
+    cases = [
+        (ValueError, r"x must be 4-D NHWC", dict(x=jnp.ones((8, 8, 4)))),
+        (ValueError, r"x must have 4 channels", dict(x=jnp.ones((2, 8, 8, 3)))),
+        (TypeError, r"x must be float32", dict(x=jnp.ones((2, 8, 8, 4), jnp.bfloat16))),
+        (ValueError, r"kernel is larger than the padded input",
+         dict(x=jnp.ones((2, 2, 2, 4)), padding="VALID")),
+        (ValueError, r"padding must be 'SAME', 'VALID'", dict(padding="CIRCULAR")),
+        (ValueError, r"padding must be 'SAME', 'VALID', an int or \(\(top",
+         dict(padding=((1, 1),))),
+        (ValueError, r"padding must be non-negative", dict(padding=-1)),
+        (ValueError, r"strides must be >= 1", dict(strides=0)),
+        (ValueError, r"strides must be equal", dict(strides=(1, 2))),
+        (ValueError, r"kernel must be one of", dict(kernel="fast")),
+        (ValueError, r"bias must have shape \(5,\)", dict(bias=jnp.ones(4))),
+    ]
+    for error, message, kwargs in cases:
+        kwargs = dict(dict(x=x), **kwargs)
+        with pytest.raises(error, match=message):
+            sp.sparse_conv2d(kwargs.pop("x"), conv_weight, **kwargs)
+    with pytest.raises(ValueError, match="weight must be a 4-D HWIO kernel"):
+        sp.sparse_conv2d(x, sp.SparseWeight.from_dense(np.eye(4, dtype=np.float32)))
+
+
+def test_cpp_handler_rejects_corrupt_pattern(conv_weight):
+    p = conv_weight.pattern
+    indices = np.asarray(p.indices).copy()
+    indices[0] = 36  # kh * kw * cin = 36 rows
+    bad = sp.SparseWeight(conv_weight.values, sp.SparsityPattern(
+        p.indptr, jnp.asarray(indices), p.t_indptr, p.t_indices, p.t_perm, shape=p.shape))
+    with pytest.raises(Exception, match="index 36 at entry 0 is outside"):
+        jax.block_until_ready(sp.sparse_conv2d(jnp.ones((2, 8, 8, 4)), bad))
+    assert sp.sparse_conv2d(jnp.ones((2, 8, 8, 4)), conv_weight).shape == (2, 8, 8, 5)
