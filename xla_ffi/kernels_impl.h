@@ -30,11 +30,20 @@ static inline vfloat broadcast(float s) {
   return v + s;
 }
 
+// Sum of the lanes by halving (log2(width) shuffle-adds, not width extracts).
 static inline float horizontal_sum(vfloat v) {
-#if SPARSEPROP_SIMD_WIDTH > 1
-  float s = 0.0f;
-  for (int i = 0; i < kWidth; ++i) s += v[i];
-  return s;
+#if SPARSEPROP_SIMD_WIDTH == 16
+  typedef float half __attribute__((vector_size(32)));
+  const half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif SPARSEPROP_SIMD_WIDTH == 8
+  const vfloat h = v;
+#endif
+#if SPARSEPROP_SIMD_WIDTH >= 8
+  typedef float quarter __attribute__((vector_size(16)));
+  const quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) +
+                    __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
 #else
   return v;
 #endif
