@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sparseprop_jax import _checks
+from sparseprop_jax.conv import KERNELS as CONV_KERNELS, sparse_conv2d
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 Array = jax.Array
 Initializer = Callable[..., Any]
+#: Canonical padding of the conv layers: "SAME", "VALID" or ((top, bottom), (left, right)).
+ConvPadding = Union[str, tuple[tuple[int, int], tuple[int, int]]]
 
 DEFAULT_SPARSITY = 0.9
 
+#: Names of the kernel dims, for messages: linear (in, out) and convolution HWIO kernels.
+DENSE_DIMS = ("in_features", "out_features")
+CONV_DIMS = ("kh", "kw", "in_features", "out_features")
 
-def random_pattern(where: str, shape: tuple[int, int], sparsity: float,
+
+def _layout(dims: tuple[str, ...]) -> str:
+    return f"({', '.join(dims)})"
+
+
+def random_pattern(where: str, shape: tuple[int, ...], sparsity: float,
                     key: Array) -> SparsityPattern:
     """A uniformly random pattern, with a clear error when `key` is traced."""
     # The number of nonzeros fixes array shapes, so patterns are built eagerly.
@@ -29,6 +41,29 @@ def random_pattern(where: str, shape: tuple[int, int], sparsity: float,
     return SparsityPattern.random(shape, sparsity, key)
 
 
+def layer_pattern(where: str, shape: tuple[int, ...], sparsity: Optional[float],
+                  pattern: Optional[SparsityPattern], key: Callable[[], Array],
+                  dims: tuple[str, ...] = DENSE_DIMS) -> SparsityPattern:
+    """The pattern of an nnx layer: `pattern` checked against `shape`, or a random one.
+
+    `key` is called (to draw an rng key) only when a random pattern is drawn.
+    """
+    if pattern is None:
+        sparsity = DEFAULT_SPARSITY if sparsity is None else sparsity
+        sparsity = _checks.check_sparsity(where, sparsity)
+        return random_pattern(where, shape, sparsity, key())
+    if sparsity is not None:
+        raise ValueError(f"{where}: give sparsity or pattern, not both "
+                         "(the pattern fixes the sparsity)")
+    if not isinstance(pattern, SparsityPattern):
+        raise TypeError(f"{where}: pattern must be a SparsityPattern, "
+                        f"got {type(pattern).__name__}")
+    if pattern.shape != tuple(shape):
+        raise ValueError(f"{where}: pattern must have shape {tuple(shape)} "
+                         f"{_layout(dims)}, got {pattern.shape}")
+    return pattern
+
+
 def init_values(where: str, kernel_init: Initializer, key: Array,
                  pattern: SparsityPattern) -> Array:
     """Draws a dense kernel with `kernel_init` and keeps the entries on `pattern`."""
@@ -38,19 +73,31 @@ def init_values(where: str, kernel_init: Initializer, key: Array,
     return SparseWeight.gather(kernel, pattern).values
 
 
+def init_bias(where: str, bias_init: Initializer, key: Array, features: int) -> Array:
+    """Draws a `[features]` float32 bias with `bias_init`, checked."""
+    bias = bias_init(key, (features,), jnp.float32)
+    _checks.check_float32(where, "bias_init(...) result", bias)
+    _checks.check_shape(where, "bias_init(...) result", bias, (features,))
+    return bias
+
+
 def check_dense(where: str, kernel: Any, bias: Any, mask: Any, kernel_name: str = "kernel",
-                 bias_name: str = "bias") -> tuple[np.ndarray, SparsityPattern, Optional[Array]]:
+                 bias_name: str = "bias", dims: tuple[str, ...] = DENSE_DIMS,
+                 ) -> tuple[np.ndarray, SparsityPattern, Optional[Array]]:
     """Validates a dense kernel, bias and mask; returns the kernel, pattern and bias.
 
-    Without a mask the kernel's exact zeros define the pattern.
+    `dims` names the kernel's dims (its length is the required rank): the
+    default is a linear `(in_features, out_features)` kernel, `CONV_DIMS` an
+    HWIO convolution kernel. The bias has the kernel's last dim. Without a
+    mask the kernel's exact zeros define the pattern.
     """
     kernel = _checks.concrete(where, kernel_name, kernel)
-    if kernel.ndim != 2:
-        raise ValueError(f"{where}: {kernel_name} must be 2-D (in_features, out_features), "
+    if kernel.ndim != len(dims):
+        raise ValueError(f"{where}: {kernel_name} must be {len(dims)}-D {_layout(dims)}, "
                          f"got shape {kernel.shape}")
     _checks.check_float32(where, kernel_name, kernel)
-    _checks.check_features(where, f"{kernel_name}.shape[0] (in_features)", kernel.shape[0])
-    _checks.check_features(where, f"{kernel_name}.shape[1] (out_features)", kernel.shape[1])
+    for i, dim in enumerate(dims):
+        _checks.check_features(where, f"{kernel_name}.shape[{i}] ({dim})", kernel.shape[i])
     if mask is None:
         mask = kernel != 0
     else:
@@ -61,5 +108,127 @@ def check_dense(where: str, kernel: Any, bias: Any, mask: Any, kernel_name: str 
     if bias is not None:
         bias = jnp.asarray(_checks.concrete(where, bias_name, bias))
         _checks.check_float32(where, bias_name, bias)
-        _checks.check_shape(where, bias_name, bias, (kernel.shape[1],))
+        _checks.check_shape(where, bias_name, bias, (kernel.shape[-1],))
     return kernel, SparsityPattern.from_mask(mask), bias
+
+
+# -- convolution layers -------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def conv_kernel_size(where: str, kernel_size: Any, name: str = "kernel_size") -> tuple[int, int]:
+    """`(kh, kw)` from a pair; flax reads an int as a 1-D window, which is not supported."""
+    if _is_int(kernel_size):
+        raise ValueError(
+            f"{where}: {name} must be a pair (kh, kw), got {kernel_size!r}: an int is a 1-D "
+            f"window in flax's Conv, and 1-D convolutions are not supported (for a square "
+            f"window give ({kernel_size}, {kernel_size}))")
+    if not isinstance(kernel_size, Sequence) or isinstance(kernel_size, str):
+        raise ValueError(f"{where}: {name} must be a pair of ints (kh, kw), got {kernel_size!r}")
+    if len(kernel_size) != 2:
+        raise ValueError(f"{where}: {name}={tuple(kernel_size)!r} asks for a "
+                         f"{len(kernel_size)}-D convolution, which is not supported (only 2-D: "
+                         "a pair (kh, kw))")
+    return tuple(_checks.check_features(where, f"{name}[{i}]", k)  # type: ignore[return-value]
+                 for i, k in enumerate(kernel_size))
+
+
+def _conv_pair(where: str, name: str, value: Any) -> tuple[Any, ...]:
+    """An int (or None, flax's 1) broadcast to both spatial dims, or a pair."""
+    if value is None:
+        value = 1
+    if _is_int(value):
+        return (int(value), int(value))
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise ValueError(f"{where}: {name} must be an int or a pair of ints (one per spatial "
+                         f"dim; only 2-D convolutions are supported), got {value!r}")
+    return tuple(value)
+
+
+def conv_strides(where: str, strides: Any, name: str = "strides") -> tuple[int, int]:
+    """`(s, s)` from an int, None (1) or an equal pair."""
+    pair = _conv_pair(where, name, strides)
+    if not all(_is_int(s) and s >= 1 for s in pair):
+        raise ValueError(f"{where}: {name} must be positive ints, got {strides!r}")
+    if pair[0] != pair[1]:
+        raise ValueError(f"{where}: {name}={strides!r} is not supported: the strides along "
+                         "height and width must be equal")
+    return (int(pair[0]), int(pair[1]))
+
+
+def conv_padding(where: str, padding: Any, name: str = "padding") -> ConvPadding:
+    """"SAME", "VALID" or `((top, bottom), (left, right))` from flax's padding forms."""
+    if isinstance(padding, str):
+        upper = padding.upper()
+        if upper in ("SAME", "VALID"):
+            return upper
+        if upper in ("CIRCULAR", "REFLECT", "CAUSAL", "SAME_LOWER"):
+            raise ValueError(f"{where}: {name}={padding!r} is not supported (use 'SAME', "
+                             "'VALID', an int or ((top, bottom), (left, right)))")
+        raise ValueError(f"{where}: {name} must be 'SAME', 'VALID', an int or ((top, bottom), "
+                         f"(left, right)), got {padding!r}")
+    if _is_int(padding):
+        pads = ((padding, padding),) * 2
+    else:
+        pads = None
+        if isinstance(padding, Sequence) and len(padding) == 2:
+            pads = tuple((p, p) if _is_int(p) else tuple(p)
+                         if isinstance(p, Sequence) and not isinstance(p, str) else None
+                         for p in padding)
+        if pads is None or any(p is None or len(p) != 2 or not all(map(_is_int, p))
+                               for p in pads):
+            raise ValueError(f"{where}: {name} must be 'SAME', 'VALID', an int or "
+                             f"((top, bottom), (left, right)), got {padding!r}")
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"{where}: {name} must be non-negative, got {padding!r}")
+    return tuple((int(a), int(b)) for a, b in pads)  # type: ignore[return-value]
+
+
+def conv_config(where: str, kernel_size: Any, strides: Any, padding: Any, *,
+                input_dilation: Any = 1, kernel_dilation: Any = 1, feature_group_count: Any = 1,
+                conv_kernel: str = "auto", prefix: str = "",
+                ) -> tuple[tuple[int, int], tuple[int, int], ConvPadding]:
+    """Checks a conv layer's arguments (flax's forms); returns kernel_size, strides, padding.
+
+    Raises ValueError naming the argument (with `prefix`, e.g. "conv.") for
+    anything the sparse convolution does not support: dilation, feature groups,
+    unequal strides, padding other than SAME/VALID/explicit, non-2-D windows.
+    """
+    kernel_size = conv_kernel_size(where, kernel_size, f"{prefix}kernel_size")
+    strides = conv_strides(where, strides, f"{prefix}strides")
+    padding = conv_padding(where, padding, f"{prefix}padding")
+    for name, value in (("input_dilation", input_dilation),
+                        ("kernel_dilation", kernel_dilation)):
+        if not all(_is_int(d) and d == 1 for d in _conv_pair(where, prefix + name, value)):
+            raise ValueError(f"{where}: {prefix}{name}={value!r} is not supported (only 1)")
+    if not (_is_int(feature_group_count) and feature_group_count == 1):
+        raise ValueError(f"{where}: {prefix}feature_group_count={feature_group_count!r} is not "
+                         "supported (only 1: no grouped or depthwise convolutions)")
+    if not isinstance(conv_kernel, str) or conv_kernel not in CONV_KERNELS:
+        raise ValueError(f"{where}: conv_kernel must be one of {CONV_KERNELS}, "
+                         f"got {conv_kernel!r}")
+    return kernel_size, strides, padding
+
+
+def check_conv_inputs(where: str, inputs: Any) -> Array:
+    """`inputs` as an array of rank >= 3 (`[*batch, H, W, C]`), or a ValueError."""
+    inputs = jnp.asarray(inputs)
+    if inputs.ndim < 3:
+        raise ValueError(f"{where}: inputs must have shape [N, H, W, C] (or [H, W, C], or more "
+                         f"batch dims), got shape {inputs.shape}")
+    return inputs
+
+
+def apply_conv(where: str, inputs: Any, weight: SparseWeight, bias: Optional[Array],
+               strides: tuple[int, int], padding: ConvPadding, conv_kernel: str) -> Array:
+    """`sparse_conv2d` on `[*batch, H, W, C]` inputs, as flax's Conv takes them.
+
+    Unbatched `[H, W, C]` inputs get a batch dim that is removed again; several
+    batch dims are flattened into one and restored.
+    """
+    inputs = check_conv_inputs(where, inputs)
+    batch = inputs.shape[:-3]
+    x = inputs.reshape((int(np.prod(batch)),) + inputs.shape[-3:]) if len(batch) != 1 else inputs
+    y = sparse_conv2d(x, weight, bias, strides, padding, kernel=conv_kernel)
+    return y.reshape(batch + y.shape[1:]) if len(batch) != 1 else y

@@ -179,8 +179,9 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
       padding: "SAME", "VALID", an int, or `((top, bottom), (left, right))`
         (each element may also be one int for both sides), as in `flax.nnx.Conv`.
       kernel: "batch" or "width" (the vectorisation, see the module doc),
-        "auto" (a cost model) or "measure" (time both once per shape, keep
-        the faster; only outside tracing, else as "auto").
+        "auto" (a cost model) or "measure" (time both on random data of this
+        shape and nnz the first time it is met, also while tracing under
+        jit, and keep the faster for every later call).
 
     Returns:
       float32 `[N, H_out, W_out, C_out]`.
@@ -212,16 +213,23 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
         raise ValueError(f"{where}: the {kh}x{kw} kernel is larger than the padded input "
                          f"{geometry.hp}x{geometry.wp} (x {x.shape[1]}x{x.shape[2]}, padding "
                          f"{pads})")
-    variant = _choose_variant(kernel, geometry, x, weight)
+    variant = _choose_variant(kernel, geometry, weight)
     geometry = dataclasses.replace(geometry, variant=variant)
     p = weight.pattern
     y = _conv(geometry, x, weight.values, p.indptr, p.indices, p.t_indptr, p.t_indices, p.t_perm)
     return y if bias is None else y + bias
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _parse_strides(where: str, strides: Any) -> int:
-    pair = (strides, strides) if isinstance(strides, (int, np.integer)) else tuple(strides)
-    if len(pair) != 2 or not all(isinstance(s, (int, np.integer)) for s in pair):
+    try:
+        pair = (strides, strides) if _is_int(strides) else tuple(strides)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(_is_int(s) for s in pair):
         raise ValueError(f"{where}: strides must be an int or a pair of ints, got {strides!r}")
     if min(pair) < 1:
         raise ValueError(f"{where}: strides must be >= 1, got {strides!r}")
@@ -237,14 +245,15 @@ def _parse_padding(where: str, padding: Any, spatial, window, stride: int):
             raise ValueError(f"{where}: padding must be 'SAME', 'VALID', an int or pairs of ints, "
                              f"got {padding!r}")
         pads = lax.padtype_to_pads(spatial, window, (stride, stride), padding.upper())
-    elif isinstance(padding, (int, np.integer)):
+    elif _is_int(padding):
         pads = [(padding, padding)] * 2
     else:
         try:
-            pads = [(p, p) if isinstance(p, (int, np.integer)) else tuple(p) for p in padding]
+            pads = [(p, p) if _is_int(p) else tuple(p) for p in padding]
         except TypeError:
             pads = None
-        if pads is None or len(pads) != 2 or any(len(p) != 2 for p in pads):
+        if (pads is None or len(pads) != 2 or any(len(p) != 2 for p in pads)
+                or not all(_is_int(v) for p in pads for v in p)):
             raise ValueError(f"{where}: padding must be 'SAME', 'VALID', an int or "
                              f"((top, bottom), (left, right)), got {padding!r}")
     pads = tuple(tuple(int(v) for v in p) for p in pads)
@@ -253,11 +262,11 @@ def _parse_padding(where: str, padding: Any, spatial, window, stride: int):
     return pads
 
 
-def _choose_variant(kernel: str, geometry: _Geometry, x: Array, weight: SparseWeight) -> str:
+def _choose_variant(kernel: str, geometry: _Geometry, weight: SparseWeight) -> str:
     if kernel in ("batch", "width"):
         return kernel
-    if kernel == "measure" and not isinstance(x, jax.core.Tracer) and not any(
-            isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(weight)):
+    if kernel == "measure":
+        # Needs only static facts (shapes, nnz), so it also works while tracing.
         return _measured_variant(geometry, weight.nnz)
     return _modelled_variant(geometry)
 
@@ -282,27 +291,34 @@ def _measured_variant(g: _Geometry, nnz: int) -> str:
     """Times forward + backward of both variants once per shape; caches the faster."""
     key = (g.n, g.h, g.w, g.kernel_shape, g.stride, g.pads, nnz, simd_path())
     if key not in _MEASURED:
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((g.n, g.h, g.w, g.kernel_shape[2]), np.float32))
-        weight = SparseWeight.random(g.kernel_shape, 1.0 - nnz / np.prod(g.kernel_shape),
-                                     jax.random.key(0))
-        times = {}
-        for variant in ("batch", "width"):
-            geometry = dataclasses.replace(g, variant=variant)
-            p = weight.pattern
-
-            def loss(x, values, geometry=geometry, p=p):
-                y = _conv(geometry, x, values, p.indptr, p.indices, p.t_indptr, p.t_indices,
-                          p.t_perm)
-                return jnp.sum(y)
-
-            step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-            jax.block_until_ready(step(x, weight.values))  # compile
-            samples = []
-            for _ in range(3):
-                start = time.perf_counter()
-                jax.block_until_ready(step(x, weight.values))
-                samples.append(time.perf_counter() - start)
-            times[variant] = min(samples)
-        _MEASURED[key] = min(times, key=times.get)
+        # Evaluate eagerly even when called while tracing an enclosing jit.
+        with jax.ensure_compile_time_eval():
+            _MEASURED[key] = _time_variants(g, nnz)
     return _MEASURED[key]
+
+
+def _time_variants(g: _Geometry, nnz: int) -> str:
+    """The faster variant for forward + backward on random data of this geometry."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((g.n, g.h, g.w, g.kernel_shape[2]), np.float32))
+    weight = SparseWeight.random(g.kernel_shape, 1.0 - nnz / np.prod(g.kernel_shape),
+                                 jax.random.key(0))
+    times = {}
+    for variant in ("batch", "width"):
+        geometry = dataclasses.replace(g, variant=variant)
+        p = weight.pattern
+
+        def loss(x, values, geometry=geometry, p=p):
+            y = _conv(geometry, x, values, p.indptr, p.indices, p.t_indptr, p.t_indices,
+                      p.t_perm)
+            return jnp.sum(y)
+
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        jax.block_until_ready(step(x, weight.values))  # compile
+        samples = []
+        for _ in range(3):
+            start = time.perf_counter()
+            jax.block_until_ready(step(x, weight.values))
+            samples.append(time.perf_counter() - start)
+        times[variant] = min(samples)
+    return min(times, key=times.get)

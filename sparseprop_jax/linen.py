@@ -1,4 +1,5 @@
-"""Flax Linen `SparseDense`: a drop-in for `flax.linen.Dense` with a sparse kernel.
+"""Flax Linen `SparseDense` and `SparseConv`: drop-ins for `flax.linen.Dense` and
+`flax.linen.Conv` (2-D) with a sparse kernel.
 
 The trainable values (and bias) live in the `params` collection, so optax on
 `variables['params']` trains only them. The fixed nonzero pattern lives in its
@@ -22,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseprop_jax import _checks
-from sparseprop_jax._layers import (DEFAULT_SPARSITY, Initializer, check_dense, init_values,
-                                    random_pattern)
+from sparseprop_jax._layers import (CONV_DIMS, DEFAULT_SPARSITY, DENSE_DIMS, Initializer,
+                                    apply_conv, check_conv_inputs, check_dense, conv_config,
+                                    conv_kernel_size, init_values, random_pattern)
 from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
@@ -95,19 +97,7 @@ class SparseDense(nn.Module):
 
     def _pattern(self, where: str, in_features: int) -> SparsityPattern:
         """The pattern from `PATTERN_COLLECTION`, drawn (and stored) at init."""
-        if all(self.has_variable(PATTERN_COLLECTION, f) for f in SparsityPattern.FIELDS):
-            return _pattern_from_arrays(
-                {f: self.get_variable(PATTERN_COLLECTION, f) for f in SparsityPattern.FIELDS})
-        if not self.is_initializing():
-            raise ValueError(
-                f"{where}: the variables passed to apply must include the {PATTERN_COLLECTION!r} "
-                f"collection made by init, e.g. model.apply({{'params': params, "
-                f"{PATTERN_COLLECTION!r}: variables[{PATTERN_COLLECTION!r}]}}, x)")
-        pattern = random_pattern(where, (in_features, self.features), self.sparsity,
-                                  self.make_rng("params"))
-        for field in SparsityPattern.FIELDS:
-            self.put_variable(PATTERN_COLLECTION, field, getattr(pattern, field))
-        return pattern
+        return _module_pattern(self, where, (in_features, self.features), self.sparsity)
 
     # -- conversions ----------------------------------------------------------
     @staticmethod
@@ -128,27 +118,9 @@ class SparseDense(nn.Module):
           `{'params': {'values', 'bias'?}, PATTERN_COLLECTION: {...}}`, to use
           with `SparseDense(features=out_features, use_bias=bias is not None)`.
         """
-        where = "linen.SparseDense.variables_from_dense"
-        kernel_name = "kernel"
-        if isinstance(kernel_or_variables, Mapping):
-            if bias is not None:
-                raise ValueError(f"{where}: bias must be None when Dense variables are given "
-                                 "(their own bias is used)")
-            params = kernel_or_variables.get("params")
-            if not isinstance(params, Mapping) or "kernel" not in params:
-                raise ValueError(f"{where}: kernel_or_variables must be a 2-D kernel or Dense "
-                                 "variables {'params': {'kernel': ..., 'bias': ...}}, got keys "
-                                 f"{list(kernel_or_variables)}")
-            kernel, bias = params["kernel"], params.get("bias")
-            kernel_name = "variables['params']['kernel']"
-        else:
-            kernel = kernel_or_variables
-        kernel, pattern, bias = check_dense(where, kernel, bias, mask, kernel_name=kernel_name)
-        params = {"values": SparseWeight.gather(kernel, pattern).values}
-        if bias is not None:
-            params["bias"] = bias
-        return {"params": params,
-                PATTERN_COLLECTION: {f: getattr(pattern, f) for f in SparsityPattern.FIELDS}}
+        return _variables_from_dense("linen.SparseDense.variables_from_dense", "Dense",
+                                     kernel_or_variables, "kernel_or_variables", bias, mask,
+                                     DENSE_DIMS)
 
     @staticmethod
     def to_dense_variables(variables: Mapping) -> dict:
@@ -170,22 +142,255 @@ class SparseDense(nn.Module):
     @staticmethod
     def weight(variables: Mapping) -> SparseWeight:
         """The `SparseWeight` (values on their pattern) of one layer's variables."""
-        where = "linen.SparseDense.weight"
-        for collection in ("params", PATTERN_COLLECTION):
-            if collection not in variables:
-                raise ValueError(f"{where}: variables must include the {collection!r} collection, "
-                                 f"got {list(variables)}")
-        arrays = variables[PATTERN_COLLECTION]
-        missing = [f for f in SparsityPattern.FIELDS if f not in arrays]
-        if missing:
-            raise ValueError(f"{where}: variables[{PATTERN_COLLECTION!r}] lacks {missing}")
-        return SparseWeight(variables["params"]["values"], _pattern_from_arrays(arrays))
+        return _weight("linen.SparseDense.weight", variables)
 
 
-def _pattern_from_arrays(arrays: Mapping) -> SparsityPattern:
+class SparseConv(nn.Module):
+    """A 2-D convolution (NHWC input, HWIO kernel) whose kernel has a fixed sparsity pattern.
+
+    Mirrors `flax.linen.Conv` for 2-D windows (float32 only). At `init`, the
+    input's last dimension gives the input channels; a dense kernel
+    `(kh, kw, in, features)` is drawn with `kernel_init` and restricted to a
+    uniformly random pattern with exactly `round(sparsity * kh * kw * in *
+    features)` zeros, drawn with the 'params' rng. Runs `sparse_conv2d`.
+
+    Variables: as `SparseDense`'s: `params` holds `values` `[nnz]` (and `bias`
+    `[features]`); `PATTERN_COLLECTION` holds the pattern's int32 arrays, of
+    the kernel's matrix view `(kh * kw * in, features)` (the module's
+    `kernel_size` gives back the HWIO shape). Pass both to `apply`; initialise
+    outside `jax.jit`.
+
+    Not supported (ValueError): dilation, feature groups, unequal strides,
+    'CIRCULAR'/'REFLECT'/'CAUSAL' padding, 1-D or 3-D windows.
+
+    Attributes:
+      features: the number of output channels.
+      kernel_size: the window `(kh, kw)` (an int, which flax reads as a 1-D
+        window, is refused).
+      strides: an int or an equal pair `(s, s)`.
+      padding: "SAME", "VALID", an int, or `((top, bottom), (left, right))`.
+      use_bias: whether to add a bias.
+      sparsity: fraction of the kernel's entries that are zero, in [0, 1]
+        (used at init only; with `variables_from_dense` the pattern decides).
+      kernel_init: initializer of the dense HWIO kernel the values are drawn from.
+      bias_init: initializer of the bias.
+      conv_kernel: the `kernel` argument of `sparse_conv2d` ("auto",
+        "measure", "batch" or "width").
+      input_dilation, kernel_dilation, feature_group_count: as in
+        `flax.linen.Conv`; only 1 is supported.
+    """
+
+    features: int
+    kernel_size: Any
+    strides: Any = 1
+    padding: Any = "SAME"
+    use_bias: bool = True
+    sparsity: float = DEFAULT_SPARSITY
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+    conv_kernel: str = "auto"
+    input_dilation: Any = 1
+    kernel_dilation: Any = 1
+    feature_group_count: int = 1
+
+    def __post_init__(self):
+        # Fail when the layer is declared, not at its first call.
+        _checks.check_features("linen.SparseConv", "features", self.features)
+        _checks.check_sparsity("linen.SparseConv", self.sparsity)
+        self._config()
+        super().__post_init__()
+
+    def _config(self):
+        return conv_config("linen.SparseConv", self.kernel_size, self.strides, self.padding,
+                           input_dilation=self.input_dilation,
+                           kernel_dilation=self.kernel_dilation,
+                           feature_group_count=self.feature_group_count,
+                           conv_kernel=self.conv_kernel)
+
+    @nn.compact
+    def __call__(self, inputs: Any) -> Array:
+        """Applies the layer.
+
+        Args:
+          inputs: float32 `[N, H, W, in]`; also `[H, W, in]` (unbatched) or
+            with several batch dims, as `flax.linen.Conv` takes.
+
+        Returns:
+          float32 `[N, H_out, W_out, features]` (same batch dims as `inputs`).
+        """
+        where = "linen.SparseConv"
+        kernel_size, strides, padding = self._config()
+        inputs = check_conv_inputs(where, inputs)
+        shape = kernel_size + (inputs.shape[-1], self.features)
+        if all(self.has_variable(PATTERN_COLLECTION, f) for f in SparsityPattern.FIELDS):
+            stored = _stored_matrix_shape(
+                {f: self.get_variable(PATTERN_COLLECTION, f) for f in ("indptr", "t_indptr")})
+            if stored[1] != self.features:
+                raise ValueError(f"{where}: features={self.features} does not match the pattern "
+                                 f"in the variables, whose matrix shape is {stored} "
+                                 "(kh * kw * in, out)")
+            if stored[0] != np.prod(shape[:3]):
+                raise ValueError(
+                    f"{where}: kernel_size={kernel_size} with {inputs.shape[-1]} input channels "
+                    f"needs a pattern of {int(np.prod(shape[:3]))} rows (kh * kw * in), but the "
+                    f"pattern in the variables has {stored[0]} (check kernel_size and the "
+                    "input's channels)")
+        pattern = _module_pattern(self, where, shape, self.sparsity, stored_shape=shape)
+        values = self.param("values", lambda key: init_values(where, self.kernel_init, key,
+                                                               pattern))
+        bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
+                if self.use_bias else None)
+        return apply_conv(where, inputs, SparseWeight(values, pattern), bias, strides, padding,
+                          self.conv_kernel)
+
+    # -- conversions ----------------------------------------------------------
+    @staticmethod
+    def variables_from_dense(kernel_or_conv_variables: Any, bias: Optional[Any] = None, *,
+                             mask: Optional[Any] = None) -> dict:
+        """The variables of a `SparseConv` holding a dense HWIO kernel's nonzeros.
+
+        Args:
+          kernel_or_conv_variables: a float32 `(kh, kw, in, out)` kernel, or the
+            variables of a `flax.linen.Conv` (`{'params': {'kernel', 'bias'}}`),
+            whose bias is then used.
+          bias: optional float32 `[out]`; only with a kernel array.
+          mask: optional boolean array of the kernel's shape choosing the
+            nonzeros; without it, the kernel's exact zeros define the pattern.
+            Entries outside the mask are dropped.
+
+        Returns:
+          `{'params': {'values', 'bias'?}, PATTERN_COLLECTION: {...}}`, to use
+          with `SparseConv(features=out, kernel_size=(kh, kw), use_bias=bias is
+          not None)` (and the strides and padding of your choice).
+        """
+        return _variables_from_dense("linen.SparseConv.variables_from_dense", "Conv",
+                                     kernel_or_conv_variables, "kernel_or_conv_variables", bias,
+                                     mask, CONV_DIMS)
+
+    @staticmethod
+    def to_dense_variables(variables: Mapping, kernel_size: Any) -> dict:
+        """The variables of the equivalent `flax.linen.Conv`, zeros in place.
+
+        Args:
+          variables: one `SparseConv`'s variables, with `params` and
+            `PATTERN_COLLECTION`.
+          kernel_size: the layer's `(kh, kw)` (the stored pattern only knows
+            the kernel's matrix view).
+
+        Returns:
+          `{'params': {'kernel': (kh, kw, in, out) array, 'bias'?: [out] array}}`.
+        """
+        weight = SparseConv.weight(variables, kernel_size)
+        params = {"kernel": weight.to_dense()}
+        if "bias" in variables["params"]:
+            params["bias"] = variables["params"]["bias"]
+        return {"params": params}
+
+    @staticmethod
+    def weight(variables: Mapping, kernel_size: Any) -> SparseWeight:
+        """The `SparseWeight` (values on their HWIO pattern) of one layer's variables.
+
+        Args:
+          variables: one `SparseConv`'s variables, with `params` and
+            `PATTERN_COLLECTION`.
+          kernel_size: the layer's `(kh, kw)`; the input channels follow from
+            the stored pattern.
+        """
+        where = "linen.SparseConv.weight"
+        kh, kw = conv_kernel_size(where, kernel_size)
+        arrays = variables.get(PATTERN_COLLECTION) if isinstance(variables, Mapping) else None
+        shape = None
+        if isinstance(arrays, Mapping) and "indptr" in arrays and "t_indptr" in arrays:
+            rows, cols = _stored_matrix_shape(arrays)
+            if rows % (kh * kw):
+                raise ValueError(f"{where}: kernel_size={(kh, kw)} does not fit the pattern in "
+                                 f"the variables, whose matrix shape is {(rows, cols)} "
+                                 "(kh * kw * in, out)")
+            shape = (kh, kw, rows // (kh * kw), cols)
+        return _weight(where, variables, shape)
+
+
+def _module_pattern(module: nn.Module, where: str, shape: tuple[int, ...],
+                    sparsity: float, stored_shape: Optional[tuple[int, ...]] = None,
+                    ) -> SparsityPattern:
+    """A layer's pattern from `PATTERN_COLLECTION`, or drawn (and stored) at init.
+
+    `shape` is the kernel shape a new pattern is drawn with; a stored pattern
+    gets `stored_shape` (None: the matrix shape its index pointers give).
+    """
+    if all(module.has_variable(PATTERN_COLLECTION, f) for f in SparsityPattern.FIELDS):
+        return _pattern_from_arrays(
+            {f: module.get_variable(PATTERN_COLLECTION, f) for f in SparsityPattern.FIELDS},
+            stored_shape, where)
+    if not module.is_initializing():
+        raise ValueError(
+            f"{where}: the variables passed to apply must include the {PATTERN_COLLECTION!r} "
+            f"collection made by init, e.g. model.apply({{'params': params, "
+            f"{PATTERN_COLLECTION!r}: variables[{PATTERN_COLLECTION!r}]}}, x)")
+    pattern = random_pattern(where, shape, sparsity, module.make_rng("params"))
+    for field in SparsityPattern.FIELDS:
+        module.put_variable(PATTERN_COLLECTION, field, getattr(pattern, field))
+    return pattern
+
+
+def _weight(where: str, variables: Mapping,
+            shape: Optional[tuple[int, ...]] = None) -> SparseWeight:
+    """The `SparseWeight` of one layer's variables, its kernel `shape` given or (in, out)."""
+    for collection in ("params", PATTERN_COLLECTION):
+        if collection not in variables:
+            raise ValueError(f"{where}: variables must include the {collection!r} collection, "
+                             f"got {list(variables)}")
+    arrays = variables[PATTERN_COLLECTION]
+    missing = [f for f in SparsityPattern.FIELDS if f not in arrays]
+    if missing:
+        raise ValueError(f"{where}: variables[{PATTERN_COLLECTION!r}] lacks {missing}")
+    return SparseWeight(variables["params"]["values"], _pattern_from_arrays(arrays, shape, where))
+
+
+def _stored_matrix_shape(arrays: Mapping) -> tuple[int, int]:
+    """The `(in, out)` matrix shape given by the lengths of the two index pointers."""
+    return np.shape(arrays["t_indptr"])[0] - 1, np.shape(arrays["indptr"])[0] - 1
+
+
+def _pattern_from_arrays(arrays: Mapping, shape: Optional[tuple[int, ...]] = None,
+                         where: str = "linen") -> SparsityPattern:
     """Rebuilds a pattern from its stored arrays (traceable: the shape is static).
 
-    The kernel shape follows from the lengths of the two index pointers.
+    Without `shape`, the kernel shape is the matrix shape `(in, out)` that the
+    lengths of the two index pointers give; a given `shape` (e.g. HWIO) must
+    have that matrix view.
     """
-    shape = (np.shape(arrays["t_indptr"])[0] - 1, np.shape(arrays["indptr"])[0] - 1)
+    matrix_shape = _stored_matrix_shape(arrays)
+    if shape is None:
+        shape = matrix_shape
+    elif (int(np.prod(shape[:-1])), shape[-1]) != matrix_shape:
+        raise ValueError(f"{where}: the pattern in the variables has matrix shape "
+                         f"{matrix_shape} (in, out), which does not fit the kernel shape "
+                         f"{tuple(shape)}")
     return SparsityPattern(*(arrays[f] for f in SparsityPattern.FIELDS), shape=shape)
+
+
+def _variables_from_dense(where: str, layer: str, kernel_or_variables: Any, name: str,
+                          bias: Any, mask: Any, dims: tuple[str, ...]) -> dict:
+    """Sparse-layer variables from a dense kernel or a dense `layer`'s variables."""
+    kernel_name = "kernel"
+    if isinstance(kernel_or_variables, Mapping):
+        if bias is not None:
+            raise ValueError(f"{where}: bias must be None when {layer} variables are given "
+                             "(their own bias is used)")
+        params = kernel_or_variables.get("params")
+        if not isinstance(params, Mapping) or "kernel" not in params:
+            raise ValueError(f"{where}: {name} must be a {len(dims)}-D kernel or {layer} "
+                             "variables {'params': {'kernel': ..., 'bias': ...}}, got keys "
+                             f"{list(kernel_or_variables)}")
+        kernel, bias = params["kernel"], params.get("bias")
+        kernel_name = "variables['params']['kernel']"
+    else:
+        kernel = kernel_or_variables
+    kernel, pattern, bias = check_dense(where, kernel, bias, mask, kernel_name=kernel_name,
+                                        dims=dims)
+    params = {"values": SparseWeight.gather(kernel, pattern).values}
+    if bias is not None:
+        params["bias"] = bias
+    return {"params": params,
+            PATTERN_COLLECTION: {f: getattr(pattern, f) for f in SparsityPattern.FIELDS}}

@@ -1,4 +1,5 @@
-"""Flax NNX `SparseDense`: a drop-in for `flax.nnx.Linear` with a sparse kernel.
+"""Flax NNX `SparseDense` and `SparseConv`: drop-ins for `flax.nnx.Linear` and
+`flax.nnx.Conv` (2-D) with a sparse kernel.
 
 The trainable values and bias are `nnx.Param`s; the fixed nonzero pattern is
 a `SparsityPatternVar`, state that is split, merged, jitted and checkpointed
@@ -17,14 +18,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import reprlib
 
 from sparseprop_jax import _checks
 from sparseprop_jax.linear import sparse_linear
-from sparseprop_jax._layers import (DEFAULT_SPARSITY, Initializer, check_dense, init_values,
-                                    random_pattern)
+from sparseprop_jax._layers import (CONV_DIMS, Initializer, apply_conv, check_dense,
+                                    conv_config, init_bias, init_values, layer_pattern)
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 Array = jax.Array
@@ -43,7 +43,32 @@ def _constant(array: Any) -> Initializer:
     return lambda key, shape, dtype=None: array
 
 
-class SparseDense(nnx.Module):
+class _SparseKernelLayer(nnx.Module):
+    """What SparseDense and SparseConv share: values on a fixed pattern, an optional bias."""
+
+    values: nnx.Param
+    pattern: SparsityPatternVar
+
+    @property
+    def weight(self) -> SparseWeight:
+        """The sparse kernel: the current values on the layer's pattern."""
+        return SparseWeight(self.values[...], self.pattern.get_value())
+
+    @property
+    def nnz(self) -> int:
+        """The number of stored (trainable) kernel entries."""
+        return self.pattern.get_value().nnz
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the kernel's entries that are structurally zero."""
+        return self.pattern.get_value().sparsity
+
+    def _bias_value(self) -> Optional[Array]:
+        return None if self.bias is None else self.bias[...]
+
+
+class SparseDense(_SparseKernelLayer):
     """A linear layer `y = x @ kernel + bias` whose kernel has a fixed sparsity pattern.
 
     Mirrors `flax.nnx.Linear` (float32 only). The dense kernel is drawn with
@@ -81,37 +106,16 @@ class SparseDense(nnx.Module):
         where = "nnx.SparseDense"
         shape = (_checks.check_features(where, "in_features", in_features),
                  _checks.check_features(where, "out_features", out_features))
-        if pattern is None:
-            sparsity = DEFAULT_SPARSITY if sparsity is None else sparsity
-            sparsity = _checks.check_sparsity(where, sparsity)
-            pattern = random_pattern(where, shape, sparsity, rngs.params())
-        else:
-            if sparsity is not None:
-                raise ValueError(f"{where}: give sparsity or pattern, not both "
-                                 "(the pattern fixes the sparsity)")
-            if not isinstance(pattern, SparsityPattern):
-                raise TypeError(f"{where}: pattern must be a SparsityPattern, "
-                                f"got {type(pattern).__name__}")
-            if pattern.shape != shape:
-                raise ValueError(f"{where}: pattern must have shape {shape} "
-                                 f"(in_features, out_features), got {pattern.shape}")
+        pattern = layer_pattern(where, shape, sparsity, pattern, rngs.params)
         self.pattern = SparsityPatternVar(pattern)
         self.values = nnx.Param(init_values(where, kernel_init, rngs.params(), pattern))
         self.use_bias = bool(use_bias)
         if self.use_bias:
-            bias = bias_init(rngs.params(), (shape[1],), jnp.float32)
-            _checks.check_float32(where, "bias_init(...) result", bias)
-            _checks.check_shape(where, "bias_init(...) result", bias, (shape[1],))
-            self.bias = nnx.Param(bias)
+            self.bias = nnx.Param(init_bias(where, bias_init, rngs.params(), shape[1]))
         else:
             self.bias = nnx.data(None)
 
     # -- facts ----------------------------------------------------------------
-    @property
-    def weight(self) -> SparseWeight:
-        """The sparse kernel: the current values on the layer's pattern."""
-        return SparseWeight(self.values[...], self.pattern.get_value())
-
     @property
     def in_features(self) -> int:
         return self.pattern.get_value().in_features
@@ -119,16 +123,6 @@ class SparseDense(nnx.Module):
     @property
     def out_features(self) -> int:
         return self.pattern.get_value().out_features
-
-    @property
-    def nnz(self) -> int:
-        """The number of stored (trainable) kernel entries."""
-        return self.pattern.get_value().nnz
-
-    @property
-    def sparsity(self) -> float:
-        """The fraction of the kernel's entries that are structurally zero."""
-        return self.pattern.get_value().sparsity
 
     def __call__(self, inputs: Any) -> Array:
         """Applies the layer.
@@ -139,8 +133,7 @@ class SparseDense(nnx.Module):
         Returns:
           float32 `[..., out_features]`.
         """
-        bias = None if self.bias is None else self.bias[...]
-        return sparse_linear(inputs, self.weight, bias)
+        return sparse_linear(inputs, self.weight, self._bias_value())
 
     def __nnx_repr__(self):
         # One line of facts instead of the arrays; also used when nested in a model.
@@ -190,7 +183,188 @@ class SparseDense(nnx.Module):
 
         Draws no random numbers.
         """
-        bias = None if self.bias is None else self.bias[...]
+        bias = self._bias_value()
         return nnx.Linear(self.in_features, self.out_features, use_bias=self.use_bias,
                           kernel_init=_constant(self.weight.to_dense()),
                           bias_init=_constant(bias), rngs=nnx.Rngs(0))
+
+
+class SparseConv(_SparseKernelLayer):
+    """A 2-D convolution (NHWC input, HWIO kernel) whose kernel has a fixed sparsity pattern.
+
+    Mirrors `flax.nnx.Conv` for 2-D windows (float32 only). The dense kernel
+    `(kh, kw, in_features, out_features)` is drawn with `kernel_init` and
+    restricted to a uniformly random pattern with exactly
+    `round(sparsity * kh * kw * in_features * out_features)` zeros; only the
+    nonzeros are stored and trained. Runs `sparse_conv2d`: forward and backward
+    cost O(batch x output pixels x nnz).
+
+    Not supported (ValueError): dilation, feature groups, unequal strides,
+    'CIRCULAR'/'REFLECT'/'CAUSAL' padding, 1-D or 3-D windows.
+
+    Attributes:
+      values: `nnx.Param` `[nnz]`, the nonzeros grouped by output feature.
+      bias: `nnx.Param` `[out_features]`, or None.
+      pattern: `SparsityPatternVar` holding the `SparsityPattern` (HWIO shape).
+      strides: `(s, s)`.
+      padding: "SAME", "VALID" or `((top, bottom), (left, right))`.
+      conv_kernel: the `sparse_conv2d` kernel choice ("auto", "measure",
+        "batch" or "width").
+      use_bias: whether the layer adds a bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: Any,
+                 strides: Any = 1, padding: Any = "SAME", *,
+                 sparsity: Optional[float] = None, use_bias: bool = True,
+                 kernel_init: Initializer = nnx.initializers.lecun_normal(),
+                 bias_init: Initializer = nnx.initializers.zeros_init(),
+                 pattern: Optional[SparsityPattern] = None, conv_kernel: str = "auto",
+                 kernel_dilation: Any = 1, feature_group_count: int = 1,
+                 input_dilation: Any = 1, rngs: nnx.Rngs):
+        """Initialises the layer.
+
+        Args:
+          in_features: the number of input channels.
+          out_features: the number of output channels.
+          kernel_size: the window `(kh, kw)` (an int, which flax reads as a
+            1-D window, is refused).
+          strides: an int or an equal pair `(s, s)`.
+          padding: "SAME", "VALID", an int, or `((top, bottom), (left,
+            right))` (each element may be one int for both sides).
+          sparsity: fraction of the kernel's entries that are zero, in [0, 1];
+            0.9 when neither it nor `pattern` is given.
+          use_bias: whether to add a bias.
+          kernel_init: initializer of the dense HWIO kernel the values are taken from.
+          bias_init: initializer of the bias.
+          pattern: a fixed `SparsityPattern` of shape `(kh, kw, in_features,
+            out_features)` to use instead of a random one (then leave
+            `sparsity` unset).
+          conv_kernel: the `kernel` argument of `sparse_conv2d` ("auto",
+            "measure", "batch" or "width").
+          kernel_dilation, feature_group_count, input_dilation: as in
+            `flax.nnx.Conv`; only 1 is supported.
+          rngs: the rng streams; 'params' draws the pattern, kernel and bias.
+        """
+        where = "nnx.SparseConv"
+        in_features = _checks.check_features(where, "in_features", in_features)
+        out_features = _checks.check_features(where, "out_features", out_features)
+        kernel_size, self.strides, self.padding = conv_config(
+            where, kernel_size, strides, padding, input_dilation=input_dilation,
+            kernel_dilation=kernel_dilation, feature_group_count=feature_group_count,
+            conv_kernel=conv_kernel)
+        self.conv_kernel = conv_kernel
+        shape = kernel_size + (in_features, out_features)
+        pattern = layer_pattern(where, shape, sparsity, pattern, rngs.params, CONV_DIMS)
+        self.pattern = SparsityPatternVar(pattern)
+        self.values = nnx.Param(init_values(where, kernel_init, rngs.params(), pattern))
+        self.use_bias = bool(use_bias)
+        if self.use_bias:
+            self.bias = nnx.Param(init_bias(where, bias_init, rngs.params(), out_features))
+        else:
+            self.bias = nnx.data(None)
+
+    # -- facts ----------------------------------------------------------------
+    @property
+    def kernel_shape(self) -> tuple[int, int, int, int]:
+        """The dense kernel's shape `(kh, kw, in_features, out_features)`."""
+        return self.pattern.get_value().shape
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.kernel_shape[:2]
+
+    @property
+    def in_features(self) -> int:
+        return self.kernel_shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.kernel_shape[3]
+
+    def __call__(self, inputs: Any) -> Array:
+        """Applies the layer.
+
+        Args:
+          inputs: float32 `[N, H, W, in_features]`; also `[H, W, in_features]`
+            (unbatched) or with several batch dims, as `flax.nnx.Conv` takes.
+
+        Returns:
+          float32 `[N, H_out, W_out, out_features]` (same batch dims as `inputs`).
+        """
+        return apply_conv("nnx.SparseConv", inputs, self.weight, self._bias_value(), self.strides,
+                          self.padding, self.conv_kernel)
+
+    def __nnx_repr__(self):
+        # One line of facts instead of the arrays; also used when nested in a model.
+        yield reprlib.Object(type=type(self), same_line=True)
+        yield reprlib.Attr("in_features", self.in_features)
+        yield reprlib.Attr("out_features", self.out_features)
+        yield reprlib.Attr("kernel_size", self.kernel_size)
+        yield reprlib.Attr("strides", self.strides)
+        yield reprlib.Attr("padding", self.padding)
+        yield reprlib.Attr("sparsity", f"{self.sparsity:.4g}", use_raw_value=True)
+        yield reprlib.Attr("nnz", self.nnz)
+        yield reprlib.Attr("use_bias", self.use_bias)
+
+    # -- conversions ----------------------------------------------------------
+    @classmethod
+    def from_dense(cls, conv_or_kernel: Any, bias: Optional[Any] = None, *,
+                   mask: Optional[Any] = None, strides: Any = None, padding: Any = None,
+                   conv_kernel: str = "auto") -> "SparseConv":
+        """A `SparseConv` holding the nonzeros of a dense conv layer or HWIO kernel.
+
+        Draws no random numbers.
+
+        Args:
+          conv_or_kernel: an `nnx.Conv` (its bias, strides and padding are
+            kept; its `mask`, if any, is applied to the kernel first) or a
+            float32 `(kh, kw, in_features, out_features)` kernel.
+          bias: optional float32 `[out_features]`; only with a kernel array.
+          mask: optional boolean array of the kernel's shape choosing the
+            nonzeros; without it, the kernel's exact zeros define the pattern.
+            Entries outside the mask are dropped.
+          strides, padding: only with a kernel array; default 1 and "SAME".
+          conv_kernel: the `kernel` argument of `sparse_conv2d`.
+
+        Returns:
+          The layer; `use_bias` is whether a bias was given.
+        """
+        where = "nnx.SparseConv.from_dense"
+        kernel_name, bias_name = "kernel", "bias"
+        if isinstance(conv_or_kernel, nnx.Conv):
+            conv = conv_or_kernel
+            for name, value in (("bias", bias), ("strides", strides), ("padding", padding)):
+                if value is not None:
+                    raise ValueError(f"{where}: {name} must be None when an nnx.Conv is given "
+                                     f"(its own {name} is kept)")
+            _, strides, padding = conv_config(
+                where, conv.kernel_size, conv.strides, conv.padding,
+                input_dilation=conv.input_dilation, kernel_dilation=conv.kernel_dilation,
+                feature_group_count=conv.feature_group_count, conv_kernel=conv_kernel,
+                prefix="conv.")
+            kernel = conv.kernel[...]
+            if conv.mask is not None:
+                kernel = kernel * conv.mask
+            bias = None if conv.bias is None else conv.bias[...]
+            kernel_name, bias_name = "conv.kernel", "conv.bias"
+        else:
+            kernel = conv_or_kernel
+            strides = 1 if strides is None else strides
+            padding = "SAME" if padding is None else padding
+        kernel, pattern, bias = check_dense(where, kernel, bias, mask, kernel_name, bias_name,
+                                            dims=CONV_DIMS)
+        kh, kw, n_in, n_out = pattern.shape
+        return cls(n_in, n_out, (kh, kw), strides, padding, use_bias=bias is not None,
+                   kernel_init=_constant(kernel), bias_init=_constant(bias), pattern=pattern,
+                   conv_kernel=conv_kernel, rngs=nnx.Rngs(0))
+
+    def to_dense(self) -> nnx.Conv:
+        """The equivalent `nnx.Conv`, with the pruned entries as exact zeros.
+
+        Draws no random numbers.
+        """
+        bias = self._bias_value()
+        return nnx.Conv(self.in_features, self.out_features, self.kernel_size, self.strides,
+                        padding=self.padding, use_bias=self.use_bias,
+                        kernel_init=_constant(self.weight.to_dense()),
+                        bias_init=_constant(bias), rngs=nnx.Rngs(0))

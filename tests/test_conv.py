@@ -121,8 +121,10 @@ def test_variants_agree_and_measure_caches(rng):
         assert_close(sp.sparse_conv2d(x, weight, kernel=variant), expected, 36)
     from sparseprop_jax import conv
     assert any(key[:3] == (5, 12, 12) for key in conv._MEASURED)
-    # Under jit "measure" cannot time and falls back to the cost model.
+    # Under jit "measure" times too (it needs only shapes): a new shape is measured.
+    conv._MEASURED.clear()
     assert_close(jax.jit(lambda x: sp.sparse_conv2d(x, weight, kernel="measure"))(x), expected, 36)
+    assert list(conv._MEASURED.values())[0] in ("batch", "width")
 
 
 def test_vmap_jit_and_remat(rng):
@@ -162,6 +164,8 @@ def test_bad_inputs(conv_weight):
         (ValueError, r"padding must be non-negative", dict(padding=-1)),
         (ValueError, r"strides must be >= 1", dict(strides=0)),
         (ValueError, r"strides must be equal", dict(strides=(1, 2))),
+        (ValueError, r"strides must be an int or a pair of ints", dict(strides=True)),
+        (ValueError, r"padding must be 'SAME', 'VALID', an int or \(\(top", dict(padding=True)),
         (ValueError, r"kernel must be one of", dict(kernel="fast")),
         (ValueError, r"bias must have shape \(5,\)", dict(bias=jnp.ones(4))),
     ]
