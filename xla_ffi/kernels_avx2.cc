@@ -1,4 +1,7 @@
 // The avx2 instantiation of the sparse kernels (8 float lane(s) per vector).
+#include <algorithm>
+#include <vector>
+
 #include "sparse_kernels.h"
 
 namespace sparseprop {

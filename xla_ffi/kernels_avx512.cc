@@ -1,4 +1,7 @@
 // The avx512 instantiation of the sparse kernels (16 float lane(s) per vector).
+#include <algorithm>
+#include <vector>
+
 #include "sparse_kernels.h"
 
 namespace sparseprop {

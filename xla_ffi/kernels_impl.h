@@ -97,17 +97,44 @@ static void spmm(const int32_t* indptr, const int64_t* offsets, const float* val
   }
 }
 
-static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* rows,
-                  int64_t ld_row, const float* in, float* out_values, int64_t length,
-                  const Grid& grid, int64_t row_begin, int64_t row_end) {
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    for (int64_t p = indptr[r], hi = indptr[r + 1]; p < hi; ++p) {
-      vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      float tail = 0.0f;
-      for (int64_t i = 0; i < grid.n_outer; ++i) {
-        for (int64_t j = 0; j < grid.n_inner; ++j) {
-          const float* g = rows + i * grid.out_outer + j * grid.out_inner + r * ld_row;
-          const float* x = in + i * grid.in_outer + j * grid.in_inner + offsets[p];
+// Grid positions per block of the weight gradient. Every entry of the task's
+// rows visits a block before the next block starts, so the block's windows of
+// the dense operands stay in cache across entries (walking the whole grid per
+// entry would stream the full image from memory once per nonzero).
+constexpr int64_t kPositionBlock = 16;
+
+// Entries whose partial sums are kept at once: bounds the partials to a
+// cache-resident buffer (a chunk of rows walks the whole grid before the next).
+constexpr int64_t kEntryChunk = 2048;
+
+// The weight gradient of the rows [row_begin, row_end) whose entries
+// [first, first + count) fit in one chunk.
+static void sddmm_chunk(const int32_t* indptr, const int64_t* offsets, const float* rows,
+                        int64_t ld_row, const float* in, float* out_values, int64_t length,
+                        const Grid& grid, int64_t row_begin, int64_t row_end,
+                        vfloat* partial, float* tail) {
+  const int64_t first = indptr[row_begin], count = indptr[row_end] - first;
+  for (int64_t e = 0; e < count; ++e) {
+    partial[e] = vfloat{};
+    tail[e] = 0.0f;
+  }
+  const int64_t positions = grid.size();
+  const float* row_base[kPositionBlock];
+  const float* in_base[kPositionBlock];
+  for (int64_t q0 = 0; q0 < positions; q0 += kPositionBlock) {
+    const int64_t block = std::min(kPositionBlock, positions - q0);
+    for (int64_t k = 0; k < block; ++k) {
+      const int64_t i = (q0 + k) / grid.n_inner, j = (q0 + k) % grid.n_inner;
+      row_base[k] = rows + i * grid.out_outer + j * grid.out_inner;
+      in_base[k] = in + i * grid.in_outer + j * grid.in_inner;
+    }
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      for (int64_t p = indptr[r], hi = indptr[r + 1]; p < hi; ++p) {
+        vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        float t = 0.0f;
+        for (int64_t k = 0; k < block; ++k) {
+          const float* g = row_base[k] + r * ld_row;
+          const float* x = in_base[k] + offsets[p];
           int64_t l = 0;
           for (; l + 4 * kWidth <= length; l += 4 * kWidth) {
             a0 += load(g + l) * load(x + l);
@@ -115,12 +142,37 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
             a2 += load(g + l + 2 * kWidth) * load(x + l + 2 * kWidth);
             a3 += load(g + l + 3 * kWidth) * load(x + l + 3 * kWidth);
           }
-          for (; l + kWidth <= length; l += kWidth) a0 += load(g + l) * load(x + l);
-          for (; l < length; ++l) tail += g[l] * x[l];
+          for (; l + 2 * kWidth <= length; l += 2 * kWidth) {
+            a0 += load(g + l) * load(x + l);
+            a1 += load(g + l + kWidth) * load(x + l + kWidth);
+          }
+          for (; l + kWidth <= length; l += kWidth) a2 += load(g + l) * load(x + l);
+          for (; l < length; ++l) t += g[l] * x[l];
         }
+        partial[p - first] += (a0 + a1) + (a2 + a3);
+        tail[p - first] += t;
       }
-      out_values[p] = horizontal_sum((a0 + a1) + (a2 + a3)) + tail;
     }
+  }
+  for (int64_t e = 0; e < count; ++e)
+    out_values[first + e] = horizontal_sum(partial[e]) + tail[e];
+}
+
+static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* rows,
+                  int64_t ld_row, const float* in, float* out_values, int64_t length,
+                  const Grid& grid, int64_t row_begin, int64_t row_end) {
+  // Rows go in chunks of about kEntryChunk entries (at least one row); each
+  // entry is summed in the same order however the rows are split.
+  int64_t widest = 0;
+  for (int64_t r = row_begin; r < row_end; ++r)
+    widest = std::max<int64_t>(widest, indptr[r + 1] - indptr[r]);
+  std::vector<vfloat> partial(std::max(widest, kEntryChunk));
+  std::vector<float> tail(partial.size());
+  for (int64_t r0 = row_begin, r1; r0 < row_end; r0 = r1) {
+    r1 = r0 + 1;
+    while (r1 < row_end && indptr[r1 + 1] - indptr[r0] <= kEntryChunk) ++r1;
+    sddmm_chunk(indptr, offsets, rows, ld_row, in, out_values, length, grid, r0, r1,
+                partial.data(), tail.data());
   }
 }
 

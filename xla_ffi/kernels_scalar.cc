@@ -1,4 +1,7 @@
 // The scalar instantiation of the sparse kernels (1 float lane(s) per vector).
+#include <algorithm>
+#include <vector>
+
 #include "sparse_kernels.h"
 
 namespace sparseprop {
