@@ -1,4 +1,4 @@
-"""The kernels give the same results on one CPU as on all of them."""
+"""The kernels give the same results on one CPU (a one-thread pool) as on all of them."""
 
 from __future__ import annotations
 
@@ -23,7 +23,16 @@ SCRIPT = textwrap.dedent("""
     x = rng.standard_normal((64, 300)).astype(np.float32)
     grads = jax.jit(jax.grad(lambda x, v: jnp.sum(jnp.sin(sp.sparse_linear(x, w.with_values(v)))),
                              argnums=(0, 1)))(x, w.values)
-    np.savez(sys.argv[2], dx=grads[0], dv=grads[1], y=sp.sparse_linear(x, w))
+    ck = (rng.standard_normal((3, 3, 16, 24)) * (rng.random((3, 3, 16, 24)) < 0.2)).astype(np.float32)
+    cw = sp.SparseWeight.from_dense(ck)
+    cx = rng.standard_normal((8, 12, 12, 16)).astype(np.float32)
+    conv_grads = {}
+    for kernel in ("batch", "width"):
+        conv_grads[kernel] = jax.jit(jax.grad(lambda x, v: jnp.sum(jnp.sin(sp.sparse_conv2d(
+            x, cw.with_values(v), strides=2, kernel=kernel))), argnums=(0, 1)))(cx, cw.values)
+    np.savez(sys.argv[2], dx=grads[0], dv=grads[1], y=sp.sparse_linear(x, w),
+             conv_b_dx=conv_grads["batch"][0], conv_b_dv=conv_grads["batch"][1],
+             conv_w_dx=conv_grads["width"][0], conv_w_dv=conv_grads["width"][1])
 """)
 
 
@@ -36,5 +45,5 @@ def test_single_cpu_pool_matches_all_cpus(tmp_path):
         subprocess.run([sys.executable, "-c", SCRIPT, mode, str(out)], check=True, timeout=300,
                        cwd=tmp_path)
         results[mode] = np.load(out)
-    for key in ("y", "dx", "dv"):
+    for key in ("y", "dx", "dv", "conv_b_dx", "conv_b_dv", "conv_w_dx", "conv_w_dv"):
         np.testing.assert_array_equal(results["one-cpu"][key], results["all-cpus"][key])
