@@ -42,9 +42,14 @@ def check_sparsity(where: str, sparsity: Any) -> float:
     return value
 
 
+def is_int(value: Any) -> bool:
+    """True for Python and NumPy integers, not for bools."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_features(where: str, name: str, value: Any) -> int:
     """Returns `value` as a positive int, or raises ValueError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
     return int(value)
 

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sparseprop_jax import _checks
-from sparseprop_jax.conv import KERNELS as CONV_KERNELS, sparse_conv2d
+from sparseprop_jax.conv import KERNELS as CONV_KERNELS
+from sparseprop_jax.conv import (ConvPadding, conv_pair, parse_padding, parse_strides,
+                                 sparse_conv2d)
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 Array = jax.Array
 Initializer = Callable[..., Any]
-#: Canonical padding of the conv layers: "SAME", "VALID" or ((top, bottom), (left, right)).
-ConvPadding = Union[str, tuple[tuple[int, int], tuple[int, int]]]
 
 DEFAULT_SPARSITY = 0.9
 
@@ -113,13 +113,9 @@ def check_dense(where: str, kernel: Any, bias: Any, mask: Any, kernel_name: str 
 
 
 # -- convolution layers -------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def conv_kernel_size(where: str, kernel_size: Any, name: str = "kernel_size") -> tuple[int, int]:
     """`(kh, kw)` from a pair; flax reads an int as a 1-D window, which is not supported."""
-    if _is_int(kernel_size):
+    if _checks.is_int(kernel_size):
         raise ValueError(
             f"{where}: {name} must be a pair (kh, kw), got {kernel_size!r}: an int is a 1-D "
             f"window in flax's Conv, and 1-D convolutions are not supported (for a square "
@@ -134,57 +130,6 @@ def conv_kernel_size(where: str, kernel_size: Any, name: str = "kernel_size") ->
                  for i, k in enumerate(kernel_size))
 
 
-def _conv_pair(where: str, name: str, value: Any) -> tuple[Any, ...]:
-    """An int (or None, flax's 1) broadcast to both spatial dims, or a pair."""
-    if value is None:
-        value = 1
-    if _is_int(value):
-        return (int(value), int(value))
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
-        raise ValueError(f"{where}: {name} must be an int or a pair of ints (one per spatial "
-                         f"dim; only 2-D convolutions are supported), got {value!r}")
-    return tuple(value)
-
-
-def conv_strides(where: str, strides: Any, name: str = "strides") -> tuple[int, int]:
-    """`(s, s)` from an int, None (1) or an equal pair."""
-    pair = _conv_pair(where, name, strides)
-    if not all(_is_int(s) and s >= 1 for s in pair):
-        raise ValueError(f"{where}: {name} must be positive ints, got {strides!r}")
-    if pair[0] != pair[1]:
-        raise ValueError(f"{where}: {name}={strides!r} is not supported: the strides along "
-                         "height and width must be equal")
-    return (int(pair[0]), int(pair[1]))
-
-
-def conv_padding(where: str, padding: Any, name: str = "padding") -> ConvPadding:
-    """"SAME", "VALID" or `((top, bottom), (left, right))` from flax's padding forms."""
-    if isinstance(padding, str):
-        upper = padding.upper()
-        if upper in ("SAME", "VALID"):
-            return upper
-        if upper in ("CIRCULAR", "REFLECT", "CAUSAL", "SAME_LOWER"):
-            raise ValueError(f"{where}: {name}={padding!r} is not supported (use 'SAME', "
-                             "'VALID', an int or ((top, bottom), (left, right)))")
-        raise ValueError(f"{where}: {name} must be 'SAME', 'VALID', an int or ((top, bottom), "
-                         f"(left, right)), got {padding!r}")
-    if _is_int(padding):
-        pads = ((padding, padding),) * 2
-    else:
-        pads = None
-        if isinstance(padding, Sequence) and len(padding) == 2:
-            pads = tuple((p, p) if _is_int(p) else tuple(p)
-                         if isinstance(p, Sequence) and not isinstance(p, str) else None
-                         for p in padding)
-        if pads is None or any(p is None or len(p) != 2 or not all(map(_is_int, p))
-                               for p in pads):
-            raise ValueError(f"{where}: {name} must be 'SAME', 'VALID', an int or "
-                             f"((top, bottom), (left, right)), got {padding!r}")
-    if min(min(p) for p in pads) < 0:
-        raise ValueError(f"{where}: {name} must be non-negative, got {padding!r}")
-    return tuple((int(a), int(b)) for a, b in pads)  # type: ignore[return-value]
-
-
 def conv_config(where: str, kernel_size: Any, strides: Any, padding: Any, *,
                 input_dilation: Any = 1, kernel_dilation: Any = 1, feature_group_count: Any = 1,
                 conv_kernel: str = "auto", prefix: str = "",
@@ -196,13 +141,13 @@ def conv_config(where: str, kernel_size: Any, strides: Any, padding: Any, *,
     unequal strides, padding other than SAME/VALID/explicit, non-2-D windows.
     """
     kernel_size = conv_kernel_size(where, kernel_size, f"{prefix}kernel_size")
-    strides = conv_strides(where, strides, f"{prefix}strides")
-    padding = conv_padding(where, padding, f"{prefix}padding")
+    strides = parse_strides(where, strides, f"{prefix}strides")
+    padding = parse_padding(where, padding, f"{prefix}padding")
     for name, value in (("input_dilation", input_dilation),
                         ("kernel_dilation", kernel_dilation)):
-        if not all(_is_int(d) and d == 1 for d in _conv_pair(where, prefix + name, value)):
+        if not all(_checks.is_int(d) and d == 1 for d in conv_pair(where, prefix + name, value)):
             raise ValueError(f"{where}: {prefix}{name}={value!r} is not supported (only 1)")
-    if not (_is_int(feature_group_count) and feature_group_count == 1):
+    if not (_checks.is_int(feature_group_count) and feature_group_count == 1):
         raise ValueError(f"{where}: {prefix}feature_group_count={feature_group_count!r} is not "
                          "supported (only 1: no grouped or depthwise convolutions)")
     if not isinstance(conv_kernel, str) or conv_kernel not in CONV_KERNELS:

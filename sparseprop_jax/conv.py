@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,8 @@ from sparseprop_jax.sparse_weight import SparseWeight
 
 Array = jax.Array
 Padding = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
+#: Canonical padding: "SAME", "VALID" or ((top, bottom), (left, right)).
+ConvPadding = Union[str, tuple[tuple[int, int], tuple[int, int]]]
 
 KERNELS = ("auto", "measure", "batch", "width")
 _VARIANT = {"batch": 0, "width": 1}
@@ -204,8 +207,8 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
     if bias is not None:
         _checks.check_float32(where, "bias", bias)
         _checks.check_shape(where, "bias", bias, (cout,))
-    stride = _parse_strides(where, strides)
-    pads = _parse_padding(where, padding, x.shape[1:3], (kh, kw), stride)
+    stride = parse_strides(where, strides)[0]
+    pads = explicit_pads(parse_padding(where, padding), x.shape[1:3], (kh, kw), stride)
     if kernel not in KERNELS:
         raise ValueError(f"{where}: kernel must be one of {KERNELS}, got {kernel!r}")
     geometry = _Geometry("batch", x.shape[0], x.shape[1], x.shape[2], weight.shape, stride, pads)
@@ -220,46 +223,64 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
     return y if bias is None else y + bias
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+# -- argument parsing (shared with the Flax conv layers) -----------------------
+def conv_pair(where: str, name: str, value: Any) -> tuple[Any, ...]:
+    """An int (or None, flax's 1) broadcast to both spatial dims, or a pair."""
+    if value is None:
+        value = 1
+    if _checks.is_int(value):
+        return (int(value), int(value))
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise ValueError(f"{where}: {name} must be an int or a pair of ints (one per spatial "
+                         f"dim; only 2-D convolutions are supported), got {value!r}")
+    return tuple(value)
 
 
-def _parse_strides(where: str, strides: Any) -> int:
-    try:
-        pair = (strides, strides) if _is_int(strides) else tuple(strides)
-    except TypeError:
-        pair = ()
-    if len(pair) != 2 or not all(_is_int(s) for s in pair):
-        raise ValueError(f"{where}: strides must be an int or a pair of ints, got {strides!r}")
-    if min(pair) < 1:
-        raise ValueError(f"{where}: strides must be >= 1, got {strides!r}")
+def parse_strides(where: str, strides: Any, name: str = "strides") -> tuple[int, int]:
+    """`(s, s)` from an int, None (1) or an equal pair."""
+    pair = conv_pair(where, name, strides)
+    if not all(_checks.is_int(s) and s >= 1 for s in pair):
+        raise ValueError(f"{where}: {name} must be positive ints, got {strides!r}")
     if pair[0] != pair[1]:
-        raise ValueError(f"{where}: strides must be equal along height and width, got {strides!r}")
-    return int(pair[0])
+        raise ValueError(f"{where}: {name}={strides!r} is not supported: the strides along "
+                         "height and width must be equal")
+    return (int(pair[0]), int(pair[1]))
 
 
-def _parse_padding(where: str, padding: Any, spatial, window, stride: int):
-    """Explicit ((top, bottom), (left, right)) pads, as lax.conv_general_dilated computes them."""
+def parse_padding(where: str, padding: Any, name: str = "padding") -> ConvPadding:
+    """"SAME", "VALID" or `((top, bottom), (left, right))` from flax's padding forms."""
     if isinstance(padding, str):
-        if padding.upper() not in ("SAME", "VALID"):
-            raise ValueError(f"{where}: padding must be 'SAME', 'VALID', an int or pairs of ints, "
-                             f"got {padding!r}")
-        pads = lax.padtype_to_pads(spatial, window, (stride, stride), padding.upper())
-    elif _is_int(padding):
-        pads = [(padding, padding)] * 2
+        upper = padding.upper()
+        if upper in ("SAME", "VALID"):
+            return upper
+        if upper in ("CIRCULAR", "REFLECT", "CAUSAL", "SAME_LOWER"):
+            raise ValueError(f"{where}: {name}={padding!r} is not supported (use 'SAME', "
+                             "'VALID', an int or ((top, bottom), (left, right)))")
+        raise ValueError(f"{where}: {name} must be 'SAME', 'VALID', an int or ((top, bottom), "
+                         f"(left, right)), got {padding!r}")
+    if _checks.is_int(padding):
+        pads = ((padding, padding),) * 2
     else:
-        try:
-            pads = [(p, p) if _is_int(p) else tuple(p) for p in padding]
-        except TypeError:
-            pads = None
-        if (pads is None or len(pads) != 2 or any(len(p) != 2 for p in pads)
-                or not all(_is_int(v) for p in pads for v in p)):
-            raise ValueError(f"{where}: padding must be 'SAME', 'VALID', an int or "
+        pads = None
+        if isinstance(padding, Sequence) and len(padding) == 2:
+            pads = tuple((p, p) if _checks.is_int(p) else tuple(p)
+                         if isinstance(p, Sequence) and not isinstance(p, str) else None
+                         for p in padding)
+        if pads is None or any(p is None or len(p) != 2 or not all(map(_checks.is_int, p))
+                               for p in pads):
+            raise ValueError(f"{where}: {name} must be 'SAME', 'VALID', an int or "
                              f"((top, bottom), (left, right)), got {padding!r}")
-    pads = tuple(tuple(int(v) for v in p) for p in pads)
     if min(min(p) for p in pads) < 0:
-        raise ValueError(f"{where}: padding must be non-negative, got {pads}")
-    return pads
+        raise ValueError(f"{where}: {name} must be non-negative, got {padding!r}")
+    return tuple((int(a), int(b)) for a, b in pads)  # type: ignore[return-value]
+
+
+def explicit_pads(padding: ConvPadding, spatial, window, stride: int):
+    """((top, bottom), (left, right)) pads, as lax.conv_general_dilated computes them."""
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(spatial, window, (stride, stride), padding)
+        return tuple(tuple(int(v) for v in p) for p in pads)
+    return padding
 
 
 def _choose_variant(kernel: str, geometry: _Geometry, weight: SparseWeight) -> str:
