@@ -206,3 +206,41 @@ def machine_summary(info: dict[str, Any]) -> str:
     return (f"{info['cpu_model']}, {info['usable_cpus']}/{info['cpu_count']} cpus, "
             f"simd={info['simd_path']}, tasks_per_call={info['tasks_per_call']}, "
             f"jax {info['jax']} / jaxlib {info['jaxlib']}, {info['date']}")
+
+
+# -- command line and output helpers -----------------------------------------
+
+def parse_sparsities(text: str) -> tuple[float, ...]:
+    """Comma-separated sparsities in [0, 1), for argparse `type=`."""
+    import argparse
+
+    try:
+        values = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsities must be comma-separated numbers, "
+                                         f"got {text!r}") from None
+    if not values or any(not 0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"sparsities must lie in [0, 1), got {text!r}")
+    return values
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Writes `payload` as indented JSON, creating the directory if needed."""
+    import json
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+
+
+def custom_call_targets(jitted: Callable[..., Any], *args: Any) -> list[str]:
+    """The custom-call targets left in the compiled HLO of `jitted(*args)`, in order.
+
+    Shows which FFI kernels a jitted function really runs after XLA's dead-code
+    elimination (e.g. `grad` of a loss linear in the output drops the forward).
+    """
+    import re
+
+    text = jitted.lower(*args).compile().as_text()
+    return re.findall(r'custom_call_target="([^"]+)"', text)

@@ -3,9 +3,12 @@
 For each shape (batch x in -> out) and sparsity it times, in one process:
 
   * forward:  `jit(f)(x, w)`;
-  * fwd+bwd:  `jit(grad(loss, argnums=(0, 1)))`, the gradient with respect to
-    the input and the weight (dense: the kernel; sparse: `weight.values`),
-    where `loss = vdot(y, ct)` with a fixed random cotangent `ct`.
+  * fwd+bwd:  `jit(value_and_grad(loss, argnums=(0, 1)))`, the loss and its
+    gradient with respect to the input and the weight (dense: the kernel;
+    sparse: `weight.values`), where `loss = vdot(y, ct)` with a fixed random
+    cotangent `ct`: one forward plus both backward products, as in a training
+    step. (Plain `grad` would not do: the gradient of this loss does not need
+    `y`, so XLA would drop the forward from the compiled function.)
 
 Before timing a sparsity, the sparse output and both gradients are checked
 against dense XLA on the masked kernel, so a wrong result is never timed.
@@ -57,9 +60,10 @@ def _sparse_loss(x, values, weight, ct):
 
 
 dense_fwd = jax.jit(lambda x, kernel: x @ kernel)
-dense_fwdbwd = jax.jit(jax.grad(_dense_loss, argnums=(0, 1)))
+# value_and_grad, not grad: the loss value keeps the forward in the compiled function.
+dense_fwdbwd = jax.jit(jax.value_and_grad(_dense_loss, argnums=(0, 1)))
 sparse_fwd = jax.jit(lambda x, weight: sparse_linear(x, weight))
-sparse_fwdbwd = jax.jit(jax.grad(_sparse_loss, argnums=(0, 1)))
+sparse_fwdbwd = jax.jit(jax.value_and_grad(_sparse_loss, argnums=(0, 1)))
 
 
 # -- correctness -------------------------------------------------------------
@@ -84,7 +88,8 @@ def check_sparse(x, weight, ct, label: str) -> dict[str, float]:
     """
     y_ref, dx_ref, dv_ref = (np.asarray(a) for a in _reference(x, weight, ct))
     y = np.asarray(sparse_fwd(x, weight))
-    dx, dv = (np.asarray(a) for a in sparse_fwdbwd(x, weight.values, weight, ct))
+    _, grads = sparse_fwdbwd(x, weight.values, weight, ct)
+    dx, dv = (np.asarray(a) for a in grads)
     errors = {}
     for name, got, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dvalues", dv, dv_ref)):
         scale = float(np.max(np.abs(ref))) or 1.0
@@ -161,6 +166,9 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
             "compile_s": {"sparse_fwd": s_fwd.compile_s, "sparse_fwdbwd": s_fb.compile_s,
                           "dense_fwd": d_fwd.compile_s, "dense_fwdbwd": d_fb.compile_s},
             "max_rel_error": errors,
+            # The FFI kernels in the compiled sparse fwd+bwd (forward included).
+            "fwdbwd_custom_calls": _timing.custom_call_targets(
+                sparse_fwdbwd, x, weight.values, weight, ct),
         }
         table.row([shape_label(shape), sparsity, dfwd, sfwd, dfwd / sfwd, dfb, sfb, dfb / sfb,
                    dfb / sfb * density])
@@ -240,8 +248,9 @@ def main(argv=None) -> int:
     info = _timing.machine_info()
     print(f"# sparse_linear vs dense XLA: {_timing.machine_summary(info)}")
     print(f"# medians of >= {repeats} samples (~{min_time:g} s per measurement); "
-          f"fwd+bwd = grad w.r.t. x and weight; efficiency = f+b speedup x density",
-          flush=True)
+          f"fwd = jit(f); efficiency = f+b speedup x density")
+    print("# f+b = jit(value_and_grad(loss)) w.r.t. x and weight, loss = vdot(y, ct): "
+          "the forward and both backward products", flush=True)
     table = _timing.TablePrinter([
         ("shape", 14, "s"), ("sparsity", 8, ".2f"),
         ("dense fwd ms", 12, ".3f"), ("sparse fwd ms", 13, ".3f"), ("fwd speedup", 11, ".2f"),
