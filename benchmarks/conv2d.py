@@ -338,7 +338,7 @@ def main(argv=None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--layers", type=parse_layers, default=None,
                         help="comma-separated 3x3 layers HxWxCIN->COUT[/STRIDE], padding SAME "
-                             "(default: " + ",".join(l.label for l in DEFAULT_LAYERS) + ")")
+                             "(default: " + ",".join(layer.label for layer in DEFAULT_LAYERS) + ")")
     parser.add_argument("--sparsities", type=_timing.parse_sparsities, default=None,
                         help="comma-separated sparsities (default: "
                              + ",".join(map(str, DEFAULT_SPARSITIES)) + ")")
@@ -435,7 +435,7 @@ def main(argv=None) -> int:
         _timing.write_json(args.json, {
             "benchmark": "conv2d",
             "machine": info,
-            "config": {"layers": [dataclasses.asdict(l) for l in layers],
+            "config": {"layers": [dataclasses.asdict(layer) for layer in layers],
                        "sparsities": list(sparsities), "batch": batch, "kernel_size": KSIZE,
                        "padding": "SAME", "quick": args.quick, "seed": args.seed,
                        "fwd": args.fwd, "fwdbwd": "value_and_grad",
