@@ -1,0 +1,158 @@
+// Single-thread timings of the sparse kernels on their own, outside XLA and
+// Python: the minimum over repeats, per instruction set, for the three passes
+// of a linear layer. Meant for kernel work, where the noise of a shared
+// machine and the framework's dispatch would hide small changes.
+//
+// Build and run (see benchmarks/README.md):
+//   cmake -S . -B build/bench -DSPARSEPROP_KERNEL_BENCHMARK=ON && cmake --build build/bench
+//   build/bench/kernel_bench                       # default shapes
+//   build/bench/kernel_bench 64 4096 4096 0.1      # batch in out density ...
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "simd_dispatch.h"
+
+namespace {
+
+using sparseprop::Grid;
+using sparseprop::KernelTable;
+
+// Compressed rows with per-entry kernel offsets (column * batch).
+struct Sparse {
+  std::vector<int32_t> indptr;
+  std::vector<int32_t> indices;
+  std::vector<float> values;
+};
+
+Sparse random_sparse(int64_t rows, int64_t cols, double density, std::mt19937& rng) {
+  std::bernoulli_distribution keep(density);
+  std::normal_distribution<float> normal;
+  Sparse s;
+  s.indptr.push_back(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c)
+      if (keep(rng)) {
+        s.indices.push_back(static_cast<int32_t>(c));
+        s.values.push_back(normal(rng));
+      }
+    s.indptr.push_back(static_cast<int32_t>(s.indices.size()));
+  }
+  return s;
+}
+
+// The same entries grouped by column, values permuted along.
+Sparse transpose(const Sparse& s, int64_t cols) {
+  Sparse t;
+  t.indptr.assign(cols + 1, 0);
+  for (int32_t c : s.indices) ++t.indptr[c + 1];
+  std::partial_sum(t.indptr.begin(), t.indptr.end(), t.indptr.begin());
+  t.indices.resize(s.indices.size());
+  t.values.resize(s.values.size());
+  std::vector<int32_t> next(t.indptr.begin(), t.indptr.end() - 1);
+  for (int64_t r = 0; r + 1 < static_cast<int64_t>(s.indptr.size()); ++r)
+    for (int32_t p = s.indptr[r]; p < s.indptr[r + 1]; ++p) {
+      const int32_t q = next[s.indices[p]]++;
+      t.indices[q] = static_cast<int32_t>(r);
+      t.values[q] = s.values[p];
+    }
+  return t;
+}
+
+std::vector<int64_t> offsets_of(const Sparse& s, int64_t batch) {
+  std::vector<int64_t> o(s.indices.size());
+  for (size_t p = 0; p < o.size(); ++p) o[p] = s.indices[p] * batch;
+  return o;
+}
+
+template <typename F>
+double min_seconds(F&& f, int repeats) {
+  f();  // warm caches and pages
+  double best = 1e30;
+  for (int i = 0; i < repeats; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    const auto t1 = std::chrono::steady_clock::now();
+    best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
+  }
+  return best;
+}
+
+float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  float d = 0.0f;
+  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, std::fabs(a[i] - b[i]));
+  return d;
+}
+
+void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats) {
+  std::mt19937 rng(0);
+  const Sparse w = random_sparse(n_out, n_in, density, rng);  // rows: output features
+  const Sparse wt = transpose(w, n_in);
+  const std::vector<int64_t> off = offsets_of(w, batch), t_off = offsets_of(wt, batch);
+  std::normal_distribution<float> normal;
+  std::vector<float> xt(n_in * batch), dyt(n_out * batch);
+  for (float& v : xt) v = normal(rng);
+  for (float& v : dyt) v = normal(rng);
+  const double gflop = 2.0 * batch * static_cast<double>(w.values.size()) * 1e-9;
+  std::printf("%lldx%lld->%lld density %.3f nnz %zu\n", static_cast<long long>(batch),
+              static_cast<long long>(n_in), static_cast<long long>(n_out), density,
+              w.values.size());
+
+  std::vector<float> ref_y, ref_dx, ref_dv;
+  for (const std::string& path : {std::string("scalar"), std::string("avx2"),
+                                  std::string("avx512")}) {
+    if (!sparseprop::set_simd_path(path)) continue;
+    const KernelTable& k = sparseprop::active_kernels();
+    std::vector<float> yt(n_out * batch), dxt(n_in * batch), dv(w.values.size());
+    const double fwd = min_seconds([&] {
+      k.spmm(w.indptr.data(), off.data(), w.values.data(), xt.data(), yt.data(), batch, batch,
+             Grid{}, 0, 1, 0, n_out);
+    }, repeats);
+    const double igrad = min_seconds([&] {
+      k.spmm(wt.indptr.data(), t_off.data(), wt.values.data(), dyt.data(), dxt.data(), batch,
+             batch, Grid{}, 0, 1, 0, n_in);
+    }, repeats);
+    const double wgrad = min_seconds([&] {
+      k.sddmm(w.indptr.data(), off.data(), dyt.data(), batch, xt.data(), dv.data(), batch,
+              Grid{}, 0, n_out);
+    }, repeats);
+    if (ref_y.empty()) {
+      ref_y = yt, ref_dx = dxt, ref_dv = dv;
+    }
+    std::printf("  %-7s fwd %8.3f ms %6.1f GF/s | igrad %8.3f ms %6.1f GF/s | wgrad %8.3f ms "
+                "%6.1f GF/s | max diff vs first path %.1e %.1e %.1e\n",
+                path.c_str(), fwd * 1e3, gflop / fwd, igrad * 1e3, gflop / igrad, wgrad * 1e3,
+                gflop / wgrad, max_abs_diff(yt, ref_y), max_abs_diff(dxt, ref_dx),
+                max_abs_diff(dv, ref_dv));
+  }
+  sparseprop::set_simd_path("auto");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int repeats = std::getenv("REPEATS") ? std::atoi(std::getenv("REPEATS")) : 20;
+  if (argc > 1 && (argc - 1) % 4 == 0) {
+    for (int i = 1; i < argc; i += 4)
+      run(std::atoll(argv[i]), std::atoll(argv[i + 1]), std::atoll(argv[i + 2]),
+          std::atof(argv[i + 3]), repeats);
+    return 0;
+  }
+  if (argc > 1) {
+    std::fprintf(stderr, "usage: %s [batch in out density]...\n", argv[0]);
+    return 2;
+  }
+  for (double density : {0.1, 0.05, 0.01}) {
+    run(256, 768, 3072, density, repeats);
+    run(256, 3072, 768, density, repeats);
+    run(64, 4096, 4096, density, repeats);
+    run(128, 512, 256, density, repeats);
+  }
+  return 0;
+}
