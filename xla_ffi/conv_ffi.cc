@@ -149,6 +149,7 @@ ffi::Future ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     k.spmm(pat.row_ptr(t.slice), offsets.of(t.slice), w + slice_offset(vs, t.slice),
            xd + slice_offset(xs, t.slice), yd + t.slice * ys.slice(), plan.ld_row, plan.length,
            plan.grid, t.begin, t.end, 0, pat.rows);
+    return ffi::Error::Success();
   });
 }
 
@@ -184,6 +185,7 @@ ffi::Future ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
     k.sddmm(pat.row_ptr(t.slice), offsets.of(t.slice), dyd + slice_offset(ys, t.slice),
             plan.ld_row, xd + slice_offset(xs, t.slice), dw + t.slice * ds.slice(), plan.length,
             plan.grid, t.begin, t.end);
+    return ffi::Error::Success();
   });
 }
 
@@ -244,7 +246,7 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
   auto phases = std::make_shared<std::vector<PhaseMatrix>>(distinct);
   for (int64_t d = 0; d < distinct; ++d) {
     const int32_t* perm = t_perm.typed_data() + slice_offset(ps, d);
-    SPARSEPROP_RETURN_IF_ERROR(validate_permutation(perm, nnz, op, "transposed permutation"));
+    SPARSEPROP_RETURN_IF_ERROR(check_permutation(perm, 0, nnz, nnz, op, "transposed permutation"));
     const float* w = values.typed_data() + slice_offset(vs, d);
     const int32_t* rp = pat.row_ptr(d);
     const int32_t* co = pat.col_idx(d);
@@ -297,6 +299,7 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
     k.spmm(m.indptr.data() + t.group * cin, m.offsets.data(), m.values.data(),
            dyd + slice_offset(dys, t.slice), dxd + t.slice * dxs.slice() + origins[t.group],
            ld_row, length, grids[t.group], t.begin, t.end, 0, cin);
+    return ffi::Error::Success();
   });
 }
 

@@ -47,7 +47,7 @@ ffi::Error decode_operand(ffi::Span<const int64_t> dims, int rank, int64_t total
 
 ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
                           int64_t rows, int64_t cols, int64_t total, const char* op,
-                          const char* name, Pattern* out) {
+                          const char* name, Pattern* out, bool indices_checked_by_tasks) {
   Pattern p;
   const std::string ptr_name = std::string(name) + " indptr";
   const std::string idx_name = std::string(name) + " indices";
@@ -64,7 +64,9 @@ ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> in
   p.nnz = p.indices_stack.dims[0];
   const int64_t distinct = std::max(p.indptr_stack.count, p.indices_stack.count);
   for (int64_t v = 0; v < distinct; ++v) {
-    error = validate_compressed(p.row_ptr(v), rows, p.col_idx(v), p.nnz, cols, op, name);
+    error = indices_checked_by_tasks
+                ? validate_indptr(p.row_ptr(v), rows, p.nnz, op, name)
+                : validate_compressed(p.row_ptr(v), rows, p.col_idx(v), p.nnz, cols, op, name);
     if (error.failure()) return error;
   }
   *out = p;
@@ -93,6 +95,13 @@ ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char*
 ffi::Error validate_compressed(const int32_t* indptr, int64_t rows,
                                const int32_t* indices, int64_t nnz, int64_t cols,
                                const char* op, const char* name) {
+  ffi::Error error = validate_indptr(indptr, rows, nnz, op, name);
+  if (error.failure()) return error;
+  return check_indices(indices, 0, nnz, cols, op, name);
+}
+
+ffi::Error validate_indptr(const int32_t* indptr, int64_t rows, int64_t nnz, const char* op,
+                           const char* name) {
   if (indptr[0] != 0 || indptr[rows] != nnz)
     return ffi::Error::InvalidArgument(
         prefix(op) + name + " row pointers must run from 0 to nnz=" + std::to_string(nnz) +
@@ -101,7 +110,12 @@ ffi::Error validate_compressed(const int32_t* indptr, int64_t rows,
     if (indptr[r + 1] < indptr[r])
       return ffi::Error::InvalidArgument(prefix(op) + name +
                                          " row pointers decrease at row " + std::to_string(r));
-  for (int64_t p = 0; p < nnz; ++p)
+  return ffi::Error::Success();
+}
+
+ffi::Error check_indices(const int32_t* indices, int64_t lo, int64_t hi, int64_t cols,
+                         const char* op, const char* name) {
+  for (int64_t p = lo; p < hi; ++p)
     if (indices[p] < 0 || indices[p] >= cols)
       return ffi::Error::InvalidArgument(prefix(op) + name + " index " +
                                          std::to_string(indices[p]) + " at entry " +
@@ -110,9 +124,9 @@ ffi::Error validate_compressed(const int32_t* indptr, int64_t rows,
   return ffi::Error::Success();
 }
 
-ffi::Error validate_permutation(const int32_t* perm, int64_t nnz, const char* op,
-                                const char* name) {
-  for (int64_t p = 0; p < nnz; ++p)
+ffi::Error check_permutation(const int32_t* perm, int64_t lo, int64_t hi, int64_t nnz,
+                             const char* op, const char* name) {
+  for (int64_t p = lo; p < hi; ++p)
     if (perm[p] < 0 || perm[p] >= nnz)
       return ffi::Error::InvalidArgument(prefix(op) + name + " entry " + std::to_string(p) +
                                          " is " + std::to_string(perm[p]) +
@@ -158,9 +172,12 @@ int parallel_parts(ffi::ThreadPool& pool, int64_t flops) {
 }
 
 ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
-                      std::function<void(const Task&)> fn) {
+                      std::function<ffi::Error(const Task&)> fn) {
   if (tasks.size() <= 1) {
-    for (const Task& t : tasks) fn(t);
+    for (const Task& t : tasks) {
+      ffi::Error error = fn(t);
+      if (error.failure()) return failed(std::move(error));
+    }
     ffi::Promise done;
     ffi::Future future(done);
     done.SetAvailable();
@@ -168,12 +185,10 @@ ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
   }
   ffi::CountDownPromise remaining(static_cast<int64_t>(tasks.size()));
   ffi::Future future(remaining);
-  auto shared_fn = std::make_shared<const std::function<void(const Task&)>>(std::move(fn));
+  auto shared_fn =
+      std::make_shared<const std::function<ffi::Error(const Task&)>>(std::move(fn));
   for (const Task& t : tasks) {
-    pool.Schedule([shared_fn, t, remaining]() mutable {
-      (*shared_fn)(t);
-      remaining.CountDown();
-    });
+    pool.Schedule([shared_fn, t, remaining]() mutable { remaining.CountDown((*shared_fn)(t)); });
   }
   return future;
 }

@@ -50,15 +50,29 @@ ffi::Error decode_operand(ffi::Span<const int64_t> dims, int rank, int64_t total
 ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char* what);
 
 // Validates a compressed-rows pattern: indptr starts at 0, never decreases and
-// ends at nnz; every index lies in [0, cols). Sortedness is not needed for
-// memory safety and is checked in Python where patterns are built.
+// ends at nnz (validate_indptr); every index lies in [0, cols) (check_indices).
+// Sortedness is not needed for memory safety and is checked in Python where
+// patterns are built.
 ffi::Error validate_compressed(const int32_t* indptr, int64_t rows,
                                const int32_t* indices, int64_t nnz, int64_t cols,
                                const char* op, const char* name);
+ffi::Error validate_indptr(const int32_t* indptr, int64_t rows, int64_t nnz, const char* op,
+                           const char* name);
 
-// Error unless every perm[p] lies in [0, n).
-ffi::Error validate_permutation(const int32_t* perm, int64_t nnz, const char* op,
-                                const char* name);
+// Error unless indices[p] lies in [0, cols) for every p in [lo, hi).
+ffi::Error check_indices(const int32_t* indices, int64_t lo, int64_t hi, int64_t cols,
+                         const char* op, const char* name);
+
+// Error unless every perm[p], p in [lo, hi), lies in [0, nnz).
+ffi::Error check_permutation(const int32_t* perm, int64_t lo, int64_t hi, int64_t nnz,
+                             const char* op, const char* name);
+
+// A buffer of `n` elements left uninitialised (every element is written
+// before it is read), shared by the tasks of one call.
+template <typename T>
+std::shared_ptr<T[]> scratch(int64_t n) {
+  return std::shared_ptr<T[]>(new T[n > 0 ? n : 1]);
+}
 
 // A compressed-rows pattern operand pair (indptr, indices), possibly stacked.
 struct Pattern {
@@ -81,11 +95,13 @@ struct EntryOffsets {
 // `offset(index)` maps an entry's column index to its kernel offset.
 EntryOffsets entry_offsets(const Pattern& pat, const std::function<int64_t(int32_t)>& offset);
 
-// Decodes and fully validates (validate_compressed on every distinct slice) a
-// pattern of `rows` x `cols` used in a call of `total` vmap slices.
+// Decodes and validates a pattern of `rows` x `cols` used in a call of `total`
+// vmap slices: always the row pointers (O(rows)); the indices (O(nnz)) too
+// unless `indices_checked_by_tasks`, where each task checks its own rows'
+// indices with check_indices before using them, in parallel.
 ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
                           int64_t rows, int64_t cols, int64_t total, const char* op,
-                          const char* name, Pattern* out);
+                          const char* name, Pattern* out, bool indices_checked_by_tasks = false);
 
 // Returns early from a handler that returns ffi::Future.
 #define SPARSEPROP_RETURN_IF_ERROR(expr)                  \
@@ -118,9 +134,10 @@ void split_even(int64_t n, int64_t slice, int64_t group, int parts, std::vector<
 int parallel_parts(ffi::ThreadPool& pool, int64_t flops);
 
 // Runs `fn` on every task, on the pool when there is more than one, and
-// returns a future that completes when all have run. Tasks may run inline.
+// returns a future that completes when all have run, with the first error a
+// task returned, if any. Tasks may run inline.
 ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
-                      std::function<void(const Task&)> fn);
+                      std::function<ffi::Error(const Task&)> fn);
 
 // A future already completed with `error`.
 ffi::Future failed(ffi::Error error);

@@ -16,6 +16,11 @@
 namespace sparseprop {
 namespace {
 
+// The per-entry work of a task's rows that is O(nnz) per call (checking the
+// indices, turning them into kernel offsets, gathering permuted values) runs
+// inside the task, in parallel and just before the kernel reads the same
+// entries, instead of serially in the handler.
+
 // y^T = W x^T.
 ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
@@ -28,27 +33,35 @@ ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
   SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], batch, op, "x^T batch size"));
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
   Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(
-      decode_pattern(indptr, indices, ys.dims[0], xs.dims[0], total, op, "pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, ys.dims[0], xs.dims[0], total, op,
+                                            "pattern", &pat, /*indices_checked_by_tasks=*/true));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
   std::vector<Task> tasks;
   const int parts = parallel_parts(pool, total * batch * pat.nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
-  const EntryOffsets offsets = entry_offsets(pat, [batch](int32_t c) { return c * batch; });
+  const int64_t nnz = pat.nnz;
+  auto offsets = scratch<int64_t>(total * nnz);
   const float* x = xt.typed_data();
   const float* w = values.typed_data();
   float* y = yt->typed_data();
-  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) {
-    k.spmm(pat.row_ptr(t.slice), offsets.of(t.slice), w + slice_offset(vs, t.slice),
-           x + slice_offset(xs, t.slice), y + t.slice * ys.slice(), batch, batch, Grid{}, 0, 1,
-           t.begin, t.end);
+  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) -> ffi::Error {
+    const int32_t* ptr = pat.row_ptr(t.slice);
+    const int32_t* idx = pat.col_idx(t.slice);
+    int64_t* off = offsets.get() + t.slice * nnz;
+    const int64_t lo = ptr[t.begin], hi = ptr[t.end];
+    ffi::Error error = check_indices(idx, lo, hi, pat.cols, op, "pattern");
+    if (error.failure()) return error;
+    for (int64_t p = lo; p < hi; ++p) off[p] = idx[p] * batch;
+    k.spmm(ptr, off, w + slice_offset(vs, t.slice), x + slice_offset(xs, t.slice),
+           y + t.slice * ys.slice(), batch, batch, Grid{}, 0, 1, t.begin, t.end);
+    return ffi::Error::Success();
   });
 }
 
 // dx^T = W^T dy^T, iterating W by columns (the transposed pattern) so each row
-// of dx^T accumulates in registers.
+// of dx^T accumulates in registers; the values are gathered into that order.
 ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
                             ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
                             ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
@@ -63,35 +76,42 @@ ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
   SPARSEPROP_RETURN_IF_ERROR(
       decode_operand(t_perm.dimensions(), 1, total, op, "transposed permutation", &ps));
   Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, dxs.dims[0], dys.dims[0], total, op,
-                                            "transposed pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, dxs.dims[0], dys.dims[0], total,
+                                            op, "transposed pattern", &pat,
+                                            /*indices_checked_by_tasks=*/true));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(ps.dims[0], pat.nnz, op, "transposed permutation length"));
 
-  // Values in the transposed order, gathered once per call (O(nnz)) so the
-  // kernel's inner loop needs no indirection.
-  const int64_t nnz = pat.nnz;
-  const int64_t gathered_count = std::max(vs.count, ps.count);
-  auto gathered = std::make_shared<std::vector<float>>(gathered_count * nnz);
-  for (int64_t g = 0; g < gathered_count; ++g) {
-    const int32_t* perm = t_perm.typed_data() + slice_offset(ps, g);
-    SPARSEPROP_RETURN_IF_ERROR(validate_permutation(perm, nnz, op, "transposed permutation"));
-    const float* w = values.typed_data() + slice_offset(vs, g);
-    float* dst = gathered->data() + g * nnz;
-    for (int64_t p = 0; p < nnz; ++p) dst[p] = w[perm[p]];
-  }
-
   std::vector<Task> tasks;
+  const int64_t nnz = pat.nnz;
   const int parts = parallel_parts(pool, total * batch * nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
-  const EntryOffsets offsets = entry_offsets(pat, [batch](int32_t c) { return c * batch; });
+  auto offsets = scratch<int64_t>(total * nnz);
+  auto gathered = scratch<float>(total * nnz);
   const float* dy = dyt.typed_data();
+  const float* w = values.typed_data();
+  const int32_t* perm = t_perm.typed_data();
   float* dx = dxt->typed_data();
-  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) {
-    const float* w = gathered->data() + (gathered_count == 1 ? 0 : t.slice * nnz);
-    k.spmm(pat.row_ptr(t.slice), offsets.of(t.slice), w, dy + slice_offset(dys, t.slice),
-           dx + t.slice * dxs.slice(), batch, batch, Grid{}, 0, 1, t.begin, t.end);
+  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) -> ffi::Error {
+    const int32_t* ptr = pat.row_ptr(t.slice);
+    const int32_t* idx = pat.col_idx(t.slice);
+    const int32_t* perm_v = perm + slice_offset(ps, t.slice);
+    const float* w_v = w + slice_offset(vs, t.slice);
+    int64_t* off = offsets.get() + t.slice * nnz;
+    float* g = gathered.get() + t.slice * nnz;
+    const int64_t lo = ptr[t.begin], hi = ptr[t.end];
+    ffi::Error error = check_indices(idx, lo, hi, pat.cols, op, "transposed pattern");
+    if (error.success())
+      error = check_permutation(perm_v, lo, hi, nnz, op, "transposed permutation");
+    if (error.failure()) return error;
+    for (int64_t p = lo; p < hi; ++p) {
+      off[p] = idx[p] * batch;
+      g[p] = w_v[perm_v[p]];
+    }
+    k.spmm(ptr, off, g, dy + slice_offset(dys, t.slice), dx + t.slice * dxs.slice(), batch,
+           batch, Grid{}, 0, 1, t.begin, t.end);
+    return ffi::Error::Success();
   });
 }
 
@@ -108,22 +128,30 @@ ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
   const int64_t batch = dys.dims[1];
   SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], batch, op, "x^T batch size"));
   Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(
-      decode_pattern(indptr, indices, dys.dims[0], xs.dims[0], total, op, "pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, dys.dims[0], xs.dims[0], total, op,
+                                            "pattern", &pat, /*indices_checked_by_tasks=*/true));
   SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "output length"));
 
   std::vector<Task> tasks;
-  const int parts = parallel_parts(pool, total * batch * pat.nnz);
+  const int64_t nnz = pat.nnz;
+  const int parts = parallel_parts(pool, total * batch * nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
-  const EntryOffsets offsets = entry_offsets(pat, [batch](int32_t c) { return c * batch; });
+  auto offsets = scratch<int64_t>(total * nnz);
   const float* dy = dyt.typed_data();
   const float* x = xt.typed_data();
   float* dw = dvalues->typed_data();
-  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) {
-    k.sddmm(pat.row_ptr(t.slice), offsets.of(t.slice), dy + slice_offset(dys, t.slice), batch,
-            x + slice_offset(xs, t.slice), dw + t.slice * ds.slice(), batch, Grid{},
-            t.begin, t.end);
+  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) -> ffi::Error {
+    const int32_t* ptr = pat.row_ptr(t.slice);
+    const int32_t* idx = pat.col_idx(t.slice);
+    int64_t* off = offsets.get() + t.slice * nnz;
+    const int64_t lo = ptr[t.begin], hi = ptr[t.end];
+    ffi::Error error = check_indices(idx, lo, hi, pat.cols, op, "pattern");
+    if (error.failure()) return error;
+    for (int64_t p = lo; p < hi; ++p) off[p] = idx[p] * batch;
+    k.sddmm(ptr, off, dy + slice_offset(dys, t.slice), batch, x + slice_offset(xs, t.slice),
+            dw + t.slice * ds.slice(), batch, Grid{}, t.begin, t.end);
+    return ffi::Error::Success();
   });
 }
 
