@@ -244,3 +244,25 @@ def custom_call_targets(jitted: Callable[..., Any], *args: Any) -> list[str]:
 
     text = jitted.lower(*args).compile().as_text()
     return re.findall(r'custom_call_target="([^"]+)"', text)
+
+
+def add_common_arguments(parser, quick_help: str, default_sparsities) -> None:
+    """The options both benchmarks take: sparsities, sampling, output, kernel switches."""
+    parser.add_argument("--sparsities", type=parse_sparsities, default=None,
+                        help="comma-separated sparsities (default: "
+                             + ",".join(map(str, default_sparsities)) + ")")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="minimum samples per measurement (default 5; 3 with --quick)")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="target seconds per measurement (default 0.4; 0.02 with --quick)")
+    parser.add_argument("--max-repeats", type=int, default=10000,
+                        help="maximum samples per measurement")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="write the results and machine info to this JSON file")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--simd", choices=("auto", "avx512", "avx2", "scalar"), default=None,
+                        help="force the kernel path (default: as loaded)")
+    parser.add_argument("--tasks-per-call", type=int, default=None,
+                        help="split each kernel call into N tasks, 1 = single thread "
+                             "(default: as loaded, 0 = automatic)")
+    parser.add_argument("--seed", type=int, default=0)

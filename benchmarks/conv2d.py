@@ -339,33 +339,17 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=parse_layers, default=None,
                         help="comma-separated 3x3 layers HxWxCIN->COUT[/STRIDE], padding SAME "
                              "(default: " + ",".join(layer.label for layer in DEFAULT_LAYERS) + ")")
-    parser.add_argument("--sparsities", type=_timing.parse_sparsities, default=None,
-                        help="comma-separated sparsities (default: "
-                             + ",".join(map(str, DEFAULT_SPARSITIES)) + ")")
     parser.add_argument("--batch", type=int, default=None,
                         help=f"batch size (default {DEFAULT_BATCH}; {QUICK_BATCH} with --quick)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="minimum samples per measurement (default 5; 3 with --quick)")
-    parser.add_argument("--min-time", type=float, default=None,
-                        help="target seconds per measurement (default 0.4; 0.02 with --quick)")
-    parser.add_argument("--max-repeats", type=int, default=10000,
-                        help="maximum samples per measurement")
     parser.add_argument("--no-fwd", dest="fwd", action="store_false",
                         help="skip the forward-only columns")
     parser.add_argument("--per-pass", action="store_true",
                         help="also time forward / input grad alone / weight grad alone "
                              "(plain grad, no forward) for every layer and sparsity "
                              "(a second table)")
-    parser.add_argument("--json", metavar="PATH", default=None,
-                        help="write the results and machine info to this JSON file")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: two small layers, batch 8, one sparsity, few repeats")
-    parser.add_argument("--simd", choices=("auto", "avx512", "avx2", "scalar"), default=None,
-                        help="force the kernel path (default: as loaded)")
-    parser.add_argument("--tasks-per-call", type=int, default=None,
-                        help="split each kernel call into N tasks, 1 = single thread "
-                             "(default: as loaded, 0 = automatic)")
-    parser.add_argument("--seed", type=int, default=0)
+    _timing.add_common_arguments(
+        parser, "smoke run: two small layers, batch 8, one sparsity, few repeats",
+        DEFAULT_SPARSITIES)
     args = parser.parse_args(argv)
 
     layers = args.layers or (QUICK_LAYERS if args.quick else DEFAULT_LAYERS)

@@ -194,17 +194,6 @@ def parse_shapes(text: str):
     return tuple(parse_shape(s) for s in text.split(",") if s.strip())
 
 
-def parse_sparsities(text: str):
-    try:
-        values = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsities must be comma-separated numbers, "
-                                         f"got {text!r}") from None
-    if not values or any(not 0.0 <= v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"sparsities must lie in [0, 1), got {text!r}")
-    return values
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -212,25 +201,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", type=parse_shapes, default=None,
                         help="comma-separated BATCHxINxOUT shapes (default: "
                              + ",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
-    parser.add_argument("--sparsities", type=parse_sparsities, default=None,
-                        help="comma-separated sparsities (default: "
-                             + ",".join(map(str, DEFAULT_SPARSITIES)) + ")")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="minimum samples per measurement (default 5; 3 with --quick)")
-    parser.add_argument("--min-time", type=float, default=None,
-                        help="target seconds per measurement (default 0.4; 0.02 with --quick)")
-    parser.add_argument("--max-repeats", type=int, default=10000,
-                        help="maximum samples per measurement")
-    parser.add_argument("--json", metavar="PATH", default=None,
-                        help="write the results and machine info to this JSON file")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: one small shape, two sparsities, few repeats")
-    parser.add_argument("--simd", choices=("auto", "avx512", "avx2", "scalar"), default=None,
-                        help="force the kernel path (default: as loaded)")
-    parser.add_argument("--tasks-per-call", type=int, default=None,
-                        help="split each kernel call into N tasks, 1 = single thread "
-                             "(default: as loaded, 0 = automatic)")
-    parser.add_argument("--seed", type=int, default=0)
+    _timing.add_common_arguments(
+        parser, "smoke run: one small shape, two sparsities, few repeats", DEFAULT_SPARSITIES)
     args = parser.parse_args(argv)
 
     shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)

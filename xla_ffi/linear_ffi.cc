@@ -21,6 +21,20 @@ namespace {
 // inside the task, in parallel and just before the kernel reads the same
 // entries, instead of serially in the handler.
 
+// Checks the indices of the entries of task `t`'s rows and writes their kernel
+// offsets (index * batch) into `off`; returns the entries' range in `lo`, `hi`.
+ffi::Error task_offsets(const Pattern& pat, const Task& t, int64_t batch, int64_t* off,
+                        const char* op, const char* name, int64_t* lo, int64_t* hi) {
+  const int32_t* ptr = pat.row_ptr(t.slice);
+  const int32_t* idx = pat.col_idx(t.slice);
+  *lo = ptr[t.begin];
+  *hi = ptr[t.end];
+  ffi::Error error = check_indices(idx, *lo, *hi, pat.cols, op, name);
+  if (error.failure()) return error;
+  for (int64_t p = *lo; p < *hi; ++p) off[p] = idx[p] * batch;
+  return ffi::Error::Success();
+}
+
 // y^T = W x^T.
 ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
@@ -47,15 +61,13 @@ ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
   const float* w = values.typed_data();
   float* y = yt->typed_data();
   return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) -> ffi::Error {
-    const int32_t* ptr = pat.row_ptr(t.slice);
-    const int32_t* idx = pat.col_idx(t.slice);
     int64_t* off = offsets.get() + t.slice * nnz;
-    const int64_t lo = ptr[t.begin], hi = ptr[t.end];
-    ffi::Error error = check_indices(idx, lo, hi, pat.cols, op, "pattern");
+    int64_t lo, hi;
+    ffi::Error error = task_offsets(pat, t, batch, off, op, "pattern", &lo, &hi);
     if (error.failure()) return error;
-    for (int64_t p = lo; p < hi; ++p) off[p] = idx[p] * batch;
-    k.spmm(ptr, off, w + slice_offset(vs, t.slice), x + slice_offset(xs, t.slice),
-           y + t.slice * ys.slice(), batch, batch, Grid{}, 0, 1, t.begin, t.end);
+    k.spmm(pat.row_ptr(t.slice), off, w + slice_offset(vs, t.slice),
+           x + slice_offset(xs, t.slice), y + t.slice * ys.slice(), batch, batch, Grid{}, 0, 1,
+           t.begin, t.end);
     return ffi::Error::Success();
   });
 }
@@ -94,22 +106,17 @@ ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
   const int32_t* perm = t_perm.typed_data();
   float* dx = dxt->typed_data();
   return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) -> ffi::Error {
-    const int32_t* ptr = pat.row_ptr(t.slice);
-    const int32_t* idx = pat.col_idx(t.slice);
     const int32_t* perm_v = perm + slice_offset(ps, t.slice);
     const float* w_v = w + slice_offset(vs, t.slice);
     int64_t* off = offsets.get() + t.slice * nnz;
     float* g = gathered.get() + t.slice * nnz;
-    const int64_t lo = ptr[t.begin], hi = ptr[t.end];
-    ffi::Error error = check_indices(idx, lo, hi, pat.cols, op, "transposed pattern");
+    int64_t lo, hi;
+    ffi::Error error = task_offsets(pat, t, batch, off, op, "transposed pattern", &lo, &hi);
     if (error.success())
       error = check_permutation(perm_v, lo, hi, nnz, op, "transposed permutation");
     if (error.failure()) return error;
-    for (int64_t p = lo; p < hi; ++p) {
-      off[p] = idx[p] * batch;
-      g[p] = w_v[perm_v[p]];
-    }
-    k.spmm(ptr, off, g, dy + slice_offset(dys, t.slice), dx + t.slice * dxs.slice(), batch,
+    for (int64_t p = lo; p < hi; ++p) g[p] = w_v[perm_v[p]];
+    k.spmm(pat.row_ptr(t.slice), off, g, dy + slice_offset(dys, t.slice), dx + t.slice * dxs.slice(), batch,
            batch, Grid{}, 0, 1, t.begin, t.end);
     return ffi::Error::Success();
   });
@@ -142,14 +149,11 @@ ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
   const float* x = xt.typed_data();
   float* dw = dvalues->typed_data();
   return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) -> ffi::Error {
-    const int32_t* ptr = pat.row_ptr(t.slice);
-    const int32_t* idx = pat.col_idx(t.slice);
     int64_t* off = offsets.get() + t.slice * nnz;
-    const int64_t lo = ptr[t.begin], hi = ptr[t.end];
-    ffi::Error error = check_indices(idx, lo, hi, pat.cols, op, "pattern");
+    int64_t lo, hi;
+    ffi::Error error = task_offsets(pat, t, batch, off, op, "pattern", &lo, &hi);
     if (error.failure()) return error;
-    for (int64_t p = lo; p < hi; ++p) off[p] = idx[p] * batch;
-    k.sddmm(ptr, off, dy + slice_offset(dys, t.slice), batch, x + slice_offset(xs, t.slice),
+    k.sddmm(pat.row_ptr(t.slice), off, dy + slice_offset(dys, t.slice), batch, x + slice_offset(xs, t.slice),
             dw + t.slice * ds.slice(), batch, Grid{}, t.begin, t.end);
     return ffi::Error::Success();
   });
