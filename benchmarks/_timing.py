@@ -246,6 +246,11 @@ def custom_call_targets(jitted: Callable[..., Any], *args: Any) -> list[str]:
     return re.findall(r'custom_call_target="([^"]+)"', text)
 
 
+def comma_list(parse_item):
+    """An argparse `type=` for comma-separated items, each read by `parse_item`."""
+    return lambda text: tuple(parse_item(s) for s in text.split(",") if s.strip())
+
+
 def add_common_arguments(parser, quick_help: str, default_sparsities) -> None:
     """The options both benchmarks take: sparsities, sampling, output, kernel switches."""
     parser.add_argument("--sparsities", type=parse_sparsities, default=None,

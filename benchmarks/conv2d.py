@@ -328,15 +328,11 @@ def parse_layer(text: str) -> Layer:
     return layer
 
 
-def parse_layers(text: str):
-    return tuple(parse_layer(s) for s in text.split(",") if s.strip())
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--layers", type=parse_layers, default=None,
+    parser.add_argument("--layers", type=_timing.comma_list(parse_layer), default=None,
                         help="comma-separated 3x3 layers HxWxCIN->COUT[/STRIDE], padding SAME "
                              "(default: " + ",".join(layer.label for layer in DEFAULT_LAYERS) + ")")
     parser.add_argument("--batch", type=int, default=None,

@@ -190,15 +190,11 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
-def parse_shapes(text: str):
-    return tuple(parse_shape(s) for s in text.split(",") if s.strip())
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--shapes", type=parse_shapes, default=None,
+    parser.add_argument("--shapes", type=_timing.comma_list(parse_shape), default=None,
                         help="comma-separated BATCHxINxOUT shapes (default: "
                              + ",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
     _timing.add_common_arguments(
