@@ -19,6 +19,8 @@ for _name, _capsule in _ext.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
 
 LINEAR_FORWARD = "sparseprop_linear_forward"
+LINEAR_FORWARD_RESIDUAL = "sparseprop_linear_forward_residual"
+LINEAR_BACKWARD = "sparseprop_linear_backward"
 LINEAR_INPUT_GRAD = "sparseprop_linear_input_grad"
 LINEAR_WEIGHT_GRAD = "sparseprop_linear_weight_grad"
 CONV_FORWARD = "sparseprop_conv_forward"

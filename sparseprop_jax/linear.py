@@ -1,9 +1,9 @@
 """`sparse_linear`: `x @ kernel + bias` with a sparse kernel, forward and backward in C++.
 
 Forward, input gradient and weight gradient each cost O(batch x nnz). The
-kernels want the batch as the minor dimension, so activations are transposed
-on the way in; the transposed input is kept as the residual for the weight
-gradient.
+kernels want the batch as the minor dimension; the C++ handlers transpose the
+activations themselves, and the forward hands back the transposed input as the
+residual for the weight gradient.
 """
 
 from __future__ import annotations
@@ -25,36 +25,58 @@ Array = jax.Array
 _VMAP_METHOD = "expand_dims"
 
 
-def _call(target: str, shape: tuple[int, ...], *operands: Array) -> Array:
-    result = jax.ShapeDtypeStruct(shape, jnp.float32)
+def _call(target: str, shapes, *operands: Array):
+    """One FFI call; `shapes` is one result shape or a tuple of them."""
+    if shapes and isinstance(shapes[0], tuple):
+        result = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+    else:
+        result = jax.ShapeDtypeStruct(shapes, jnp.float32)
     return jax.ffi.ffi_call(target, result, vmap_method=_VMAP_METHOD)(*operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _linear_2d(shape, x, values, indptr, indices, t_indptr, t_indices, t_perm):
-    y, _ = _linear_2d_fwd(shape, x, values, indptr, indices, t_indptr, t_indices, t_perm)
-    return y
+    return _call(_ffi.LINEAR_FORWARD, (x.shape[0], shape[1]), x, values, indptr, indices)
 
 
+# symbolic_zeros: the forward learns which of x and the values need a gradient
+# (`perturbed`), so a frozen weight costs no weight gradient and, more often,
+# an input that is data (the first layer) costs no input gradient.
 def _linear_2d_fwd(shape, x, values, indptr, indices, t_indptr, t_indices, t_perm):
+    want_dx, want_dw = x.perturbed, values.perturbed
+    x, values = x.value, values.value
+    pattern = tuple(a.value for a in (indptr, indices, t_indptr, t_indices, t_perm))
     batch = x.shape[0]
-    xt = x.T
-    yt = _call(_ffi.LINEAR_FORWARD, (shape[1], batch), xt, values, indptr, indices)
-    return yt.T, (xt, values, indptr, indices, t_indptr, t_indices, t_perm)
+    if want_dw:  # the weight gradient reads x^T, which the forward makes anyway
+        y, xt = _call(_ffi.LINEAR_FORWARD_RESIDUAL, ((batch, shape[1]), (shape[0], batch)),
+                      x, values, *pattern[:2])
+    else:
+        y, xt = _call(_ffi.LINEAR_FORWARD, (batch, shape[1]), x, values, *pattern[:2]), None
+    return y, (xt, values if want_dx else None, pattern)
 
 
 def _linear_2d_bwd(shape, residuals, dy):
-    xt, values, indptr, indices, t_indptr, t_indices, t_perm = residuals
-    batch = xt.shape[1]
-    dyt = dy.T
-    dxt = _call(_ffi.LINEAR_INPUT_GRAD, (shape[0], batch), dyt, values, t_indptr, t_indices,
-                t_perm)
-    dvalues = _call(_ffi.LINEAR_WEIGHT_GRAD, values.shape, dyt, xt, indptr, indices)
-    # The pattern is integer data: no cotangent.
-    return dxt.T, dvalues, None, None, None, None, None
+    xt, values, (indptr, indices, t_indptr, t_indices, t_perm) = residuals
+    # The pattern is integer data: no cotangent. None is a zero cotangent.
+    none = (None,) * 5
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+        return (None, None) + none
+    batch = dy.shape[0]
+    if xt is not None and values is not None:
+        dx, dvalues = _call(_ffi.LINEAR_BACKWARD, ((batch, shape[0]), (indices.shape[0],)),
+                            dy, xt, values, indptr, indices, t_indptr, t_indices, t_perm)
+        return (dx, dvalues) + none
+    if values is not None:
+        dx = _call(_ffi.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, t_indptr, t_indices,
+                   t_perm)
+        return (dx, None) + none
+    if xt is not None:
+        dvalues = _call(_ffi.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, xt, indptr, indices)
+        return (None, dvalues) + none
+    return (None, None) + none
 
 
-_linear_2d.defvjp(_linear_2d_fwd, _linear_2d_bwd)
+_linear_2d.defvjp(_linear_2d_fwd, _linear_2d_bwd, symbolic_zeros=True)
 
 
 def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None) -> Array:

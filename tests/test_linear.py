@@ -155,3 +155,37 @@ def test_results_do_not_depend_on_task_split(rng):
                 np.testing.assert_array_equal(got, want)
     finally:
         sp.set_tasks_per_call(0)
+
+
+@pytest.mark.parametrize("wrt", ["x", "values"])
+def test_gradient_of_one_argument_matches_dense(wrt, simd_path, rng):
+    # Only one operand is perturbed: forward keeps no unneeded residual and the
+    # backward runs just the input-gradient or just the weight-gradient kernel.
+    kernel = random_kernel(rng, 70, 45, 0.9)
+    weight = sp.SparseWeight.from_dense(kernel)
+    x = rng.standard_normal((19, 70)).astype(np.float32)
+    dy = rng.standard_normal((19, 45)).astype(np.float32)
+    _, dx_ref, dk_ref, _ = dense_reference(x, kernel, None, dy)
+
+    def loss(x, values):
+        return jnp.vdot(sp.sparse_linear(x, weight.with_values(values)), dy)
+
+    if wrt == "x":
+        assert_close(jax.jit(jax.grad(loss, argnums=0))(x, weight.values), dx_ref, 45)
+    else:
+        dvalues = jax.jit(jax.grad(loss, argnums=1))(x, weight.values)
+        assert_close(weight.with_values(dvalues).to_dense(), dk_ref * (kernel != 0), 19)
+
+
+def test_cotangent_of_unused_output_is_zero(rng):
+    # A symbolic-zero cotangent (the output does not reach the loss) gives zero gradients.
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 20, 12, 0.8))
+    x = rng.standard_normal((7, 20)).astype(np.float32)
+
+    def loss(x, values):
+        sp.sparse_linear(x, weight.with_values(values))
+        return jnp.sum(x) + jnp.sum(values)
+
+    dx, dvalues = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, weight.values)
+    np.testing.assert_array_equal(dx, np.ones_like(x))
+    np.testing.assert_array_equal(dvalues, np.ones_like(weight.values))

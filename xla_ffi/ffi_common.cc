@@ -1,7 +1,9 @@
 #include "ffi_common.h"
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
+#include <thread>
 
 #include "simd_dispatch.h"
 
@@ -171,26 +173,79 @@ int parallel_parts(ffi::ThreadPool& pool, int64_t flops) {
   return static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
 }
 
-ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
-                      std::function<ffi::Error(const Task&)> fn) {
-  if (tasks.size() <= 1) {
-    for (const Task& t : tasks) {
-      ffi::Error error = fn(t);
-      if (error.failure()) return failed(std::move(error));
+namespace {
+
+// The state of one run_phases call, shared by its workers.
+class PhaseRun {
+ public:
+  PhaseRun(std::vector<Phase> phases, int64_t workers) : phases_(std::move(phases)) {
+    for (const Phase& phase : phases_) {
+      total_ += static_cast<int64_t>(phase.tasks.size());
+      phase_end_.push_back(total_);
     }
-    ffi::Promise done;
-    ffi::Future future(done);
-    done.SetAvailable();
+    done_ = ffi::CountDownPromise(workers);
+  }
+
+  int64_t total() const { return total_; }
+  ffi::Future future() const { return ffi::Future(done_); }
+
+  // Claims and runs tasks until none is left, then counts itself done.
+  void work() {
+    ffi::Error error = ffi::Error::Success();
+    for (;;) {
+      const int64_t i = next_.fetch_add(1);
+      if (i >= total_ || failed_.load(std::memory_order_relaxed)) break;
+      size_t phase = 0;
+      while (i >= phase_end_[phase]) ++phase;
+      // Every task before this phase was claimed before task i, by a running
+      // worker: wait for them to finish.
+      const int64_t before = phase == 0 ? 0 : phase_end_[phase - 1];
+      while (finished_.load(std::memory_order_acquire) < before &&
+             !failed_.load(std::memory_order_relaxed))
+        std::this_thread::yield();
+      if (failed_.load(std::memory_order_relaxed)) break;
+      const int64_t first = phase == 0 ? 0 : phase_end_[phase - 1];
+      ffi::Error task_error = phases_[phase].fn(phases_[phase].tasks[i - first]);
+      if (task_error.failure()) {
+        failed_.store(true);
+        error = std::move(task_error);
+      }
+      finished_.fetch_add(1, std::memory_order_release);
+    }
+    done_.CountDown(1, error);
+  }
+
+ private:
+  std::vector<Phase> phases_;
+  std::vector<int64_t> phase_end_;  // tasks in this phase and the ones before
+  int64_t total_ = 0;
+  std::atomic<int64_t> next_{0}, finished_{0};
+  std::atomic<bool> failed_{false};
+  ffi::CountDownPromise done_;
+};
+
+}  // namespace
+
+ffi::Future run_phases(ffi::ThreadPool& pool, int workers, std::vector<Phase> phases) {
+  int64_t total = 0;
+  for (const Phase& phase : phases) total += static_cast<int64_t>(phase.tasks.size());
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(workers, total));
+  auto run = std::make_shared<PhaseRun>(std::move(phases), n);
+  ffi::Future future = run->future();
+  if (n == 1) {
+    run->work();
     return future;
   }
-  ffi::CountDownPromise remaining(static_cast<int64_t>(tasks.size()));
-  ffi::Future future(remaining);
-  auto shared_fn =
-      std::make_shared<const std::function<ffi::Error(const Task&)>>(std::move(fn));
-  for (const Task& t : tasks) {
-    pool.Schedule([shared_fn, t, remaining]() mutable { remaining.CountDown((*shared_fn)(t)); });
-  }
+  for (int64_t w = 0; w < n; ++w) pool.Schedule([run]() { run->work(); });
   return future;
+}
+
+ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
+                      std::function<ffi::Error(const Task&)> fn) {
+  const int workers = static_cast<int>(tasks.size());
+  std::vector<Phase> phases;
+  phases.push_back({std::move(tasks), std::move(fn)});
+  return run_phases(pool, workers, std::move(phases));
 }
 
 ffi::Future failed(ffi::Error error) {

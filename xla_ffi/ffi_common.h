@@ -133,9 +133,23 @@ void split_even(int64_t n, int64_t slice, int64_t group, int parts, std::vector<
 // (see tasks_per_call in simd_dispatch.h).
 int parallel_parts(ffi::ThreadPool& pool, int64_t flops);
 
-// Runs `fn` on every task, on the pool when there is more than one, and
-// returns a future that completes when all have run, with the first error a
-// task returned, if any. Tasks may run inline.
+// A set of tasks and the function that runs each of them.
+struct Phase {
+  std::vector<Task> tasks;
+  std::function<ffi::Error(const Task&)> fn;
+};
+
+// Runs the phases in order on up to `workers` workers on the pool (inline
+// when one suffices). Workers claim tasks one at a time in order; a task of
+// phase k starts only once every task of the earlier phases has finished, so
+// it may read what they wrote. A worker only ever waits for tasks that other
+// running workers have already claimed, so the wait is short and cannot
+// deadlock, and the handler never blocks a thread. Returns a future that
+// completes when all have run, with the first error a task returned, if any
+// (after an error, unclaimed tasks are skipped).
+ffi::Future run_phases(ffi::ThreadPool& pool, int workers, std::vector<Phase> phases);
+
+// run_phases with a single phase and one worker per task.
 ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
                       std::function<ffi::Error(const Task&)> fn);
 

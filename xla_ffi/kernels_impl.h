@@ -176,4 +176,57 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
   }
 }
 
-const KernelTable kKernels = {&spmm, &sddmm};
+// Columns per tile of the transpose: a tile's rows of dst stay in L1 while
+// the rows of src stream through it.
+constexpr int64_t kTransposeTile = 64;
+
+#if SPARSEPROP_SIMD_WIDTH >= 8
+typedef float vfloat8 __attribute__((vector_size(32)));
+
+// The 8 x 8 block at src (row stride ld_src) into dst (row stride ld_dst),
+// transposed in registers by three rounds of shuffles.
+static inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  vfloat8 a[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) __builtin_memcpy(&a[i], src + i * ld_src, sizeof(vfloat8));
+  for (int i = 0; i < 8; i += 2) {  // interleave row pairs
+    t[i] = __builtin_shufflevector(a[i], a[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(a[i], a[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {  // then pairs of pairs
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {  // then the 128-bit halves: columns i and i + 4
+    const vfloat8 lo = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    const vfloat8 hi = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    __builtin_memcpy(dst + i * ld_dst, &lo, sizeof lo);
+    __builtin_memcpy(dst + (i + 4) * ld_dst, &hi, sizeof hi);
+  }
+}
+constexpr int64_t kTransposeBlock = 8;
+#else
+constexpr int64_t kTransposeBlock = 1;
+#endif
+
+static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
+                      int64_t rows, int64_t col_begin, int64_t col_end) {
+  constexpr int64_t b = kTransposeBlock;
+  for (int64_t c0 = col_begin; c0 < col_end; c0 += kTransposeTile) {
+    const int64_t c1 = std::min(col_end, c0 + kTransposeTile);
+    int64_t r = 0;
+    for (; r + b <= rows; r += b) {
+      int64_t c = c0;
+#if SPARSEPROP_SIMD_WIDTH >= 8
+      for (; c + b <= c1; c += b) transpose8x8(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+#endif
+      for (; c < c1; ++c)
+        for (int64_t i = 0; i < b; ++i) dst[c * ld_dst + r + i] = src[(r + i) * ld_src + c];
+    }
+    for (; r < rows; ++r)
+      for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+  }
+}
+
+const KernelTable kKernels = {&spmm, &sddmm, &transpose};

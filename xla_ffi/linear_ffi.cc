@@ -1,11 +1,20 @@
 // XLA FFI handlers of the sparse linear layer. They decode and validate the
 // buffers, then schedule the kernels of sparse_kernels.h over XLA's pool.
 //
-// Activations travel feature-major with the batch minor ("transposed"):
-// x^T is [in, batch], y^T is [out, batch]. The weight W (out x in, i.e. the
-// transpose of Flax's (in, out) kernel) is stored in compressed rows, one row
-// per output feature; the input gradient uses the same nonzeros in compressed
-// columns plus a permutation into the values.
+// The caller's activations are batch-major: x is [batch, in], y is [batch,
+// out]. The kernels want the batch minor ("transposed": x^T is [in, batch])
+// so that one nonzero multiplies a contiguous run of the batch. The handlers
+// transpose on the way in and out themselves, in the same parallel tasks as
+// the products, instead of leaving separate transposes to XLA: each
+// separate op is one more pass over memory and one more thread-pool round
+// trip, which cost more than the products themselves at high sparsity.
+// The forward returns x^T as the residual the weight gradient reads.
+//
+// The weight W (out x in, i.e. the transpose of Flax's (in, out) kernel) is
+// stored in compressed rows, one row per output feature; the input gradient
+// uses the same nonzeros in compressed columns plus a permutation into the
+// values.
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -16,10 +25,27 @@
 namespace sparseprop {
 namespace {
 
-// The per-entry work of a task's rows that is O(nnz) per call (checking the
-// indices, turning them into kernel offsets, gathering permuted values) runs
-// inside the task, in parallel and just before the kernel reads the same
-// entries, instead of serially in the handler.
+// Output features computed per block before the block is transposed into the
+// batch-major output: bounds the block to about 64 KiB, so it is still in
+// cache when it is transposed.
+int64_t rows_per_block(int64_t batch) {
+  return std::max<int64_t>(8, (16384 / std::max<int64_t>(batch, 1)) / 8 * 8);
+}
+
+// out[b, r] = sum_p vals[p] * in_t[off[p] + b] over the entries of rows
+// r in [begin, end), written batch-major (row stride ld_out) through a
+// feature-major block buffer.
+void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int64_t* off,
+                      const float* vals, const float* in_t, int64_t batch, float* out,
+                      int64_t ld_out, int64_t begin, int64_t end) {
+  const int64_t block = rows_per_block(batch);
+  std::vector<float> buffer(std::max<int64_t>(1, block * batch));
+  for (int64_t r0 = begin; r0 < end; r0 += block) {
+    const int64_t n = std::min(block, end - r0);
+    k.spmm(indptr + r0, off, vals, in_t, buffer.data(), batch, batch, Grid{}, 0, 1, 0, n);
+    k.transpose(buffer.data(), batch, out + r0, ld_out, n, 0, batch);
+  }
+}
 
 // Checks the indices of the entries of task `t`'s rows and writes their kernel
 // offsets (index * batch) into `off`; returns the entries' range in `lo`, `hi`.
@@ -35,128 +61,250 @@ ffi::Error task_offsets(const Pattern& pat, const Task& t, int64_t batch, int64_
   return ffi::Error::Success();
 }
 
-// y^T = W x^T.
-ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt,
-                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                          ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> yt) {
+// Tasks transposing each of `count` slices of a batch x features matrix at
+// `src` into features x batch at `dst`, split over the features.
+Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_stack,
+                      float* dst, int64_t count, int parts) {
+  const int64_t batch = src_stack.dims[0], features = src_stack.dims[1];
+  Phase phase;
+  for (int64_t v = 0; v < count; ++v) split_even(features, v, 0, parts, &phase.tasks);
+  phase.fn = [=, &k](const Task& t) {
+    k.transpose(src + slice_offset(src_stack, t.slice), features, dst + t.slice * batch * features,
+                batch, batch, t.begin, t.end);
+    return ffi::Error::Success();
+  };
+  return phase;
+}
+
+// The forward, y = x W^T; x^T goes to `xt_out` if given, else to scratch.
+ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                           ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                           float* xt_out, ffi::Span<const int64_t> xt_dims) {
   constexpr const char* op = "sparse_linear forward";
   Stack ys, xs, vs;
-  SPARSEPROP_RETURN_IF_ERROR(decode_stack(yt->dimensions(), 2, op, "output", &ys));
-  const int64_t total = ys.count, batch = ys.dims[1];
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(xt.dimensions(), 2, total, op, "x^T", &xs));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], batch, op, "x^T batch size"));
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(y->dimensions(), 2, op, "output", &ys));
+  const int64_t total = ys.count, batch = ys.dims[0];
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 2, total, op, "x", &xs));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[0], batch, op, "x batch size"));
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  const int64_t n_in = xs.dims[1];
+  if (xt_out != nullptr) {
+    Stack ts;
+    SPARSEPROP_RETURN_IF_ERROR(decode_stack(xt_dims, 2, op, "x^T output", &ts));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(ts.count, total, op, "x^T output stack"));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(ts.dims[0], n_in, op, "x^T output rows"));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(ts.dims[1], batch, op, "x^T output batch size"));
+  }
   Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, ys.dims[0], xs.dims[0], total, op,
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, ys.dims[1], n_in, total, op,
                                             "pattern", &pat, /*indices_checked_by_tasks=*/true));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
-  std::vector<Task> tasks;
-  const int parts = parallel_parts(pool, total * batch * pat.nnz);
-  for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
   const KernelTable& k = active_kernels();
+  const int parts = parallel_parts(pool, total * batch * pat.nnz);
+  std::shared_ptr<float[]> xt_scratch;
+  if (xt_out == nullptr) {
+    xt_scratch = scratch<float>(total * n_in * batch);
+    xt_out = xt_scratch.get();
+  }
   const int64_t nnz = pat.nnz;
   auto offsets = scratch<int64_t>(total * nnz);
-  const float* x = xt.typed_data();
   const float* w = values.typed_data();
-  float* y = yt->typed_data();
-  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) -> ffi::Error {
+  const float* xt = xt_out;
+  float* out = y->typed_data();
+
+  std::vector<Phase> phases;
+  phases.push_back(transpose_phase(k, x.typed_data(), xs, xt_out, total, parts));
+  Phase products;
+  for (int64_t v = 0; v < total; ++v)
+    split_rows(pat.row_ptr(v), pat.rows, v, parts, &products.tasks);
+  products.fn = [=, &k](const Task& t) -> ffi::Error {
     int64_t* off = offsets.get() + t.slice * nnz;
     int64_t lo, hi;
     ffi::Error error = task_offsets(pat, t, batch, off, op, "pattern", &lo, &hi);
     if (error.failure()) return error;
-    k.spmm(pat.row_ptr(t.slice), off, w + slice_offset(vs, t.slice),
-           x + slice_offset(xs, t.slice), y + t.slice * ys.slice(), batch, batch, Grid{}, 0, 1,
-           t.begin, t.end);
+    (void)xt_scratch;  // kept alive until the tasks are done
+    spmm_batch_major(k, pat.row_ptr(t.slice), off, w + slice_offset(vs, t.slice),
+                     xt + t.slice * n_in * batch, batch, out + t.slice * ys.slice(), pat.rows,
+                     t.begin, t.end);
     return ffi::Error::Success();
-  });
+  };
+  phases.push_back(std::move(products));
+  return run_phases(pool, parts, std::move(phases));
 }
 
-// dx^T = W^T dy^T, iterating W by columns (the transposed pattern) so each row
-// of dx^T accumulates in registers; the values are gathered into that order.
-ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
+ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                          ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y) {
+  return linear_forward(pool, x, values, indptr, indices, y, nullptr, {});
+}
+
+ffi::Future LinearForwardResidual(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                                  ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
+                                  ffi::ResultBuffer<ffi::F32> xt) {
+  return linear_forward(pool, x, values, indptr, indices, y, xt->typed_data(),
+                        xt->dimensions());
+}
+
+// What one backward call computes; the handlers below fill the parts they
+// have. The input gradient needs the values and the transposed pattern, the
+// weight gradient x^T and the pattern.
+struct Backward {
+  ffi::Buffer<ffi::F32>* xt = nullptr;
+  ffi::Buffer<ffi::F32>* values = nullptr;
+  ffi::Buffer<ffi::S32>* indptr = nullptr;
+  ffi::Buffer<ffi::S32>* indices = nullptr;
+  ffi::Buffer<ffi::S32>* t_indptr = nullptr;
+  ffi::Buffer<ffi::S32>* t_indices = nullptr;
+  ffi::Buffer<ffi::S32>* t_perm = nullptr;
+  ffi::Result<ffi::Buffer<ffi::F32>>* dx = nullptr;
+  ffi::Result<ffi::Buffer<ffi::F32>>* dvalues = nullptr;
+};
+
+// dx = dy W (iterating W by columns, the transposed pattern, so each row of
+// dx^T accumulates in registers; the values are gathered into that order) and
+// dvalues[p] = <dy^T[n, :], x^T[m, :]> for every nonzero (n, m) of W. Both
+// read dy^T, transposed once in a first phase.
+ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, const Backward& b,
+                            const char* op) {
+  Stack dys;
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dy.dimensions(), 2, op, "dy", &dys));
+  const int64_t batch = dys.dims[0], n_out = dys.dims[1];
+  Stack dxs, ds, xts, vs, ps;
+  int64_t total = 0, n_in = 0;
+  if (b.dx != nullptr) {
+    SPARSEPROP_RETURN_IF_ERROR(decode_stack((*b.dx)->dimensions(), 2, op, "dx output", &dxs));
+    total = dxs.count;
+    n_in = dxs.dims[1];
+    SPARSEPROP_RETURN_IF_ERROR(check_size(dxs.dims[0], batch, op, "dx batch size"));
+  }
+  if (b.dvalues != nullptr) {
+    SPARSEPROP_RETURN_IF_ERROR(
+        decode_stack((*b.dvalues)->dimensions(), 1, op, "dvalues output", &ds));
+    if (b.dx != nullptr)
+      SPARSEPROP_RETURN_IF_ERROR(check_size(ds.count, total, op, "dvalues output stack"));
+    total = ds.count;
+    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.xt->dimensions(), 2, total, op, "x^T", &xts));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(xts.dims[1], batch, op, "x^T batch size"));
+    if (b.dx != nullptr)
+      SPARSEPROP_RETURN_IF_ERROR(check_size(xts.dims[0], n_in, op, "x^T rows"));
+    n_in = xts.dims[0];
+  }
+  SPARSEPROP_RETURN_IF_ERROR(check_stack_count(dys, total, op, "dy"));
+  Pattern pat, tpat;
+  if (b.dvalues != nullptr) {
+    SPARSEPROP_RETURN_IF_ERROR(decode_pattern(*b.indptr, *b.indices, n_out, n_in, total, op,
+                                              "pattern", &pat, /*indices_checked_by_tasks=*/true));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "dvalues output length"));
+  }
+  if (b.dx != nullptr) {
+    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.values->dimensions(), 1, total, op, "values", &vs));
+    SPARSEPROP_RETURN_IF_ERROR(
+        decode_operand(b.t_perm->dimensions(), 1, total, op, "transposed permutation", &ps));
+    SPARSEPROP_RETURN_IF_ERROR(decode_pattern(*b.t_indptr, *b.t_indices, n_in, n_out, total, op,
+                                              "transposed pattern", &tpat,
+                                              /*indices_checked_by_tasks=*/true));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], tpat.nnz, op, "values length"));
+    SPARSEPROP_RETURN_IF_ERROR(
+        check_size(ps.dims[0], tpat.nnz, op, "transposed permutation length"));
+    if (b.dvalues != nullptr)
+      SPARSEPROP_RETURN_IF_ERROR(check_size(tpat.nnz, pat.nnz, op, "transposed pattern nnz"));
+  }
+
+  const KernelTable& k = active_kernels();
+  const int64_t nnz = b.dx != nullptr ? tpat.nnz : pat.nnz;
+  const int passes = (b.dx != nullptr) + (b.dvalues != nullptr);
+  const int parts = parallel_parts(pool, passes * total * batch * nnz);
+  const int64_t dy_slices = dys.count;
+  auto dyt = scratch<float>(dy_slices * n_out * batch);
+  Stack dyts = dys;  // dy^T: same stacking, [n_out, batch] per slice
+  std::vector<Phase> phases;
+  phases.push_back(transpose_phase(k, dy.typed_data(), dys, dyt.get(), dy_slices, parts));
+
+  // Group 0: input-gradient tasks over the rows of the transposed pattern;
+  // group 1: weight-gradient tasks over the rows of the pattern.
+  Phase products;
+  std::vector<Task> group;
+  for (int64_t v = 0; v < total; ++v) {
+    if (b.dx != nullptr) split_rows(tpat.row_ptr(v), n_in, v, parts, &products.tasks);
+    if (b.dvalues != nullptr) {
+      group.clear();
+      split_rows(pat.row_ptr(v), n_out, v, parts, &group);
+      for (Task& t : group) t.group = 1;
+      products.tasks.insert(products.tasks.end(), group.begin(), group.end());
+    }
+  }
+  auto t_offsets = scratch<int64_t>(b.dx != nullptr ? total * nnz : 0);
+  auto gathered = scratch<float>(b.dx != nullptr ? total * nnz : 0);
+  auto offsets = scratch<int64_t>(b.dvalues != nullptr ? total * nnz : 0);
+  const float* w = b.dx != nullptr ? b.values->typed_data() : nullptr;
+  const int32_t* perm = b.dx != nullptr ? b.t_perm->typed_data() : nullptr;
+  const float* xt = b.dvalues != nullptr ? b.xt->typed_data() : nullptr;
+  float* dx = b.dx != nullptr ? (*b.dx)->typed_data() : nullptr;
+  float* dw = b.dvalues != nullptr ? (*b.dvalues)->typed_data() : nullptr;
+  const int64_t dx_slice = dxs.slice(), dw_slice = ds.slice();
+  products.fn = [=, &k](const Task& t) -> ffi::Error {
+    const float* dyt_v = dyt.get() + slice_offset(dyts, t.slice);
+    int64_t lo, hi;
+    if (t.group == 0) {
+      const int32_t* perm_v = perm + slice_offset(ps, t.slice);
+      const float* w_v = w + slice_offset(vs, t.slice);
+      int64_t* off = t_offsets.get() + t.slice * nnz;
+      float* g = gathered.get() + t.slice * nnz;
+      ffi::Error error = task_offsets(tpat, t, batch, off, op, "transposed pattern", &lo, &hi);
+      if (error.success())
+        error = check_permutation(perm_v, lo, hi, nnz, op, "transposed permutation");
+      if (error.failure()) return error;
+      for (int64_t p = lo; p < hi; ++p) g[p] = w_v[perm_v[p]];
+      spmm_batch_major(k, tpat.row_ptr(t.slice), off, g, dyt_v, batch, dx + t.slice * dx_slice,
+                       n_in, t.begin, t.end);
+      return ffi::Error::Success();
+    }
+    int64_t* off = offsets.get() + t.slice * nnz;
+    ffi::Error error = task_offsets(pat, t, batch, off, op, "pattern", &lo, &hi);
+    if (error.failure()) return error;
+    k.sddmm(pat.row_ptr(t.slice), off, dyt_v, batch, xt + slice_offset(xts, t.slice),
+            dw + t.slice * dw_slice, batch, Grid{}, t.begin, t.end);
+    return ffi::Error::Success();
+  };
+  phases.push_back(std::move(products));
+  return run_phases(pool, parts, std::move(phases));
+}
+
+ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                             ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
                             ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
-                            ffi::ResultBuffer<ffi::F32> dxt) {
-  constexpr const char* op = "sparse_linear input gradient";
-  Stack dxs, dys, vs, ps;
-  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dxt->dimensions(), 2, op, "output", &dxs));
-  const int64_t total = dxs.count, batch = dxs.dims[1];
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dyt.dimensions(), 2, total, op, "dy^T", &dys));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[1], batch, op, "dy^T batch size"));
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
-  SPARSEPROP_RETURN_IF_ERROR(
-      decode_operand(t_perm.dimensions(), 1, total, op, "transposed permutation", &ps));
-  Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, dxs.dims[0], dys.dims[0], total,
-                                            op, "transposed pattern", &pat,
-                                            /*indices_checked_by_tasks=*/true));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(ps.dims[0], pat.nnz, op, "transposed permutation length"));
-
-  std::vector<Task> tasks;
-  const int64_t nnz = pat.nnz;
-  const int parts = parallel_parts(pool, total * batch * nnz);
-  for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
-  const KernelTable& k = active_kernels();
-  auto offsets = scratch<int64_t>(total * nnz);
-  auto gathered = scratch<float>(total * nnz);
-  const float* dy = dyt.typed_data();
-  const float* w = values.typed_data();
-  const int32_t* perm = t_perm.typed_data();
-  float* dx = dxt->typed_data();
-  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) -> ffi::Error {
-    const int32_t* perm_v = perm + slice_offset(ps, t.slice);
-    const float* w_v = w + slice_offset(vs, t.slice);
-    int64_t* off = offsets.get() + t.slice * nnz;
-    float* g = gathered.get() + t.slice * nnz;
-    int64_t lo, hi;
-    ffi::Error error = task_offsets(pat, t, batch, off, op, "transposed pattern", &lo, &hi);
-    if (error.success())
-      error = check_permutation(perm_v, lo, hi, nnz, op, "transposed permutation");
-    if (error.failure()) return error;
-    for (int64_t p = lo; p < hi; ++p) g[p] = w_v[perm_v[p]];
-    k.spmm(pat.row_ptr(t.slice), off, g, dy + slice_offset(dys, t.slice), dx + t.slice * dxs.slice(), batch,
-           batch, Grid{}, 0, 1, t.begin, t.end);
-    return ffi::Error::Success();
-  });
+                            ffi::ResultBuffer<ffi::F32> dx) {
+  Backward b;
+  b.values = &values;
+  b.t_indptr = &t_indptr;
+  b.t_indices = &t_indices;
+  b.t_perm = &t_perm;
+  b.dx = &dx;
+  return linear_backward(pool, dy, b, "sparse_linear input gradient");
 }
 
-// dvalues[p] = <dy^T[n, :], x^T[m, :]> for every nonzero (n, m) of W.
-ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyt,
+ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                              ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::S32> indptr,
                              ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> dvalues) {
-  constexpr const char* op = "sparse_linear weight gradient";
-  Stack ds, dys, xs;
-  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dvalues->dimensions(), 1, op, "output", &ds));
-  const int64_t total = ds.count;
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dyt.dimensions(), 2, total, op, "dy^T", &dys));
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(xt.dimensions(), 2, total, op, "x^T", &xs));
-  const int64_t batch = dys.dims[1];
-  SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], batch, op, "x^T batch size"));
-  Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, dys.dims[0], xs.dims[0], total, op,
-                                            "pattern", &pat, /*indices_checked_by_tasks=*/true));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "output length"));
+  Backward b;
+  b.xt = &xt;
+  b.indptr = &indptr;
+  b.indices = &indices;
+  b.dvalues = &dvalues;
+  return linear_backward(pool, dy, b, "sparse_linear weight gradient");
+}
 
-  std::vector<Task> tasks;
-  const int64_t nnz = pat.nnz;
-  const int parts = parallel_parts(pool, total * batch * nnz);
-  for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
-  const KernelTable& k = active_kernels();
-  auto offsets = scratch<int64_t>(total * nnz);
-  const float* dy = dyt.typed_data();
-  const float* x = xt.typed_data();
-  float* dw = dvalues->typed_data();
-  return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) -> ffi::Error {
-    int64_t* off = offsets.get() + t.slice * nnz;
-    int64_t lo, hi;
-    ffi::Error error = task_offsets(pat, t, batch, off, op, "pattern", &lo, &hi);
-    if (error.failure()) return error;
-    k.sddmm(pat.row_ptr(t.slice), off, dy + slice_offset(dys, t.slice), batch, x + slice_offset(xs, t.slice),
-            dw + t.slice * ds.slice(), batch, Grid{}, t.begin, t.end);
-    return ffi::Error::Success();
-  });
+ffi::Future LinearBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                           ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> values,
+                           ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                           ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
+                           ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<ffi::F32> dx,
+                           ffi::ResultBuffer<ffi::F32> dvalues) {
+  Backward b{&xt, &values, &indptr, &indices, &t_indptr, &t_indices, &t_perm, &dx, &dvalues};
+  return linear_backward(pool, dy, b, "sparse_linear backward");
 }
 
 }  // namespace
@@ -168,6 +316,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForward, LinearForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForwardResidual, LinearForwardResidual,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearInputGrad, LinearInputGrad,
@@ -187,6 +345,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearWeightGrad, LinearWeightGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearBackward, LinearBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 }  // namespace sparseprop

@@ -41,6 +41,11 @@ struct KernelTable {
   void (*sddmm)(const int32_t* indptr, const int64_t* offsets, const float* rows,
                 int64_t ld_row, const float* in, float* out_values, int64_t length,
                 const Grid& grid, int64_t row_begin, int64_t row_end);
+
+  // Out-of-place transpose of the columns [col_begin, col_end) of a
+  // rows x cols matrix: dst[c * ld_dst + r] = src[r * ld_src + c].
+  void (*transpose)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
+                    int64_t rows, int64_t col_begin, int64_t col_end);
 };
 
 // One table per instruction set, each compiled in its own translation unit
