@@ -21,10 +21,9 @@
 
 namespace {
 
-using sparseprop::Grid;
 using sparseprop::KernelTable;
 
-// Compressed rows with per-entry kernel offsets (column * batch).
+// Compressed rows.
 struct Sparse {
   std::vector<int32_t> indptr;
   std::vector<int32_t> indices;
@@ -65,12 +64,6 @@ Sparse transpose(const Sparse& s, int64_t cols) {
   return t;
 }
 
-std::vector<int64_t> offsets_of(const Sparse& s, int64_t batch) {
-  std::vector<int64_t> o(s.indices.size());
-  for (size_t p = 0; p < o.size(); ++p) o[p] = s.indices[p] * batch;
-  return o;
-}
-
 template <typename F>
 double min_seconds(F&& f, int repeats) {
   f();  // warm caches and pages
@@ -94,7 +87,6 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
   std::mt19937 rng(0);
   const Sparse w = random_sparse(n_out, n_in, density, rng);  // rows: output features
   const Sparse wt = transpose(w, n_in);
-  const std::vector<int64_t> off = offsets_of(w, batch), t_off = offsets_of(wt, batch);
   std::normal_distribution<float> normal;
   std::vector<float> xt(n_in * batch), dyt(n_out * batch);
   for (float& v : xt) v = normal(rng);
@@ -111,24 +103,38 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
     const KernelTable& k = sparseprop::active_kernels();
     std::vector<float> yt(n_out * batch), dxt(n_in * batch), dv(w.values.size());
     const double fwd = min_seconds([&] {
-      k.spmm(w.indptr.data(), off.data(), w.values.data(), xt.data(), yt.data(), batch, batch,
-             Grid{}, 0, 1, 0, n_out);
+      k.spmm_indexed(w.indptr.data(), w.indices.data(), w.values.data(), xt.data(), yt.data(),
+                     batch, batch, 0, n_out);
     }, repeats);
     const double igrad = min_seconds([&] {
-      k.spmm(wt.indptr.data(), t_off.data(), wt.values.data(), dyt.data(), dxt.data(), batch,
-             batch, Grid{}, 0, 1, 0, n_in);
+      k.spmm_indexed(wt.indptr.data(), wt.indices.data(), wt.values.data(), dyt.data(),
+                     dxt.data(), batch, batch, 0, n_in);
     }, repeats);
     const double wgrad = min_seconds([&] {
-      k.sddmm(w.indptr.data(), off.data(), dyt.data(), batch, xt.data(), dv.data(), batch,
-              Grid{}, 0, n_out);
+      k.sddmm_indexed(w.indptr.data(), w.indices.data(), dyt.data(), xt.data(), dv.data(), batch,
+                      0, n_out);
     }, repeats);
+    // The handlers' layout changes: y^T (out x batch) back to batch-major y.
+    std::vector<float> y(batch * n_out);
+    const double transpose = min_seconds([&] {
+      k.transpose(yt.data(), batch, y.data(), n_out, n_out, 0, batch);
+    }, repeats);
+    std::vector<float> back(batch * n_out);
+    const double transpose_in = min_seconds([&] {
+      k.transpose(y.data(), n_out, back.data(), batch, batch, 0, n_out);
+    }, repeats);
+    bool transposed = back == yt;
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t o = 0; o < n_out; ++o) transposed &= y[b * n_out + o] == yt[o * batch + b];
     if (ref_y.empty()) {
       ref_y = yt, ref_dx = dxt, ref_dv = dv;
     }
     std::printf("  %-7s fwd %8.3f ms %6.1f GF/s | igrad %8.3f ms %6.1f GF/s | wgrad %8.3f ms "
-                "%6.1f GF/s | max diff vs first path %.1e %.1e %.1e\n",
+                "%6.1f GF/s | y^T->y %6.3f ms, back %6.3f ms%s | max diff vs first path %.1e %.1e "
+                "%.1e\n",
                 path.c_str(), fwd * 1e3, gflop / fwd, igrad * 1e3, gflop / igrad, wgrad * 1e3,
-                gflop / wgrad, max_abs_diff(yt, ref_y), max_abs_diff(dxt, ref_dx),
+                gflop / wgrad, transpose * 1e3, transpose_in * 1e3,
+                transposed ? "" : " WRONG", max_abs_diff(yt, ref_y), max_abs_diff(dxt, ref_dx),
                 max_abs_diff(dv, ref_dv));
   }
   sparseprop::set_simd_path("auto");

@@ -170,7 +170,9 @@ void split_even(int64_t n, int64_t slice, int64_t group, int parts, std::vector<
 int parallel_parts(ffi::ThreadPool& pool, int64_t flops) {
   if (tasks_per_call() > 0) return tasks_per_call();
   if (flops < kMinParallelFlops) return 1;
-  return static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+  // Two parts per thread: workers claim parts as they come free, so a thread
+  // that starts late or gets a slower part does not hold the others back.
+  return static_cast<int>(std::max<int64_t>(1, 2 * pool.num_threads()));
 }
 
 namespace {

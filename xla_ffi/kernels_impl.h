@@ -49,15 +49,40 @@ static inline float horizontal_sum(vfloat v) {
 #endif
 }
 
-// out[0 : V * kWidth] = sum_p values[p] * in[offsets[p] + (0 : V * kWidth)],
-// the output held in V registers across the whole row.
+// Entries ahead whose operand run is prefetched: the runs sit at scattered
+// rows (one per nonzero), which the hardware prefetchers cannot predict.
+constexpr int64_t kPrefetchDistance = 8;
+
+// Prefetches the V vectors at p (whole cache lines).
 template <int V>
-static inline void spmm_tile(int64_t lo, int64_t hi, const int64_t* offsets,
-                             const float* values, const float* in, float* out) {
+static inline void prefetch_run(const float* p) {
+  for (int v = 0; v < V * kWidth; v += 16) __builtin_prefetch(p + v);
+}
+
+// Where entry p's run starts in the dense operand: a precomputed offset
+// (convolutions: a shifted window) or its index times a stride (the linear
+// layer: computed on the fly, which spares an 8-byte-per-entry table that
+// would cost more memory traffic than the multiply).
+struct TableOffset {
+  const int64_t* offsets;
+  int64_t operator()(int64_t p) const { return offsets[p]; }
+};
+struct ScaledIndex {
+  const int32_t* indices;
+  int64_t stride;
+  int64_t operator()(int64_t p) const { return static_cast<int64_t>(indices[p]) * stride; }
+};
+
+// out[0 : V * kWidth] = sum_p values[p] * in[offset(p) + (0 : V * kWidth)],
+// the output held in V registers across the whole row.
+template <int V, typename Offset>
+static inline void spmm_tile(int64_t lo, int64_t hi, Offset offset, const float* values,
+                             const float* in, float* out) {
   vfloat acc[V];
   for (int v = 0; v < V; ++v) acc[v] = vfloat{};
   for (int64_t p = lo; p < hi; ++p) {
-    const float* src = in + offsets[p];
+    if (p + kPrefetchDistance < hi) prefetch_run<V>(in + offset(p + kPrefetchDistance));
+    const float* src = in + offset(p);
     const vfloat w = broadcast(values[p]);
     for (int v = 0; v < V; ++v) acc[v] += w * load(src + v * kWidth);
   }
@@ -65,22 +90,35 @@ static inline void spmm_tile(int64_t lo, int64_t hi, const int64_t* offsets,
 }
 
 // One sparse row times its runs, for a run of `length` floats.
-static inline void spmm_row(int64_t lo, int64_t hi, const int64_t* offsets,
-                            const float* values, const float* in, float* out,
-                            int64_t length) {
+template <typename Offset>
+static inline void spmm_row(int64_t lo, int64_t hi, Offset offset, const float* values,
+                            const float* in, float* out, int64_t length) {
   int64_t l = 0;
   for (; l + kMaxVectors * kWidth <= length; l += kMaxVectors * kWidth)
-    spmm_tile<kMaxVectors>(lo, hi, offsets, values, in + l, out + l);
+    spmm_tile<kMaxVectors>(lo, hi, offset, values, in + l, out + l);
   switch ((length - l) / kWidth) {
-    case 3: spmm_tile<3>(lo, hi, offsets, values, in + l, out + l); l += 3 * kWidth; break;
-    case 2: spmm_tile<2>(lo, hi, offsets, values, in + l, out + l); l += 2 * kWidth; break;
-    case 1: spmm_tile<1>(lo, hi, offsets, values, in + l, out + l); l += kWidth; break;
+    case 3: spmm_tile<3>(lo, hi, offset, values, in + l, out + l); l += 3 * kWidth; break;
+    case 2: spmm_tile<2>(lo, hi, offset, values, in + l, out + l); l += 2 * kWidth; break;
+    case 1: spmm_tile<1>(lo, hi, offset, values, in + l, out + l); l += kWidth; break;
     default: break;
   }
   for (; l < length; ++l) {
     float a = 0.0f;
-    for (int64_t p = lo; p < hi; ++p) a += values[p] * in[offsets[p] + l];
+    for (int64_t p = lo; p < hi; ++p) a += values[p] * in[offset(p) + l];
     out[l] = a;
+  }
+}
+
+template <typename Offset>
+static void spmm_rows(const int32_t* indptr, Offset offset, const float* values, const float* in,
+                      float* out, int64_t ld_row, int64_t length, const Grid& grid,
+                      int64_t q_begin, int64_t q_end, int64_t row_begin, int64_t row_end) {
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    const int64_t i = q / grid.n_inner, j = q % grid.n_inner;
+    const float* in_q = in + i * grid.in_outer + j * grid.in_inner;
+    float* out_q = out + i * grid.out_outer + j * grid.out_inner;
+    for (int64_t r = row_begin; r < row_end; ++r)
+      spmm_row(indptr[r], indptr[r + 1], offset, values, in_q, out_q + r * ld_row, length);
   }
 }
 
@@ -88,13 +126,15 @@ static void spmm(const int32_t* indptr, const int64_t* offsets, const float* val
                  const float* in, float* out, int64_t ld_row, int64_t length,
                  const Grid& grid, int64_t q_begin, int64_t q_end, int64_t row_begin,
                  int64_t row_end) {
-  for (int64_t q = q_begin; q < q_end; ++q) {
-    const int64_t i = q / grid.n_inner, j = q % grid.n_inner;
-    const float* in_q = in + i * grid.in_outer + j * grid.in_inner;
-    float* out_q = out + i * grid.out_outer + j * grid.out_inner;
-    for (int64_t r = row_begin; r < row_end; ++r)
-      spmm_row(indptr[r], indptr[r + 1], offsets, values, in_q, out_q + r * ld_row, length);
-  }
+  spmm_rows(indptr, TableOffset{offsets}, values, in, out, ld_row, length, grid, q_begin, q_end,
+            row_begin, row_end);
+}
+
+static void spmm_indexed(const int32_t* indptr, const int32_t* indices, const float* values,
+                         const float* in, float* out, int64_t ld_row, int64_t length,
+                         int64_t row_begin, int64_t row_end) {
+  spmm_rows(indptr, ScaledIndex{indices, length}, values, in, out, ld_row, length, Grid{}, 0, 1,
+            row_begin, row_end);
 }
 
 // Grid positions per block of the weight gradient. Every entry of the task's
@@ -107,9 +147,46 @@ constexpr int64_t kPositionBlock = 16;
 // cache-resident buffer (a chunk of rows walks the whole grid before the next).
 constexpr int64_t kEntryChunk = 2048;
 
+// Entries of one row taken together: they share the row's window of the
+// gradient, so each load of it serves kEntryGroup products, and their
+// kEntryGroup independent sums hide the multiply-add latency.
+constexpr int kEntryGroup = 4;
+
+// acc[e] += g[0 : length] * x[e][0 : length] lane-wise for e < kEntryGroup;
+// the last length % kWidth products go to tail[e].
+static inline void sddmm_group(const float* g, const float* const* x, int64_t length,
+                               vfloat* acc, float* tail) {
+  int64_t l = 0;
+  for (; l + kWidth <= length; l += kWidth) {
+    const vfloat gv = load(g + l);
+    for (int e = 0; e < kEntryGroup; ++e) acc[e] += gv * load(x[e] + l);
+  }
+  for (; l < length; ++l)
+    for (int e = 0; e < kEntryGroup; ++e) tail[e] += g[l] * x[e][l];
+}
+
+// The same for a single entry, with four accumulators of its own.
+static inline void sddmm_single(const float* g, const float* x, int64_t length, vfloat* acc,
+                                float* tail) {
+  vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t l = 0;
+  for (; l + 4 * kWidth <= length; l += 4 * kWidth) {
+    a0 += load(g + l) * load(x + l);
+    a1 += load(g + l + kWidth) * load(x + l + kWidth);
+    a2 += load(g + l + 2 * kWidth) * load(x + l + 2 * kWidth);
+    a3 += load(g + l + 3 * kWidth) * load(x + l + 3 * kWidth);
+  }
+  for (; l + kWidth <= length; l += kWidth) a0 += load(g + l) * load(x + l);
+  for (; l < length; ++l) *tail += g[l] * x[l];
+  *acc += (a0 + a1) + (a2 + a3);
+}
+
 // The weight gradient of the rows [row_begin, row_end) whose entries
-// [first, first + count) fit in one chunk.
-static void sddmm_chunk(const int32_t* indptr, const int64_t* offsets, const float* rows,
+// [first, first + count) fit in one chunk. A row's entries go in groups of
+// kEntryGroup from its start, then one by one: the order of every sum depends
+// only on the row, not on how rows are split into tasks.
+template <typename Offset>
+static void sddmm_chunk(const int32_t* indptr, Offset offset, const float* rows,
                         int64_t ld_row, const float* in, float* out_values, int64_t length,
                         const Grid& grid, int64_t row_begin, int64_t row_end,
                         vfloat* partial, float* tail) {
@@ -129,27 +206,27 @@ static void sddmm_chunk(const int32_t* indptr, const int64_t* offsets, const flo
       in_base[k] = in + i * grid.in_outer + j * grid.in_inner;
     }
     for (int64_t r = row_begin; r < row_end; ++r) {
-      for (int64_t p = indptr[r], hi = indptr[r + 1]; p < hi; ++p) {
-        vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        float t = 0.0f;
+      int64_t p = indptr[r];
+      const int64_t hi = indptr[r + 1];
+      for (; p + kEntryGroup <= hi; p += kEntryGroup) {
+        vfloat acc[kEntryGroup] = {};
+        float t[kEntryGroup] = {};
         for (int64_t k = 0; k < block; ++k) {
-          const float* g = row_base[k] + r * ld_row;
-          const float* x = in_base[k] + offsets[p];
-          int64_t l = 0;
-          for (; l + 4 * kWidth <= length; l += 4 * kWidth) {
-            a0 += load(g + l) * load(x + l);
-            a1 += load(g + l + kWidth) * load(x + l + kWidth);
-            a2 += load(g + l + 2 * kWidth) * load(x + l + 2 * kWidth);
-            a3 += load(g + l + 3 * kWidth) * load(x + l + 3 * kWidth);
-          }
-          for (; l + 2 * kWidth <= length; l += 2 * kWidth) {
-            a0 += load(g + l) * load(x + l);
-            a1 += load(g + l + kWidth) * load(x + l + kWidth);
-          }
-          for (; l + kWidth <= length; l += kWidth) a2 += load(g + l) * load(x + l);
-          for (; l < length; ++l) t += g[l] * x[l];
+          const float* x[kEntryGroup];
+          for (int e = 0; e < kEntryGroup; ++e) x[e] = in_base[k] + offset(p + e);
+          sddmm_group(row_base[k] + r * ld_row, x, length, acc, t);
         }
-        partial[p - first] += (a0 + a1) + (a2 + a3);
+        for (int e = 0; e < kEntryGroup; ++e) {
+          partial[p + e - first] += acc[e];
+          tail[p + e - first] += t[e];
+        }
+      }
+      for (; p < hi; ++p) {
+        vfloat acc = {};
+        float t = 0.0f;
+        for (int64_t k = 0; k < block; ++k)
+          sddmm_single(row_base[k] + r * ld_row, in_base[k] + offset(p), length, &acc, &t);
+        partial[p - first] += acc;
         tail[p - first] += t;
       }
     }
@@ -158,7 +235,8 @@ static void sddmm_chunk(const int32_t* indptr, const int64_t* offsets, const flo
     out_values[first + e] = horizontal_sum(partial[e]) + tail[e];
 }
 
-static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* rows,
+template <typename Offset>
+static void sddmm_rows(const int32_t* indptr, Offset offset, const float* rows,
                   int64_t ld_row, const float* in, float* out_values, int64_t length,
                   const Grid& grid, int64_t row_begin, int64_t row_end) {
   // Rows go in chunks of about kEntryChunk entries (at least one row); each
@@ -171,14 +249,24 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
   for (int64_t r0 = row_begin, r1; r0 < row_end; r0 = r1) {
     r1 = r0 + 1;
     while (r1 < row_end && indptr[r1 + 1] - indptr[r0] <= kEntryChunk) ++r1;
-    sddmm_chunk(indptr, offsets, rows, ld_row, in, out_values, length, grid, r0, r1,
+    sddmm_chunk(indptr, offset, rows, ld_row, in, out_values, length, grid, r0, r1,
                 partial.data(), tail.data());
   }
 }
 
-// Columns per tile of the transpose: a tile's rows of dst stay in L1 while
-// the rows of src stream through it.
-constexpr int64_t kTransposeTile = 64;
+static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* rows,
+                  int64_t ld_row, const float* in, float* out_values, int64_t length,
+                  const Grid& grid, int64_t row_begin, int64_t row_end) {
+  sddmm_rows(indptr, TableOffset{offsets}, rows, ld_row, in, out_values, length, grid, row_begin,
+             row_end);
+}
+
+static void sddmm_indexed(const int32_t* indptr, const int32_t* indices, const float* rows,
+                          const float* in, float* out_values, int64_t length, int64_t row_begin,
+                          int64_t row_end) {
+  sddmm_rows(indptr, ScaledIndex{indices, length}, rows, length, in, out_values, length, Grid{},
+             row_begin, row_end);
+}
 
 #if SPARSEPROP_SIMD_WIDTH >= 8
 typedef float vfloat8 __attribute__((vector_size(32)));
@@ -205,28 +293,46 @@ static inline void transpose8x8(const float* src, int64_t ld_src, float* dst, in
     __builtin_memcpy(dst + (i + 4) * ld_dst, &hi, sizeof hi);
   }
 }
-constexpr int64_t kTransposeBlock = 8;
+
+// The 16 x 16 block at src into dst: every source and destination row is
+// one whole 64-byte line, read or written at once. Walking 8 x 8 blocks
+// instead leaves half-used lines that must stay cached until their other
+// half is visited, and with row strides that are multiples of 4 KiB (e.g.
+// 1024 or 3072 features) all those lines fall in one cache set and evict
+// each other.
+static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
+                                  int64_t ld_dst) {
+  alignas(64) float block[16 * 16];
+  for (int i = 0; i < 16; ++i) __builtin_memcpy(block + 16 * i, src + i * ld_src, 64);
+  transpose8x8(block, 16, dst, ld_dst);
+  transpose8x8(block + 8 * 16, 16, dst + 8, ld_dst);
+  transpose8x8(block + 8, 16, dst + 8 * ld_dst, ld_dst);
+  transpose8x8(block + 8 * 16 + 8, 16, dst + 8 * ld_dst + 8, ld_dst);
+}
+constexpr int64_t kTransposeBlock = 16;
 #else
 constexpr int64_t kTransposeBlock = 1;
 #endif
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c in [col_begin,
+// col_end): whole blocks in registers, a column band of blocks at a time (so
+// the band's destination rows fill sequentially), the edges one by one.
 static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
                       int64_t rows, int64_t col_begin, int64_t col_end) {
   constexpr int64_t b = kTransposeBlock;
-  for (int64_t c0 = col_begin; c0 < col_end; c0 += kTransposeTile) {
-    const int64_t c1 = std::min(col_end, c0 + kTransposeTile);
-    int64_t r = 0;
-    for (; r + b <= rows; r += b) {
-      int64_t c = c0;
+  // Rows [0, in_blocks) go in blocks (none on the scalar path), the rest one by one.
+  const int64_t in_blocks = b > 1 ? rows / b * b : 0;
+  int64_t c0 = col_begin;
+  for (; c0 + b <= col_end; c0 += b) {
 #if SPARSEPROP_SIMD_WIDTH >= 8
-      for (; c + b <= c1; c += b) transpose8x8(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+    for (int64_t r = 0; r < in_blocks; r += b)
+      transpose16x16(src + r * ld_src + c0, ld_src, dst + c0 * ld_dst + r, ld_dst);
 #endif
-      for (; c < c1; ++c)
-        for (int64_t i = 0; i < b; ++i) dst[c * ld_dst + r + i] = src[(r + i) * ld_src + c];
-    }
-    for (; r < rows; ++r)
-      for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+    for (int64_t c = c0; c < c0 + b; ++c)
+      for (int64_t r = in_blocks; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
   }
+  for (; c0 < col_end; ++c0)
+    for (int64_t r = 0; r < rows; ++r) dst[c0 * ld_dst + r] = src[r * ld_src + c0];
 }
 
-const KernelTable kKernels = {&spmm, &sddmm, &transpose};
+const KernelTable kKernels = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &transpose};

@@ -32,33 +32,42 @@ int64_t rows_per_block(int64_t batch) {
   return std::max<int64_t>(8, (16384 / std::max<int64_t>(batch, 1)) / 8 * 8);
 }
 
-// out[b, r] = sum_p vals[p] * in_t[off[p] + b] over the entries of rows
-// r in [begin, end), written batch-major (row stride ld_out) through a
-// feature-major block buffer.
-void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int64_t* off,
-                      const float* vals, const float* in_t, int64_t batch, float* out,
-                      int64_t ld_out, int64_t begin, int64_t end) {
+// out[b, r] = sum_p value(p) * in_t[idx[p] * batch + b] over the entries p
+// of rows r in [begin, end), written batch-major (row stride ld_out) through
+// a feature-major block buffer; value(p) = vals[perm[p]] if perm, else
+// vals[p]. The permuted values (the input gradient walks the weight by
+// columns) are gathered a block at a time into a small buffer that stays in
+// cache, rather than into a reordered copy of all values.
+void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int32_t* idx,
+                      const float* vals, const int32_t* perm, const float* in_t, int64_t batch,
+                      float* out, int64_t ld_out, int64_t begin, int64_t end) {
   const int64_t block = rows_per_block(batch);
   std::vector<float> buffer(std::max<int64_t>(1, block * batch));
+  std::vector<int32_t> block_ptr(block + 1);
+  std::vector<float> block_vals;
   for (int64_t r0 = begin; r0 < end; r0 += block) {
     const int64_t n = std::min(block, end - r0);
-    k.spmm(indptr + r0, off, vals, in_t, buffer.data(), batch, batch, Grid{}, 0, 1, 0, n);
+    if (perm == nullptr) {
+      k.spmm_indexed(indptr + r0, idx, vals, in_t, buffer.data(), batch, batch, 0, n);
+    } else {
+      const int32_t lo = indptr[r0];
+      for (int64_t i = 0; i <= n; ++i) block_ptr[i] = indptr[r0 + i] - lo;
+      block_vals.resize(std::max<int32_t>(1, block_ptr[n]));
+      for (int32_t p = 0; p < block_ptr[n]; ++p) block_vals[p] = vals[perm[lo + p]];
+      k.spmm_indexed(block_ptr.data(), idx + lo, block_vals.data(), in_t, buffer.data(), batch,
+                     batch, 0, n);
+    }
     k.transpose(buffer.data(), batch, out + r0, ld_out, n, 0, batch);
   }
 }
 
-// Checks the indices of the entries of task `t`'s rows and writes their kernel
-// offsets (index * batch) into `off`; returns the entries' range in `lo`, `hi`.
-ffi::Error task_offsets(const Pattern& pat, const Task& t, int64_t batch, int64_t* off,
-                        const char* op, const char* name, int64_t* lo, int64_t* hi) {
-  const int32_t* ptr = pat.row_ptr(t.slice);
-  const int32_t* idx = pat.col_idx(t.slice);
-  *lo = ptr[t.begin];
-  *hi = ptr[t.end];
-  ffi::Error error = check_indices(idx, *lo, *hi, pat.cols, op, name);
-  if (error.failure()) return error;
-  for (int64_t p = *lo; p < *hi; ++p) off[p] = idx[p] * batch;
-  return ffi::Error::Success();
+// Checks the indices of the entries of task `t`'s rows (each task checks the
+// entries it reads); returns the entries' range in `lo`, `hi`.
+ffi::Error check_task_indices(const Pattern& pat, const Task& t, const char* op,
+                              const char* name, int64_t* lo, int64_t* hi) {
+  *lo = pat.row_ptr(t.slice)[t.begin];
+  *hi = pat.row_ptr(t.slice)[t.end];
+  return check_indices(pat.col_idx(t.slice), *lo, *hi, pat.cols, op, name);
 }
 
 // Tasks transposing each of `count` slices of a batch x features matrix at
@@ -108,8 +117,6 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     xt_scratch = scratch<float>(total * n_in * batch);
     xt_out = xt_scratch.get();
   }
-  const int64_t nnz = pat.nnz;
-  auto offsets = scratch<int64_t>(total * nnz);
   const float* w = values.typed_data();
   const float* xt = xt_out;
   float* out = y->typed_data();
@@ -120,14 +127,13 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t v = 0; v < total; ++v)
     split_rows(pat.row_ptr(v), pat.rows, v, parts, &products.tasks);
   products.fn = [=, &k](const Task& t) -> ffi::Error {
-    int64_t* off = offsets.get() + t.slice * nnz;
     int64_t lo, hi;
-    ffi::Error error = task_offsets(pat, t, batch, off, op, "pattern", &lo, &hi);
+    ffi::Error error = check_task_indices(pat, t, op, "pattern", &lo, &hi);
     if (error.failure()) return error;
     (void)xt_scratch;  // kept alive until the tasks are done
-    spmm_batch_major(k, pat.row_ptr(t.slice), off, w + slice_offset(vs, t.slice),
-                     xt + t.slice * n_in * batch, batch, out + t.slice * ys.slice(), pat.rows,
-                     t.begin, t.end);
+    spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), w + slice_offset(vs, t.slice),
+                     nullptr, xt + t.slice * n_in * batch, batch, out + t.slice * ys.slice(),
+                     pat.rows, t.begin, t.end);
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));
@@ -236,9 +242,6 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
       products.tasks.insert(products.tasks.end(), group.begin(), group.end());
     }
   }
-  auto t_offsets = scratch<int64_t>(b.dx != nullptr ? total * nnz : 0);
-  auto gathered = scratch<float>(b.dx != nullptr ? total * nnz : 0);
-  auto offsets = scratch<int64_t>(b.dvalues != nullptr ? total * nnz : 0);
   const float* w = b.dx != nullptr ? b.values->typed_data() : nullptr;
   const int32_t* perm = b.dx != nullptr ? b.t_perm->typed_data() : nullptr;
   const float* xt = b.dvalues != nullptr ? b.xt->typed_data() : nullptr;
@@ -250,23 +253,20 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
     int64_t lo, hi;
     if (t.group == 0) {
       const int32_t* perm_v = perm + slice_offset(ps, t.slice);
-      const float* w_v = w + slice_offset(vs, t.slice);
-      int64_t* off = t_offsets.get() + t.slice * nnz;
-      float* g = gathered.get() + t.slice * nnz;
-      ffi::Error error = task_offsets(tpat, t, batch, off, op, "transposed pattern", &lo, &hi);
+      ffi::Error error = check_task_indices(tpat, t, op, "transposed pattern", &lo, &hi);
       if (error.success())
         error = check_permutation(perm_v, lo, hi, nnz, op, "transposed permutation");
       if (error.failure()) return error;
-      for (int64_t p = lo; p < hi; ++p) g[p] = w_v[perm_v[p]];
-      spmm_batch_major(k, tpat.row_ptr(t.slice), off, g, dyt_v, batch, dx + t.slice * dx_slice,
-                       n_in, t.begin, t.end);
+      spmm_batch_major(k, tpat.row_ptr(t.slice), tpat.col_idx(t.slice),
+                       w + slice_offset(vs, t.slice), perm_v, dyt_v, batch,
+                       dx + t.slice * dx_slice, n_in, t.begin, t.end);
       return ffi::Error::Success();
     }
-    int64_t* off = offsets.get() + t.slice * nnz;
-    ffi::Error error = task_offsets(pat, t, batch, off, op, "pattern", &lo, &hi);
+    ffi::Error error = check_task_indices(pat, t, op, "pattern", &lo, &hi);
     if (error.failure()) return error;
-    k.sddmm(pat.row_ptr(t.slice), off, dyt_v, batch, xt + slice_offset(xts, t.slice),
-            dw + t.slice * dw_slice, batch, Grid{}, t.begin, t.end);
+    k.sddmm_indexed(pat.row_ptr(t.slice), pat.col_idx(t.slice), dyt_v,
+                    xt + slice_offset(xts, t.slice), dw + t.slice * dw_slice, batch, t.begin,
+                    t.end);
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));

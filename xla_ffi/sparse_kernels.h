@@ -42,6 +42,18 @@ struct KernelTable {
                 int64_t ld_row, const float* in, float* out_values, int64_t length,
                 const Grid& grid, int64_t row_begin, int64_t row_end);
 
+  // The linear layer's forms (a 1 x 1 grid over runs of `length` floats, the
+  // batch): entry p's run starts at indices[p] * length, so no offset table
+  // is needed:
+  //   out[r * ld_row + l] = sum_p values[p] * in[indices[p] * length + l];
+  //   out_values[p] = sum_l rows[r * length + l] * in[indices[p] * length + l].
+  void (*spmm_indexed)(const int32_t* indptr, const int32_t* indices, const float* values,
+                       const float* in, float* out, int64_t ld_row, int64_t length,
+                       int64_t row_begin, int64_t row_end);
+  void (*sddmm_indexed)(const int32_t* indptr, const int32_t* indices, const float* rows,
+                        const float* in, float* out_values, int64_t length,
+                        int64_t row_begin, int64_t row_end);
+
   // Out-of-place transpose of the columns [col_begin, col_end) of a
   // rows x cols matrix: dst[c * ld_dst + r] = src[r * ld_src + c].
   void (*transpose)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
