@@ -6,6 +6,10 @@ compiled and warmed up first (`Case.warm`), which also estimates its run time;
 schedule, so slow drifts of the machine (another process, frequency changes)
 hit all cases alike. Each sample is one call timed with `time.perf_counter`
 up to `jax.block_until_ready`. Report medians; nothing here asserts on speed.
+
+jax is imported lazily (when a case is made, or machine info is read), so the
+scripts that only read results (plot.py, thread_scaling.py) can use the table
+printer without loading jax, and `--threads` can be applied before jax starts.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-import jax
-
 
 class Case:
     """A function and its arguments, timed one call at a time."""
 
     def __init__(self, name: str, fn: Callable[..., Any], *args: Any):
+        import jax
+
+        self._block_until_ready = jax.block_until_ready
         self.name = name
         self.fn = fn
         self.args = args
@@ -37,7 +42,7 @@ class Case:
     def call(self) -> float:
         """Runs once and returns the seconds it took, output ready."""
         start = time.perf_counter()
-        jax.block_until_ready(self.fn(*self.args))
+        self._block_until_ready(self.fn(*self.args))
         return time.perf_counter() - start
 
     def warm(self, warmup_time: float = 0.05, min_calls: int = 2) -> float:
@@ -172,6 +177,7 @@ def _git_commit() -> Optional[str]:
 
 def machine_info() -> dict[str, Any]:
     """What the numbers depend on: CPU, cores, kernel path, versions, date."""
+    import jax
     import jaxlib
     import numpy as np
 
@@ -185,6 +191,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable,
+        # XLA's CPU thread pool (dense ops and the sparse kernels' tasks) has this many threads.
+        "threads": usable,
         "simd_path": sparseprop_jax.simd_path(),
         "supported_simd_paths": sparseprop_jax.supported_simd_paths(),
         "tasks_per_call": sparseprop_jax.tasks_per_call(),
@@ -203,7 +211,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def machine_summary(info: dict[str, Any]) -> str:
-    return (f"{info['cpu_model']}, {info['usable_cpus']}/{info['cpu_count']} cpus, "
+    threads = info["usable_cpus"]
+    return (f"{info['cpu_model']}, {threads}/{info['cpu_count']} cpus "
+            f"({threads} thread{'' if threads == 1 else 's'}), "
             f"simd={info['simd_path']}, tasks_per_call={info['tasks_per_call']}, "
             f"jax {info['jax']} / jaxlib {info['jaxlib']}, {info['date']}")
 
@@ -263,7 +273,18 @@ def add_common_arguments(parser, quick_help: str, default_sparsities) -> None:
     parser.add_argument("--max-repeats", type=int, default=10000,
                         help="maximum samples per measurement")
     parser.add_argument("--json", metavar="PATH", default=None,
-                        help="write the results and machine info to this JSON file")
+                        help="write the results and machine info to this JSON file (default: "
+                             "benchmarks/results/<name>.json, with a -1thread / -Nthreads "
+                             "suffix unless on 2 threads, for a run of the default "
+                             "configuration only)")
+    parser.add_argument("--no-json", action="store_true",
+                        help="write no JSON file, not even for a default run")
+    parser.add_argument("--plot", action="store_true",
+                        help="also write a PNG plot next to the JSON file (needs matplotlib)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="run on this many CPUs (sets the CPU affinity before jax is "
+                             "imported; XLA sizes its thread pool from it; default: all "
+                             "usable CPUs); targets are for 2")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--simd", choices=("auto", "avx512", "avx2", "scalar"), default=None,
                         help="force the kernel path (default: as loaded)")
@@ -271,3 +292,72 @@ def add_common_arguments(parser, quick_help: str, default_sparsities) -> None:
                         help="split each kernel call into N tasks, 1 = single thread "
                              "(default: as loaded, 0 = automatic)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def apply_kernel_options(args) -> None:
+    """`--simd` and `--tasks-per-call`, if given."""
+    import sparseprop_jax
+
+    if args.simd is not None:
+        sparseprop_jax.set_simd_path(args.simd)
+    if args.tasks_per_call is not None:
+        sparseprop_jax.set_tasks_per_call(args.tasks_per_call)
+
+
+def prepare_run(parser, args, benchmark: str, default_run: bool) -> tuple[int, Optional[str]]:
+    """Checks `--threads` and `--plot`, applies `--simd` / `--tasks-per-call`.
+
+    Returns the number of threads the run uses (the CPUs the process may run
+    on) and where to write its JSON results (None: nowhere).
+    """
+    import _threads
+
+    error = _threads.check(args.threads)
+    if error:
+        parser.error(error)
+    threads = _threads.usable()
+    path = json_path(args, benchmark, default_run, threads)
+    check_plot_option(parser, args, path)
+    apply_kernel_options(args)
+    return threads, path
+
+
+def json_path(args, benchmark: str, default_run: bool, threads: int) -> Optional[str]:
+    """Where to write the JSON results: `--json`, else the committed file for a default run.
+
+    A default run is one of the default configuration (not `--quick`, no
+    option changing what is measured), so quick and partial runs never
+    overwrite the committed results unless `--json` says so.
+    """
+    import _targets
+
+    if args.no_json:
+        return None
+    if args.json:
+        return args.json
+    return _targets.default_json_path(benchmark, threads) if default_run else None
+
+
+def finish(args, path: Optional[str], payload: dict) -> None:
+    """Writes the JSON results to `path` (if any) and, with `--plot`, the plot next to it."""
+    if path is None:
+        return
+    write_json(path, payload)
+    print(f"# wrote {path}", flush=True)
+    if args.plot:
+        import plot
+
+        print(f"# wrote {plot.plot_file(path)}", flush=True)
+
+
+def check_plot_option(parser, args, path: Optional[str]) -> None:
+    """`--plot` needs a JSON file to write the plot next to, and matplotlib."""
+    if not args.plot:
+        return
+    if path is None:
+        parser.error("--plot needs a JSON output: give --json PATH (quick and partial runs "
+                     "write none by default)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error("--plot needs matplotlib: pip install -e '.[bench]'")

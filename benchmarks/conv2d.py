@@ -25,8 +25,11 @@ Dense and sparse samples are interleaved; dense samples are pooled per layer
 as in `linear.py` (a dense-only block at the start, the samples taken
 alongside every sparsity, a dense-only block at the end).
 
-Run `python benchmarks/conv2d.py --help` for the options. No assertions on
-speed are made anywhere; the numbers are for reading.
+After the table, a summary per sparsity gives the geometric mean over the
+layers of the auto f+b speedup and the slowest layer, with the targets (see
+`_targets.py`; for the seven default layers at batch 32 on 2 threads). Run
+`python benchmarks/conv2d.py --help` for the options. No assertions on speed
+are made; the exit status does not depend on the targets.
 """
 
 from __future__ import annotations
@@ -42,13 +45,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _threads  # noqa: E402
+
+if __name__ == "__main__":
+    _threads.limit_from_argv()  # --threads N: before jax, which sizes its thread pool once
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+import _targets  # noqa: E402
 import _timing  # noqa: E402
-import sparseprop_jax  # noqa: E402
 from sparseprop_jax import SparseWeight, sparse_conv2d  # noqa: E402
 
 VARIANTS = ("batch", "width")
@@ -200,7 +208,11 @@ def make_inputs(layer: Layer, batch: int, key):
 
 
 def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, opts,
-                table: _timing.TablePrinter) -> list[dict]:
+                table: _timing.TablePrinter, evaluate: bool) -> list[dict]:
+    """Times one layer at every sparsity; prints and returns a row per sparsity.
+
+    `evaluate`: whether the targets apply (a run on 2 threads).
+    """
     x, kernel, ct, kw = make_inputs(layer, batch, key)
     dense = dense_fns(layer.stride)
     d_fb = _timing.Case("dense_fb", dense["fb"], x, kernel, ct)
@@ -240,20 +252,29 @@ def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, opts,
         med = {name: s["median_ms"] for name, s in stats.items()}
         dfb = dense_stats["dense_fb"]["median_ms"]
         best = min(VARIANTS, key=lambda v: med[f"{v}_fb"])
+        density = weight.nnz / math.prod(layer.kernel_shape)
+        auto_x = dfb / med["auto_fb"]
+        target = _targets.conv_layer_target(layer.label, batch, sparsity)
+        target_cell, met_cell, met = _targets.check(target, auto_x, evaluate)
         row = {
             "layer": layer.label, "h": layer.h, "w": layer.w, "in_channels": layer.cin,
             "out_channels": layer.cout, "stride": layer.stride, "out_hw": list(layer.out_hw),
             "batch": batch, "sparsity": sparsity, "nnz": weight.nnz,
-            "density": weight.nnz / math.prod(layer.kernel_shape),
+            "density": density,
             "dense_fb_ms": dfb, "batch_fb_ms": med["batch_fb"], "width_fb_ms": med["width_fb"],
             "auto_fb_ms": med["auto_fb"], "auto_variant": chosen, "best_variant": best,
-            "best_fb_speedup": dfb / med[f"{best}_fb"], "auto_fb_speedup": dfb / med["auto_fb"],
+            "best_fb_speedup": dfb / med[f"{best}_fb"], "auto_fb_speedup": auto_x,
+            "auto_efficiency": auto_x * density,
+            # This layer's own target (auto f+b speedup, for 2 threads; None: none here)
+            # and whether it is met (None: no target, or not a 2-thread run).
+            "auto_fb_target": None if target is None else str(target),
+            "auto_fb_target_met": met,
             # Against only the dense samples interleaved with this sparsity.
             "best_fb_speedup_local": med["dense_fb"] / med[f"{best}_fb"],
         }
         cells = [layer.label, "x".join(map(str, layer.out_hw)), sparsity, dfb,
                  med["batch_fb"], med["width_fb"], med["auto_fb"], chosen, best,
-                 dfb / med[f"{best}_fb"], dfb / med["auto_fb"]]
+                 dfb / med[f"{best}_fb"], auto_x, auto_x * density, target_cell, met_cell]
         if opts.fwd:
             dfwd = dense_stats["dense_fwd"]["median_ms"]
             best_fwd = min(VARIANTS, key=lambda v: med[f"{v}_fwd"])
@@ -274,6 +295,47 @@ def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, opts,
         table.row(cells)
         results.append(row)
     return results
+
+
+def summarize_sparsities(results: list[dict], layers, batch: int, sparsities,
+                         evaluate: bool) -> list[dict]:
+    """Per sparsity: geomean over the layers of the f+b speedups, the slowest layer, targets.
+
+    Prints a table and returns its rows (for the JSON output).
+    """
+    labels = [layer.label for layer in layers]
+    table = _timing.TablePrinter([
+        ("sparsity", 8, ".2f"), ("layers", 6, "d"), ("geomean auto x", 14, ".2f"),
+        ("geomean best x", 14, ".2f"), ("target", 6, "s"), ("met", 3, "s"),
+        ("min auto x", 10, ".2f"), ("slowest layer", 16, "s"), ("min target", 10, "s"),
+        ("min met", 7, "s")])
+    print(f"\n# per sparsity, over the {len(labels)} layers: geometric mean of the f+b speedups "
+          f"(auto, and best of batch/width) and the smallest auto f+b speedup")
+    print("# targets: geomean auto x (seven default layers, batch 32); min target = no layer "
+          "slower than dense")
+    table.header()
+    summary = []
+    for sparsity in sparsities:
+        rows = [r for r in results if math.isclose(r["sparsity"], sparsity, abs_tol=1e-12)]
+        geo_auto = _targets.geomean(r["auto_fb_speedup"] for r in rows)
+        geo_best = _targets.geomean(r["best_fb_speedup"] for r in rows)
+        slowest = min(rows, key=lambda r: r["auto_fb_speedup"])
+        geo_target = _targets.conv_geomean_target(labels, batch, sparsity)
+        min_target = _targets.conv_min_target(labels, batch, sparsity)
+        geo_cells = _targets.check(geo_target, geo_auto, evaluate)
+        min_cells = _targets.check(min_target, slowest["auto_fb_speedup"], evaluate)
+        table.row([sparsity, len(rows), geo_auto, geo_best, geo_cells[0], geo_cells[1],
+                   slowest["auto_fb_speedup"], slowest["layer"], min_cells[0], min_cells[1]])
+        summary.append({
+            "sparsity": sparsity, "layers": len(rows),
+            "geomean_auto_fb_speedup": geo_auto, "geomean_best_fb_speedup": geo_best,
+            "min_auto_fb_speedup": slowest["auto_fb_speedup"], "slowest_layer": slowest["layer"],
+            "geomean_target": None if geo_target is None else str(geo_target),
+            "geomean_target_met": geo_cells[2],
+            "min_target": None if min_target is None else str(min_target),
+            "min_target_met": min_cells[2],
+        })
+    return summary
 
 
 PASSES = ("fwd", "dx", "dw", "fb")
@@ -356,11 +418,12 @@ def main(argv=None) -> int:
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.4)
     if repeats < 1 or args.max_repeats < repeats or min_time < 0 or batch < 1:
         parser.error("need 1 <= --repeats <= --max-repeats, --min-time >= 0, --batch >= 1")
-    if args.simd is not None:
-        sparseprop_jax.set_simd_path(args.simd)
-    if args.tasks_per_call is not None:
-        sparseprop_jax.set_tasks_per_call(args.tasks_per_call)
+    default_run = not args.quick and not any(
+        (args.layers, args.sparsities, args.batch is not None, not args.fwd, args.simd,
+         args.tasks_per_call is not None))
+    threads, json_path = _timing.prepare_run(parser, args, "conv2d", default_run)
     timing = {"min_time": min_time, "min_repeats": repeats, "max_repeats": args.max_repeats}
+    evaluate = _targets.evaluates(threads)
 
     info = _timing.machine_info()
     print(f"# sparse_conv2d vs dense XLA conv: {_timing.machine_summary(info)}")
@@ -368,11 +431,14 @@ def main(argv=None) -> int:
           f"(~{min_time:g} s per measurement)")
     print("# f+b = jit(value_and_grad(loss)) w.r.t. x and weight, loss = vdot(y, ct): the "
           "forward and both backward products; fwd = jit(f)")
-    print("# speedup (x) = dense / sparse; best = faster of batch/width", flush=True)
+    print("# speedup (x) = dense / sparse; best = faster of batch/width; auto eff = auto x x "
+          "density; target = this layer's (auto x)")
+    print(_targets.note(threads), flush=True)
     columns = [("layer", 16, "s"), ("out", 5, "s"), ("sparsity", 8, ".2f"),
                ("dense f+b", 9, ".2f"), ("batch f+b", 9, ".2f"), ("width f+b", 9, ".2f"),
                ("auto f+b", 8, ".2f"), ("auto", 5, "s"), ("best", 5, "s"),
-               ("best x", 6, ".2f"), ("auto x", 6, ".2f")]
+               ("best x", 6, ".2f"), ("auto x", 6, ".2f"), ("auto eff", 8, ".2f"),
+               ("target", 6, "s"), ("met", 3, "s")]
     if args.fwd:
         columns += [("dense fwd", 9, ".2f"), ("batch fwd", 9, ".2f"), ("width fwd", 9, ".2f"),
                     ("fwd best x", 10, ".2f")]
@@ -384,9 +450,10 @@ def main(argv=None) -> int:
     layer_keys = jax.random.split(key, len(layers))
     results = []
     for layer, k in zip(layers, layer_keys):
-        results.extend(bench_layer(layer, sparsities, batch, k, timing, args, table))
+        results.extend(bench_layer(layer, sparsities, batch, k, timing, args, table, evaluate))
     elapsed = time.perf_counter() - start
     print(f"# {len(results)} configurations in {elapsed:.1f} s (times in ms)", flush=True)
+    summary = summarize_sparsities(results, layers, batch, sparsities, evaluate)
 
     passes = []
     if args.per_pass:
@@ -411,20 +478,22 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - start
         print(f"# total {elapsed:.1f} s", flush=True)
 
-    if args.json:
-        _timing.write_json(args.json, {
-            "benchmark": "conv2d",
-            "machine": info,
-            "config": {"layers": [dataclasses.asdict(layer) for layer in layers],
-                       "sparsities": list(sparsities), "batch": batch, "kernel_size": KSIZE,
-                       "padding": "SAME", "quick": args.quick, "seed": args.seed,
-                       "fwd": args.fwd, "fwdbwd": "value_and_grad",
-                       "rtol": RTOL, "atol_scale": ATOL_SCALE, **timing},
-            "elapsed_s": elapsed,
-            "results": results,
-            "per_pass": passes,
-        })
-        print(f"# wrote {args.json}")
+    _timing.finish(args, json_path, {
+        "benchmark": "conv2d",
+        "machine": info,
+        "threads": threads,
+        "targets_evaluated": evaluate,
+        "config": {"layers": [dataclasses.asdict(layer) for layer in layers],
+                   "sparsities": list(sparsities), "batch": batch, "kernel_size": KSIZE,
+                   "padding": "SAME", "quick": args.quick, "seed": args.seed,
+                   "threads": threads, "threads_requested": args.threads,
+                   "fwd": args.fwd, "fwdbwd": "value_and_grad",
+                   "rtol": RTOL, "atol_scale": ATOL_SCALE, **timing},
+        "elapsed_s": elapsed,
+        "results": results,
+        "summary": summary,
+        "per_pass": passes,
+    })
     return 0
 
 

@@ -10,34 +10,46 @@ For each shape (batch x in -> out) and sparsity it times, in one process:
     step. (Plain `grad` would not do: the gradient of this loss does not need
     `y`, so XLA would drop the forward from the compiled function.)
 
-Before timing a sparsity, the sparse output and both gradients are checked
-against dense XLA on the masked kernel, so a wrong result is never timed.
+  * BCSR forward: `jax.experimental.sparse.BCSR.fromdense(masked_kernel.T)`
+    applied as `(bcsr @ x.T).T` (jitted; the orientation that has JAX's native
+    CPU sparse-dense kernel), the forward the sparse one must beat from 90%.
+
+Before timing a sparsity, the sparse output and both gradients (and the BCSR
+output) are checked against dense XLA on the masked kernel, so a wrong result
+is never timed.
 
 Dense and sparse samples are interleaved. The dense functions do not depend on
 the sparsity, so their samples are pooled per shape: a dense-only block at
 the start, the dense samples taken alongside every sparsity, and a dense-only
 block at the end; the reported dense time is the median of all of them.
 
-Run `python benchmarks/linear.py --help` for the options. No assertions on
-speed are made anywhere; the numbers are for reading.
+Each row shows the f+b target of its shape and sparsity and whether it is met
+(see `_targets.py`; targets are for 2 threads, `--threads 2`). Run
+`python benchmarks/linear.py --help` for the options. No assertions on speed
+are made; the exit status does not depend on the targets.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _threads  # noqa: E402
+
+if __name__ == "__main__":
+    _threads.limit_from_argv()  # --threads N: before jax, which sizes its thread pool once
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import sparse as jsparse  # noqa: E402
 
+import _targets  # noqa: E402
 import _timing  # noqa: E402
-import sparseprop_jax  # noqa: E402
 from sparseprop_jax import SparseWeight, sparse_linear  # noqa: E402
 
 DEFAULT_SHAPES = ((256, 768, 3072), (256, 3072, 768), (64, 4096, 4096), (128, 512, 256))
@@ -64,6 +76,14 @@ dense_fwd = jax.jit(lambda x, kernel: x @ kernel)
 dense_fwdbwd = jax.jit(jax.value_and_grad(_dense_loss, argnums=(0, 1)))
 sparse_fwd = jax.jit(lambda x, weight: sparse_linear(x, weight))
 sparse_fwdbwd = jax.jit(jax.value_and_grad(_sparse_loss, argnums=(0, 1)))
+# BCSR (out x in) @ x.T is the product jax.experimental.sparse runs with its native CPU
+# kernel (other orientations fall back to a generic gather/scatter lowering).
+bcsr_fwd = jax.jit(lambda x, matrix: (matrix @ x.T).T)
+
+
+def to_bcsr(weight: SparseWeight) -> jsparse.BCSR:
+    """The masked kernel, transposed to (out, in), as a BCSR matrix."""
+    return jsparse.BCSR.fromdense(weight.to_dense().T, nse=weight.nnz)
 
 
 # -- correctness -------------------------------------------------------------
@@ -81,8 +101,8 @@ def _reference(x, weight, ct):
     return y, dx, dvalues
 
 
-def check_sparse(x, weight, ct, label: str) -> dict[str, float]:
-    """Raises SystemExit if sparse output or gradients disagree with dense XLA.
+def check_sparse(x, weight, bcsr, ct, label: str) -> dict[str, float]:
+    """Raises SystemExit if sparse output or gradients (or BCSR's output) disagree with XLA.
 
     Returns the worst error of each, relative to the reference's largest entry.
     """
@@ -90,14 +110,17 @@ def check_sparse(x, weight, ct, label: str) -> dict[str, float]:
     y = np.asarray(sparse_fwd(x, weight))
     _, grads = sparse_fwdbwd(x, weight.values, weight, ct)
     dx, dv = (np.asarray(a) for a in grads)
+    y_bcsr = np.asarray(bcsr_fwd(x, bcsr))
     errors = {}
-    for name, got, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dvalues", dv, dv_ref)):
+    for name, got, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dvalues", dv, dv_ref),
+                           ("bcsr_y", y_bcsr, y_ref)):
         scale = float(np.max(np.abs(ref))) or 1.0
         if got.shape != ref.shape or not np.allclose(got, ref, rtol=RTOL,
                                                      atol=ATOL_SCALE * scale):
             worst = (float(np.max(np.abs(got - ref))) if got.shape == ref.shape
                      else float("nan"))
-            raise SystemExit(f"{label}: sparse {name} disagrees with dense XLA "
+            who = "BCSR y" if name == "bcsr_y" else f"sparse {name}"
+            raise SystemExit(f"{label}: {who} disagrees with dense XLA "
                              f"(shape {got.shape} vs {ref.shape}, max abs error {worst:.3g}, "
                              f"reference scale {scale:.3g}); not timing a wrong result")
         errors[name] = float(np.max(np.abs(got - ref))) / scale
@@ -111,7 +134,21 @@ def shape_label(shape) -> str:
     return f"{batch}x{n_in}->{n_out}"
 
 
-def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinter) -> list[dict]:
+COLUMNS = [
+    ("shape", 14, "s"), ("sparsity", 8, ".2f"),
+    ("dense fwd ms", 12, ".3f"), ("sparse fwd ms", 13, ".3f"), ("fwd speedup", 11, ".2f"),
+    ("bcsr fwd ms", 11, ".3f"), ("vs bcsr", 7, ".2f"), ("beats bcsr", 10, "s"),
+    ("dense f+b ms", 12, ".3f"), ("sparse f+b ms", 13, ".3f"),
+    ("f+b speedup", 11, ".2f"), ("efficiency", 10, ".2f"), ("target", 6, "s"), ("met", 3, "s"),
+]
+
+
+def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinter,
+                evaluate: bool) -> list[dict]:
+    """Times one shape at every sparsity; prints and returns a row per sparsity.
+
+    `evaluate`: whether the targets apply (a run on 2 threads).
+    """
     batch, n_in, n_out = shape
     kx, kk, kc, kw = jax.random.split(key, 4)
     x = jax.random.normal(kx, (batch, n_in), jnp.float32)
@@ -132,31 +169,45 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
     for sparsity, k in zip(sparsities, jax.random.split(kw, len(sparsities))):
         label = f"{shape_label(shape)} sparsity {sparsity}"
         weight = SparseWeight.random((n_in, n_out), sparsity, k)
-        errors = check_sparse(x, weight, ct, label)
+        bcsr = to_bcsr(weight)
+        errors = check_sparse(x, weight, bcsr, ct, label)
         s_fwd = _timing.Case("sparse_fwd", sparse_fwd, x, weight)
         s_fb = _timing.Case("sparse_fwdbwd", sparse_fwdbwd, x, weight.values, weight, ct)
-        samples = _timing.run_interleaved([d_fwd, s_fwd, d_fb, s_fb], **timing)
+        b_fwd = _timing.Case("bcsr_fwd", bcsr_fwd, x, bcsr)
+        samples = _timing.run_interleaved([d_fwd, s_fwd, b_fwd, d_fb, s_fb], **timing)
         add_dense(samples)
-        measured.append((sparsity, weight, errors, samples, s_fwd, s_fb))
+        measured.append((sparsity, weight, bcsr, errors, samples, s_fwd, s_fb, b_fwd))
 
     add_dense(_timing.run_interleaved([d_fwd, d_fb], **timing))
     dense = {name: _timing.summarize(s) for name, s in pooled.items()}
 
     results = []
-    for sparsity, weight, errors, samples, s_fwd, s_fb in measured:
+    for sparsity, weight, bcsr, errors, samples, s_fwd, s_fb, b_fwd in measured:
         stats = {name: _timing.summarize(s) for name, s in samples.items()}
         dfwd = dense["dense_fwd"]["median_ms"]
         dfb = dense["dense_fwdbwd"]["median_ms"]
         sfwd = stats["sparse_fwd"]["median_ms"]
         sfb = stats["sparse_fwdbwd"]["median_ms"]
+        bfwd = stats["bcsr_fwd"]["median_ms"]
         density = weight.nnz / (n_in * n_out)
+        target = _targets.linear_fb_target(shape, sparsity)
+        fb_target, fb_met_cell, fb_met = _targets.check(target, dfb / sfb, evaluate)
+        _, bcsr_met_cell, bcsr_met = _targets.check(
+            _targets.linear_bcsr_target(sparsity), bfwd / sfwd, evaluate)
         result = {
             "batch": batch, "in_features": n_in, "out_features": n_out,
             "sparsity": sparsity, "nnz": weight.nnz, "density": density,
-            "dense_fwd_ms": dfwd, "sparse_fwd_ms": sfwd,
+            "dense_fwd_ms": dfwd, "sparse_fwd_ms": sfwd, "bcsr_fwd_ms": bfwd,
             "dense_fwdbwd_ms": dfb, "sparse_fwdbwd_ms": sfb,
             "fwd_speedup": dfwd / sfwd, "fwdbwd_speedup": dfb / sfb,
             "efficiency": dfb / sfb * density,
+            # BCSR forward time / sparse forward time (> 1: the sparse forward is faster).
+            "fwd_vs_bcsr": bfwd / sfwd,
+            # The f+b speedup target (for 2 threads; None: none here) and whether it
+            # and the BCSR target are met (None: no target, or not a 2-thread run).
+            "fwdbwd_target": None if target is None else str(target),
+            "fwdbwd_target_met": fb_met,
+            "beats_bcsr_target_met": bcsr_met,
             # Against only the dense samples interleaved with this sparsity (less
             # affected by slow drifts, fewer samples).
             "fwd_speedup_local": stats["dense_fwd"]["median_ms"] / sfwd,
@@ -164,16 +215,29 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
             "dense_pooled": dense,
             "stats": stats,  # this sparsity's interleaved samples, dense ones included
             "compile_s": {"sparse_fwd": s_fwd.compile_s, "sparse_fwdbwd": s_fb.compile_s,
+                          "bcsr_fwd": b_fwd.compile_s,
                           "dense_fwd": d_fwd.compile_s, "dense_fwdbwd": d_fb.compile_s},
             "max_rel_error": errors,
             # The FFI kernels in the compiled sparse fwd+bwd (forward included).
             "fwdbwd_custom_calls": _timing.custom_call_targets(
                 sparse_fwdbwd, x, weight.values, weight, ct),
+            # The kernel BCSR's forward runs (JAX's native CPU CSR x dense product).
+            "bcsr_fwd_custom_calls": _timing.custom_call_targets(bcsr_fwd, x, bcsr),
         }
-        table.row([shape_label(shape), sparsity, dfwd, sfwd, dfwd / sfwd, dfb, sfb, dfb / sfb,
-                   dfb / sfb * density])
+        table.row([shape_label(shape), sparsity, dfwd, sfwd, dfwd / sfwd, bfwd, bfwd / sfwd,
+                   bcsr_met_cell, dfb, sfb, dfb / sfb, dfb / sfb * density, fb_target,
+                   fb_met_cell])
         results.append(result)
     return results
+
+
+def print_summary(results: list[dict]) -> None:
+    """How many targets were met (only targets that were evaluated count)."""
+    for key, what in (("fwdbwd_target_met", "f+b speedup targets"),
+                      ("beats_bcsr_target_met", "forward faster than BCSR (from 90%)")):
+        checked = [r[key] for r in results if r[key] is not None]
+        if checked:
+            print(f"# {what}: {sum(checked)}/{len(checked)} met")
 
 
 # -- command line ------------------------------------------------------------
@@ -207,49 +271,45 @@ def main(argv=None) -> int:
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.4)
     if repeats < 1 or args.max_repeats < repeats or min_time < 0:
         parser.error("need 1 <= --repeats <= --max-repeats and --min-time >= 0")
-    if args.simd is not None:
-        sparseprop_jax.set_simd_path(args.simd)
-    if args.tasks_per_call is not None:
-        sparseprop_jax.set_tasks_per_call(args.tasks_per_call)
+    default_run = not args.quick and not any(
+        (args.shapes, args.sparsities, args.simd, args.tasks_per_call is not None))
+    threads, json_path = _timing.prepare_run(parser, args, "linear", default_run)
     timing = {"min_time": min_time, "min_repeats": repeats, "max_repeats": args.max_repeats}
+    evaluate = _targets.evaluates(threads)
 
     info = _timing.machine_info()
     print(f"# sparse_linear vs dense XLA: {_timing.machine_summary(info)}")
     print(f"# medians of >= {repeats} samples (~{min_time:g} s per measurement); "
           f"fwd = jit(f); efficiency = f+b speedup x density")
     print("# f+b = jit(value_and_grad(loss)) w.r.t. x and weight, loss = vdot(y, ct): "
-          "the forward and both backward products", flush=True)
-    table = _timing.TablePrinter([
-        ("shape", 14, "s"), ("sparsity", 8, ".2f"),
-        ("dense fwd ms", 12, ".3f"), ("sparse fwd ms", 13, ".3f"), ("fwd speedup", 11, ".2f"),
-        ("dense f+b ms", 12, ".3f"), ("sparse f+b ms", 13, ".3f"),
-        ("f+b speedup", 11, ".2f"), ("efficiency", 10, ".2f"),
-    ])
+          "the forward and both backward products")
+    print("# bcsr fwd = jax.experimental.sparse BCSR (out x in) @ x.T; vs bcsr = bcsr fwd / "
+          "sparse fwd; beats bcsr: target > 1x from 90%")
+    print(_targets.note(threads), flush=True)
+    table = _timing.TablePrinter(COLUMNS)
     table.header()
 
     start = time.perf_counter()
     key = jax.random.key(args.seed)
     results = []
     for shape, k in zip(shapes, jax.random.split(key, len(shapes))):
-        results.extend(bench_shape(shape, sparsities, k, timing, table))
+        results.extend(bench_shape(shape, sparsities, k, timing, table, evaluate))
     elapsed = time.perf_counter() - start
     print(f"# {len(results)} configurations in {elapsed:.1f} s", flush=True)
+    print_summary(results)
 
-    if args.json:
-        payload = {
-            "benchmark": "linear",
-            "machine": info,
-            "config": {"shapes": [list(s) for s in shapes], "sparsities": list(sparsities),
-                       "quick": args.quick, "seed": args.seed,
-                       "rtol": RTOL, "atol_scale": ATOL_SCALE, **timing},
-            "elapsed_s": elapsed,
-            "results": results,
-        }
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"# wrote {args.json}")
+    _timing.finish(args, json_path, {
+        "benchmark": "linear",
+        "machine": info,
+        "threads": threads,
+        "targets_evaluated": evaluate,
+        "config": {"shapes": [list(s) for s in shapes], "sparsities": list(sparsities),
+                   "quick": args.quick, "seed": args.seed, "threads": threads,
+                   "threads_requested": args.threads,
+                   "rtol": RTOL, "atol_scale": ATOL_SCALE, **timing},
+        "elapsed_s": elapsed,
+        "results": results,
+    })
     return 0
 
 
