@@ -180,15 +180,17 @@ namespace {
 // The state of one run_phases call, shared by its workers.
 class PhaseRun {
  public:
-  PhaseRun(std::vector<Phase> phases, int64_t workers) : phases_(std::move(phases)) {
+  // At most `workers` workers, and no more than there are tasks (at least one).
+  PhaseRun(std::vector<Phase> phases, int workers) : phases_(std::move(phases)) {
     for (const Phase& phase : phases_) {
       total_ += static_cast<int64_t>(phase.tasks.size());
       phase_end_.push_back(total_);
     }
-    done_ = ffi::CountDownPromise(workers);
+    workers_ = std::max<int64_t>(1, std::min<int64_t>(workers, total_));
+    done_ = ffi::CountDownPromise(workers_);
   }
 
-  int64_t total() const { return total_; }
+  int64_t workers() const { return workers_; }
   ffi::Future future() const { return ffi::Future(done_); }
 
   // Claims and runs tasks until none is left, then counts itself done.
@@ -201,12 +203,11 @@ class PhaseRun {
       while (i >= phase_end_[phase]) ++phase;
       // Every task before this phase was claimed before task i, by a running
       // worker: wait for them to finish.
-      const int64_t before = phase == 0 ? 0 : phase_end_[phase - 1];
-      while (finished_.load(std::memory_order_acquire) < before &&
+      const int64_t first = phase == 0 ? 0 : phase_end_[phase - 1];
+      while (finished_.load(std::memory_order_acquire) < first &&
              !failed_.load(std::memory_order_relaxed))
         std::this_thread::yield();
       if (failed_.load(std::memory_order_relaxed)) break;
-      const int64_t first = phase == 0 ? 0 : phase_end_[phase - 1];
       ffi::Error task_error = phases_[phase].fn(phases_[phase].tasks[i - first]);
       if (task_error.failure()) {
         failed_.store(true);
@@ -220,7 +221,7 @@ class PhaseRun {
  private:
   std::vector<Phase> phases_;
   std::vector<int64_t> phase_end_;  // tasks in this phase and the ones before
-  int64_t total_ = 0;
+  int64_t total_ = 0, workers_ = 1;
   std::atomic<int64_t> next_{0}, finished_{0};
   std::atomic<bool> failed_{false};
   ffi::CountDownPromise done_;
@@ -229,16 +230,13 @@ class PhaseRun {
 }  // namespace
 
 ffi::Future run_phases(ffi::ThreadPool& pool, int workers, std::vector<Phase> phases) {
-  int64_t total = 0;
-  for (const Phase& phase : phases) total += static_cast<int64_t>(phase.tasks.size());
-  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(workers, total));
-  auto run = std::make_shared<PhaseRun>(std::move(phases), n);
+  auto run = std::make_shared<PhaseRun>(std::move(phases), workers);
   ffi::Future future = run->future();
-  if (n == 1) {
+  if (run->workers() == 1) {
     run->work();
     return future;
   }
-  for (int64_t w = 0; w < n; ++w) pool.Schedule([run]() { run->work(); });
+  for (int64_t w = 0; w < run->workers(); ++w) pool.Schedule([run]() { run->work(); });
   return future;
 }
 
