@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 
 try:
     from sparseprop_jax import _sparseprop_jax_ffi as _ext
@@ -30,3 +31,21 @@ CONV_WEIGHT_GRAD = "sparseprop_conv_weight_grad"
 # SPARSEPROP_JAX_SIMD=scalar|avx2|avx512|auto picks the kernel path at import.
 if os.environ.get("SPARSEPROP_JAX_SIMD"):
     _ext.set_simd_path(os.environ["SPARSEPROP_JAX_SIMD"])
+
+
+# vmap: batched operands get their vmap dims in front and unbatched ones size-1
+# dims there; the handlers loop over those leading dims, broadcasting size 1.
+_VMAP_METHOD = "expand_dims"
+
+
+def call(target: str, shapes, *operands: jax.Array, **attrs):
+    """One float32 FFI call; `shapes` is one result shape or a tuple of them.
+
+    Every custom call of the package goes through here, so how results are
+    declared (shape, dtype, vmap rule) lives in one place.
+    """
+    if shapes and isinstance(shapes[0], tuple):
+        result = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+    else:
+        result = jax.ShapeDtypeStruct(shapes, jnp.float32)
+    return jax.ffi.ffi_call(target, result, vmap_method=_VMAP_METHOD)(*operands, **attrs)

@@ -132,12 +132,6 @@ class _Geometry:
         return jnp.pad(dyl, ((0, 0), (0, 0), rows, cols))
 
 
-def _call(target: str, shape: tuple[int, ...], geometry: _Geometry, *operands: Array) -> Array:
-    result = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return jax.ffi.ffi_call(target, result, vmap_method="expand_dims")(*operands,
-                                                                        **geometry.attrs)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
     y, _ = _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm)
@@ -146,7 +140,8 @@ def _conv(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
 
 def _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
     xl = geometry.input_to_layout(x)
-    yl = _call(_ffi.CONV_FORWARD, geometry.output_shape(), geometry, xl, values, indptr, indices)
+    yl = _ffi.call(_ffi.CONV_FORWARD, geometry.output_shape(), xl, values, indptr, indices,
+                   **geometry.attrs)
     return geometry.output_from_layout(yl), (xl, values, indptr, indices, t_indptr, t_indices,
                                              t_perm)
 
@@ -154,9 +149,10 @@ def _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm)
 def _conv_bwd(geometry, residuals, dy):
     xl, values, indptr, indices, t_indptr, t_indices, t_perm = residuals
     dyl = geometry.output_to_layout(dy)
-    dvalues = _call(_ffi.CONV_WEIGHT_GRAD, values.shape, geometry, dyl, xl, indptr, indices)
-    dxl = _call(_ffi.CONV_INPUT_GRAD, xl.shape, geometry, geometry.padded_output_grad(dyl),
-                values, t_indptr, t_indices, t_perm)
+    dvalues = _ffi.call(_ffi.CONV_WEIGHT_GRAD, values.shape, dyl, xl, indptr, indices,
+                        **geometry.attrs)
+    dxl = _ffi.call(_ffi.CONV_INPUT_GRAD, xl.shape, geometry.padded_output_grad(dyl),
+                    values, t_indptr, t_indices, t_perm, **geometry.attrs)
     return geometry.input_from_layout(dxl), dvalues, None, None, None, None, None
 
 

@@ -20,23 +20,9 @@ from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 Array = jax.Array
 
-# vmap: batched operands get their vmap dims in front and unbatched ones size-1
-# dims there; the handlers loop over those leading dims, broadcasting size 1.
-_VMAP_METHOD = "expand_dims"
-
-
-def _call(target: str, shapes, *operands: Array):
-    """One FFI call; `shapes` is one result shape or a tuple of them."""
-    if shapes and isinstance(shapes[0], tuple):
-        result = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
-    else:
-        result = jax.ShapeDtypeStruct(shapes, jnp.float32)
-    return jax.ffi.ffi_call(target, result, vmap_method=_VMAP_METHOD)(*operands)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _linear_2d(shape, x, values, indptr, indices, t_indptr, t_indices, t_perm):
-    return _call(_ffi.LINEAR_FORWARD, (x.shape[0], shape[1]), x, values, indptr, indices)
+    return _ffi.call(_ffi.LINEAR_FORWARD, (x.shape[0], shape[1]), x, values, indptr, indices)
 
 
 # symbolic_zeros: the forward learns which of x and the values need a gradient
@@ -48,10 +34,10 @@ def _linear_2d_fwd(shape, x, values, indptr, indices, t_indptr, t_indices, t_per
     pattern = tuple(a.value for a in (indptr, indices, t_indptr, t_indices, t_perm))
     batch = x.shape[0]
     if want_dw:  # the weight gradient reads x^T, which the forward makes anyway
-        y, xt = _call(_ffi.LINEAR_FORWARD_RESIDUAL, ((batch, shape[1]), (shape[0], batch)),
+        y, xt = _ffi.call(_ffi.LINEAR_FORWARD_RESIDUAL, ((batch, shape[1]), (shape[0], batch)),
                       x, values, *pattern[:2])
     else:
-        y, xt = _call(_ffi.LINEAR_FORWARD, (batch, shape[1]), x, values, *pattern[:2]), None
+        y, xt = _ffi.call(_ffi.LINEAR_FORWARD, (batch, shape[1]), x, values, *pattern[:2]), None
     return y, (xt, values if want_dx else None, pattern)
 
 
@@ -63,15 +49,15 @@ def _linear_2d_bwd(shape, residuals, dy):
         return (None, None) + none
     batch = dy.shape[0]
     if xt is not None and values is not None:
-        dx, dvalues = _call(_ffi.LINEAR_BACKWARD, ((batch, shape[0]), (indices.shape[0],)),
+        dx, dvalues = _ffi.call(_ffi.LINEAR_BACKWARD, ((batch, shape[0]), (indices.shape[0],)),
                             dy, xt, values, indptr, indices, t_indptr, t_indices, t_perm)
         return (dx, dvalues) + none
     if values is not None:
-        dx = _call(_ffi.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, t_indptr, t_indices,
+        dx = _ffi.call(_ffi.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, t_indptr, t_indices,
                    t_perm)
         return (dx, None) + none
     if xt is not None:
-        dvalues = _call(_ffi.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, xt, indptr, indices)
+        dvalues = _ffi.call(_ffi.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, xt, indptr, indices)
         return (None, dvalues) + none
     return (None, None) + none
 
