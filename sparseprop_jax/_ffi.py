@@ -27,6 +27,8 @@ LINEAR_WEIGHT_GRAD = "sparseprop_linear_weight_grad"
 CONV_FORWARD = "sparseprop_conv_forward"
 CONV_INPUT_GRAD = "sparseprop_conv_input_grad"
 CONV_WEIGHT_GRAD = "sparseprop_conv_weight_grad"
+CONV_NHWC_FORWARD = "sparseprop_conv_nhwc_forward"
+CONV_NHWC_BACKWARD = "sparseprop_conv_nhwc_backward"
 
 # SPARSEPROP_JAX_SIMD=scalar|avx2|avx512|auto picks the kernel path at import.
 if os.environ.get("SPARSEPROP_JAX_SIMD"):

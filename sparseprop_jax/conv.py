@@ -86,49 +86,48 @@ class _Geometry:
         return dict(variant=np.int64(_VARIANT[self.variant]), stride=np.int64(self.stride),
                     kh=np.int64(self.kh), kw=np.int64(self.kw))
 
-    # -- layouts ----------------------------------------------------------------
-    def input_to_layout(self, x: Array) -> Array:
-        """NHWC input -> padded kernel layout."""
+    @property
+    def nhwc_attrs(self) -> dict[str, np.int64]:
+        """Attributes of the batch variant's calls, which take NHWC operands."""
         (pt, pb), (pl, pr) = self.pads
-        if self.variant == "batch":
-            xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-            return xp.transpose(1, 2, 3, 0)  # (Hp, Wp, C, N)
+        return dict(stride=np.int64(self.stride), kh=np.int64(self.kh), kw=np.int64(self.kw),
+                    pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
+                    pad_right=np.int64(pr))
+
+    def nhwc_output_shape(self) -> tuple[int, ...]:
+        return (self.n, self.ho, self.wo, self.kernel_shape[3])
+
+    # -- the width variant's layouts (the batch variant's handlers take NHWC) ----
+    def input_to_layout(self, x: Array) -> Array:
+        """NHWC input -> padded (N, C, Hp, s, Wq), strided columns split into phases."""
+        (pt, pb), (pl, pr) = self.pads
         s, wq = self.stride, self.wq
         xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr + s * wq - self.wp), (0, 0)))
         xp = xp.reshape(self.n, self.hp, wq, s, x.shape[-1])
-        return xp.transpose(0, 4, 1, 3, 2)  # (N, C, Hp, s, Wq)
+        return xp.transpose(0, 4, 1, 3, 2)
 
     def input_from_layout(self, xl: Array) -> Array:
         """Padded kernel layout -> NHWC, padding cropped."""
         (pt, _), (pl, _) = self.pads
-        if self.variant == "batch":
-            xp = xl.transpose(3, 0, 1, 2)
-        else:
-            xp = xl.transpose(0, 2, 4, 3, 1).reshape(self.n, self.hp, self.stride * self.wq, -1)
+        xp = xl.transpose(0, 2, 4, 3, 1).reshape(self.n, self.hp, self.stride * self.wq, -1)
         return xp[:, pt:pt + self.h, pl:pl + self.w, :]
 
     def output_shape(self) -> tuple[int, ...]:
-        cout = self.kernel_shape[3]
-        if self.variant == "batch":
-            return (self.ho, self.wo, cout, self.n)
-        return (self.n, cout, self.ho, self.wo)
+        return (self.n, self.kernel_shape[3], self.ho, self.wo)
 
     def output_from_layout(self, yl: Array) -> Array:
-        return yl.transpose(3, 0, 1, 2) if self.variant == "batch" else yl.transpose(0, 2, 3, 1)
+        return yl.transpose(0, 2, 3, 1)
 
     def output_to_layout(self, y: Array) -> Array:
-        return y.transpose(1, 2, 3, 0) if self.variant == "batch" else y.transpose(0, 3, 1, 2)
+        return y.transpose(0, 3, 1, 2)
 
     def padded_output_grad(self, dyl: Array) -> Array:
         """The output gradient padded as the phase-split input gradient reads it."""
         s = self.stride
         p, q = -(-self.kh // s) - 1, -(-self.kw // s) - 1
         hd = max(self.ho, -(-self.hp // s)) + p
-        wd = (max(self.wo, -(-self.wp // s)) if self.variant == "batch"
-              else max(self.wo, self.wq)) + q
+        wd = max(self.wo, self.wq) + q
         rows, cols = (p, hd - p - self.ho), (q, wd - q - self.wo)
-        if self.variant == "batch":
-            return jnp.pad(dyl, (rows, cols, (0, 0), (0, 0)))
         return jnp.pad(dyl, ((0, 0), (0, 0), rows, cols))
 
 
@@ -139,6 +138,10 @@ def _conv(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
 
 
 def _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
+    if geometry.variant == "batch":  # the handlers lay NHWC out themselves
+        y = _ffi.call(_ffi.CONV_NHWC_FORWARD, geometry.nhwc_output_shape(), x, values, indptr,
+                      indices, **geometry.nhwc_attrs)
+        return y, (x, values, indptr, indices, t_indptr, t_indices, t_perm)
     xl = geometry.input_to_layout(x)
     yl = _ffi.call(_ffi.CONV_FORWARD, geometry.output_shape(), xl, values, indptr, indices,
                    **geometry.attrs)
@@ -147,6 +150,11 @@ def _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm)
 
 
 def _conv_bwd(geometry, residuals, dy):
+    if geometry.variant == "batch":
+        x, values, *pattern = residuals
+        dx, dvalues = _ffi.call(_ffi.CONV_NHWC_BACKWARD, (x.shape, values.shape), x, dy, values,
+                                *pattern, **geometry.nhwc_attrs)
+        return dx, dvalues, None, None, None, None, None
     xl, values, indptr, indices, t_indptr, t_indices, t_perm = residuals
     dyl = geometry.output_to_layout(dy)
     dvalues = _ffi.call(_ffi.CONV_WEIGHT_GRAD, values.shape, dyl, xl, indptr, indices,

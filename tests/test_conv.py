@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,3 +189,41 @@ def test_cpp_handler_rejects_corrupt_pattern(conv_weight):
     with pytest.raises(Exception, match="index 36 at entry 0 is outside"):
         jax.block_until_ready(sp.sparse_conv2d(jnp.ones((2, 8, 8, 4)), bad))
     assert sp.sparse_conv2d(jnp.ones((2, 8, 8, 4)), conv_weight).shape == (2, 8, 8, 5)
+
+
+def test_cpp_backward_rejects_corrupt_transposed_pattern(conv_weight):
+    p = conv_weight.pattern
+    perm = np.asarray(p.t_perm).copy()
+    perm[-1] = conv_weight.nnz  # one past the last value
+    bad = sp.SparseWeight(conv_weight.values, sp.SparsityPattern(
+        p.indptr, p.indices, p.t_indptr, p.t_indices, jnp.asarray(perm), shape=p.shape))
+    x = jnp.ones((2, 8, 8, 4))
+    for kernel in ("batch", "width"):
+        grad = jax.grad(lambda x: jnp.sum(sp.sparse_conv2d(x, bad, kernel=kernel)))
+        with pytest.raises(Exception, match="transposed permutation"):
+            jax.block_until_ready(grad(x))
+
+
+def test_cpp_nhwc_handlers_check_shapes_and_attributes(conv_weight):
+    from sparseprop_jax import _ffi
+    p, x = conv_weight.pattern, jnp.ones((2, 8, 8, 4))
+    attrs = dict(stride=np.int64(1), kh=np.int64(3), kw=np.int64(3), pad_top=np.int64(1),
+                 pad_bottom=np.int64(1), pad_left=np.int64(1), pad_right=np.int64(1))
+    forward = functools.partial(_ffi.call, _ffi.CONV_NHWC_FORWARD)
+    ok = forward((2, 8, 8, 5), x, conv_weight.values, p.indptr, p.indices, **attrs)
+    np.testing.assert_allclose(ok, sp.sparse_conv2d(x, conv_weight, kernel="batch"), rtol=1e-6)
+    with pytest.raises(Exception, match="output height is 7, expected 8"):
+        jax.block_until_ready(forward((2, 7, 8, 5), x, conv_weight.values, p.indptr, p.indices,
+                                      **attrs))
+    with pytest.raises(Exception, match="bad attributes"):
+        jax.block_until_ready(forward((2, 8, 8, 5), x, conv_weight.values, p.indptr, p.indices,
+                                      **{**attrs, "pad_left": np.int64(-1)}))
+    with pytest.raises(Exception, match="kernel is larger than the padded input"):
+        jax.block_until_ready(forward((2, 1, 1, 5), jnp.ones((2, 1, 1, 4)), conv_weight.values,
+                                      p.indptr, p.indices, **{**attrs, "pad_top": np.int64(0)}))
+    backward = functools.partial(_ffi.call, _ffi.CONV_NHWC_BACKWARD)
+    dy = jnp.ones((2, 8, 8, 5))
+    with pytest.raises(Exception, match="dy width is 7, expected 8"):
+        jax.block_until_ready(backward((x.shape, conv_weight.values.shape), x, dy[:, :, :7],
+                                       conv_weight.values, *(getattr(p, f) for f in p.FIELDS),
+                                       **attrs))

@@ -3,12 +3,16 @@
 //
 // The pattern is that of the HWIO kernel flattened to (kh * kw * cin, cout):
 // one compressed row per output channel, entry index (ky * kw + kx) * cin + ci.
-// Python pads the input and lays it out for one of two variants:
+// The kernels read the padded input in one of two layouts:
 //   batch-minor (vectorised over the batch, for small images):
 //     x (Hp, Wp, Cin, N)         y (Ho, Wo, Cout, N)
 //   width-minor (vectorised over the output width, for large images): the
 //   padded width is split into `stride` phases, so strided windows are runs:
 //     x (N, Cin, Hp, s, Wq)      y (N, Cout, Ho, Wo)
+// The batch-minor handlers (ConvNhwc*, below) take the caller's NHWC arrays and
+// make the layout themselves; for the width-minor ones, Python lays the
+// operands out (ConvForward, ConvWeightGrad, ConvInputGrad, which still accept
+// either layout).
 // where x[.., s_phase, q] is padded column q * s + s_phase. Each nonzero then
 // reads one contiguous run per output position: the kernels' entry offsets.
 //
@@ -198,6 +202,48 @@ struct PhaseMatrix {
   std::vector<float> values;
 };
 
+// The s x s phase sub-kernels of the input gradient for every distinct
+// slice of the transposed pattern (t_indptr, t_indices, t_perm) and values;
+// dy_offset(t, u, co) is the offset of output-gradient channel co at tap
+// (t, u) of a phase.
+ffi::Error phase_matrices(const Pattern& pat, ffi::Buffer<ffi::F32> values, const Stack& vs,
+                          ffi::Buffer<ffi::S32> t_perm, const Stack& ps, int64_t s, int64_t kh,
+                          int64_t kw, int64_t cin,
+                          const std::function<int64_t(int64_t, int64_t, int64_t)>& dy_offset,
+                          const char* op, std::shared_ptr<std::vector<PhaseMatrix>>* out) {
+  const int64_t nnz = pat.nnz;
+  const int64_t distinct = std::max({vs.count, ps.count, pat.indptr_stack.count,
+                                     pat.indices_stack.count});
+  auto phases = std::make_shared<std::vector<PhaseMatrix>>(distinct);
+  for (int64_t d = 0; d < distinct; ++d) {
+    const int32_t* perm = t_perm.typed_data() + slice_offset(ps, d);
+    ffi::Error error = check_permutation(perm, 0, nnz, nnz, op, "transposed permutation");
+    if (error.failure()) return error;
+    const float* w = values.typed_data() + slice_offset(vs, d);
+    const int32_t* rp = pat.row_ptr(d);
+    const int32_t* co = pat.col_idx(d);
+    PhaseMatrix& m = (*phases)[d];
+    m.indptr.assign(1, 0);
+    m.offsets.reserve(nnz);
+    m.values.reserve(nnz);
+    for (int64_t a = 0; a < s; ++a)
+      for (int64_t b = 0; b < s; ++b)
+        for (int64_t ci = 0; ci < cin; ++ci) {
+          for (int64_t t = 0, ky = a; ky < kh; ++t, ky += s)
+            for (int64_t u = 0, kx = b; kx < kw; ++u, kx += s) {
+              const int64_t r = (ky * kw + kx) * cin + ci;
+              for (int64_t p = rp[r]; p < rp[r + 1]; ++p) {
+                m.offsets.push_back(dy_offset(t, u, co[p]));
+                m.values.push_back(w[perm[p]]);
+              }
+            }
+          m.indptr.push_back(static_cast<int32_t>(m.offsets.size()));
+        }
+  }
+  *out = std::move(phases);
+  return ffi::Error::Success();
+}
+
 ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
                           ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
@@ -241,34 +287,10 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
     return bm ? ((P - t) * wd + (Q - u)) * cout * n + co * n
               : co * hd * wd + (P - t) * wd + (Q - u);
   };
-  const int64_t distinct = std::max({vs.count, ps.count, pat.indptr_stack.count,
-                                     pat.indices_stack.count});
-  auto phases = std::make_shared<std::vector<PhaseMatrix>>(distinct);
-  for (int64_t d = 0; d < distinct; ++d) {
-    const int32_t* perm = t_perm.typed_data() + slice_offset(ps, d);
-    SPARSEPROP_RETURN_IF_ERROR(check_permutation(perm, 0, nnz, nnz, op, "transposed permutation"));
-    const float* w = values.typed_data() + slice_offset(vs, d);
-    const int32_t* rp = pat.row_ptr(d);
-    const int32_t* co = pat.col_idx(d);
-    PhaseMatrix& m = (*phases)[d];
-    m.indptr.assign(1, 0);
-    m.offsets.reserve(nnz);
-    m.values.reserve(nnz);
-    for (int64_t a = 0; a < s; ++a)
-      for (int64_t b = 0; b < s; ++b)
-        for (int64_t ci = 0; ci < cin; ++ci) {
-          for (int64_t t = 0, ky = a; ky < kh; ++t, ky += s)
-            for (int64_t u = 0, kx = b; kx < kw; ++u, kx += s) {
-              const int64_t r = (ky * kw + kx) * cin + ci;
-              for (int64_t p = rp[r]; p < rp[r + 1]; ++p) {
-                m.offsets.push_back(dy_offset(t, u, co[p]));
-                m.values.push_back(w[perm[p]]);
-              }
-            }
-          m.indptr.push_back(static_cast<int32_t>(m.offsets.size()));
-        }
-  }
-
+  std::shared_ptr<std::vector<PhaseMatrix>> phases;
+  SPARSEPROP_RETURN_IF_ERROR(phase_matrices(pat, values, vs, t_perm, ps, s, kh, kw, cin, dy_offset,
+                                            op, &phases));
+  const int64_t distinct = static_cast<int64_t>(phases->size());
   // Phase (a, b) writes input positions (j * s + a, i * s + b).
   std::vector<Grid> grids(s * s);
   std::vector<int64_t> origins(s * s);
@@ -303,6 +325,280 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
   });
 }
 
+
+// ---------------------------------------------------------------------------
+// The batch-minor variant on the caller's NHWC activations.
+//
+// These handlers lay the activations out batch-minor themselves, in the same
+// parallel run as the products (as the linear handlers do), rather than
+// leaving pads and transposes to XLA: each of those is one more pass over
+// megabytes of activations and one more buffer whose fresh pages the OS must
+// fault in, which at high sparsity cost more than the products. x goes to
+// (Hp, Wp, Cin, N) with its padding and dy to the padded (Hd, Wd, Cout, N)
+// the phase-split input gradient reads, both in recycled scratch; the
+// products write small blocks of output positions that are transposed into
+// the NHWC result while they are still in cache.
+
+struct NhwcGeometry {
+  int64_t n, h, w, cin, cout, s, kh, kw, pt, pb, pl, pr;
+  int64_t hp() const { return h + pt + pb; }
+  int64_t wp() const { return w + pl + pr; }
+  int64_t ho() const { return (hp() - kh) / s + 1; }
+  int64_t wo() const { return (wp() - kw) / s + 1; }
+  // The padded output gradient: P rows and Q columns of zeros on top and
+  // left, enough below and right for every phase's windows.
+  int64_t P() const { return ceil_div(kh, s) - 1; }
+  int64_t Q() const { return ceil_div(kw, s) - 1; }
+  int64_t hd() const { return std::max(ho(), ceil_div(hp(), s)) + P(); }
+  int64_t wd() const { return std::max(wo(), ceil_div(wp(), s)) + Q(); }
+  Geometry batch_minor() const { return {kBatchMinor, s, kh, kw}; }
+  Shapes padded_shapes() const { return {n, cin, hp(), wp(), cout, ho(), wo()}; }
+};
+
+// Reads the NHWC input shape and the attributes; checks that the windows fit.
+ffi::Error decode_nhwc(const Stack& xs, int64_t cout, int64_t stride, int64_t kh, int64_t kw,
+                       int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                       const char* op, NhwcGeometry* g) {
+  if (stride < 1 || kh < 1 || kw < 1 || std::min({pad_top, pad_bottom, pad_left, pad_right}) < 0)
+    return ffi::Error::InvalidArgument(std::string("sparseprop_jax ") + op +
+                                       ": bad attributes (stride, kh, kw >= 1, pads >= 0)");
+  *g = {xs.dims[0], xs.dims[1], xs.dims[2], xs.dims[3], cout, stride, kh, kw,
+        pad_top, pad_bottom, pad_left, pad_right};
+  if (g->hp() < kh || g->wp() < kw)
+    return ffi::Error::InvalidArgument(std::string("sparseprop_jax ") + op +
+                                       ": the kernel is larger than the padded input");
+  return ffi::Error::Success();
+}
+
+// Tasks copying each slice of NHWC `src` (n, h, w, c) into the batch-minor
+// layout (rows, cols, c, n) at `dst`, the image at (top, left) and zeros
+// around it; split over the destination rows.
+Phase to_batch_minor(const KernelTable& k, const float* src, const Stack& ss, float* dst,
+                     int64_t rows, int64_t cols, int64_t top, int64_t left, int parts) {
+  const int64_t n = ss.dims[0], h = ss.dims[1], w = ss.dims[2], c = ss.dims[3];
+  const int64_t pixel = c * n, dst_slice = rows * cols * pixel;
+  Phase phase;
+  for (int64_t v = 0; v < ss.count; ++v) split_even(rows, v, 0, parts, &phase.tasks);
+  phase.fn = [=, &k](const Task& t) {
+    const float* image = src + t.slice * ss.slice();
+    for (int64_t r = t.begin; r < t.end; ++r) {
+      float* row = dst + t.slice * dst_slice + r * cols * pixel;
+      const int64_t y = r - top;
+      if (y < 0 || y >= h) {
+        std::fill(row, row + cols * pixel, 0.0f);
+        continue;
+      }
+      std::fill(row, row + left * pixel, 0.0f);
+      std::fill(row + (left + w) * pixel, row + cols * pixel, 0.0f);
+      k.transpose(image + y * w * c, h * w * c, row + left * pixel, n, n, 0, w * c);
+    }
+    return ffi::Error::Success();
+  };
+  return phase;
+}
+
+// Output positions per block: a block (positions x channels x batch) of at
+// most about 128 KiB, still in cache when it is transposed out.
+int64_t positions_per_block(int64_t channels, int64_t n) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, channels * n));
+}
+
+// The sparse product at grid positions [begin, end) (rows = channels, runs
+// of the batch n), each position's channels x n result transposed to
+// dst_of(q), whose batch rows are ld_dst apart (NHWC).
+template <typename DstOf>
+void spmm_to_nhwc(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
+                  const float* values, const float* in, const Grid& grid, int64_t channels,
+                  int64_t n, int64_t ld_dst, int64_t begin, int64_t end, DstOf dst_of) {
+  const int64_t block = positions_per_block(channels, n), position = channels * n;
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < block * position) buffer.resize(block * position);
+  for (int64_t q0 = begin; q0 < end; q0 += block) {
+    const int64_t q1 = std::min(end, q0 + block);
+    for (int64_t q = q0; q < q1;) {  // one kernel call per run within a grid row
+      const int64_t i = q / grid.n_inner, j = q % grid.n_inner;
+      const int64_t len = std::min(q1 - q, grid.n_inner - j);
+      const Grid run{1, len, 0, grid.in_inner, 0, position};
+      k.spmm(indptr, offsets, values, in + i * grid.in_outer + j * grid.in_inner,
+             buffer.data() + (q - q0) * position, n, n, run, 0, len, 0, channels);
+      q += len;
+    }
+    for (int64_t q = q0; q < q1; ++q)
+      k.transpose(buffer.data() + (q - q0) * position, n, dst_of(q), ld_dst, channels, 0, n);
+  }
+}
+
+ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                            ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t stride, int64_t kh, int64_t kw, int64_t pad_top,
+                            int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  constexpr const char* op = "sparse_conv2d forward";
+  Stack ys, xs, vs;
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(y->dimensions(), 4, op, "output", &ys));
+  const int64_t total = ys.count;
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 4, total, op, "x", &xs));
+  NhwcGeometry g;
+  SPARSEPROP_RETURN_IF_ERROR(decode_nhwc(xs, ys.dims[3], stride, kh, kw, pad_top, pad_bottom,
+                                         pad_left, pad_right, op, &g));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(ys.dims[0], g.n, op, "output batch size"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(ys.dims[1], g.ho(), op, "output height"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(ys.dims[2], g.wo(), op, "output width"));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  Pattern pat;
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, g.cout, kh * kw * g.cin, total, op,
+                                            "pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
+
+  const WindowPlan plan = window_plan(g.batch_minor(), g.padded_shapes());
+  const EntryOffsets offsets = entry_offsets(pat, plan.offset);
+  const KernelTable& k = active_kernels();
+  const int64_t positions = g.ho() * g.wo(), xl_slice = g.hp() * g.wp() * g.cin * g.n;
+  const int parts = parallel_parts(pool, total * positions * g.n * pat.nnz);
+  auto xl = scratch<float>(xs.count * xl_slice);
+  std::vector<Phase> phases;
+  phases.push_back(to_batch_minor(k, x.typed_data(), xs, xl.get(), g.hp(), g.wp(), g.pt, g.pl,
+                                  parts));
+  Phase products;
+  for (int64_t v = 0; v < total; ++v) split_even(positions, v, 0, parts, &products.tasks);
+  const float* w = values.typed_data();
+  float* out = y->typed_data();
+  products.fn = [=, &k](const Task& t) {
+    float* image = out + t.slice * ys.slice();
+    spmm_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice), w + slice_offset(vs, t.slice),
+                 xl.get() + (xs.count == 1 ? 0 : t.slice) * xl_slice, plan.grid, g.cout, g.n,
+                 positions * g.cout, t.begin, t.end,
+                 [=](int64_t q) { return image + q * g.cout; });
+    return ffi::Error::Success();
+  };
+  phases.push_back(std::move(products));
+  return run_phases(pool, parts, std::move(phases));
+}
+
+// The fused backward: phase 1 lays x and dy out batch-minor; phase 2 runs the
+// weight gradient (tasks of group s * s, split over output channels) and the
+// s x s stride phases of the input gradient (group = phase) side by side.
+ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> values,
+                             ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                             ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
+                             ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::ResultBuffer<ffi::F32> dvalues, int64_t stride, int64_t kh,
+                             int64_t kw, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                             int64_t pad_right) {
+  constexpr const char* op = "sparse_conv2d backward";
+  Stack dxs, dws, xs, dys, vs, ps;
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dx->dimensions(), 4, op, "input gradient", &dxs));
+  const int64_t total = dxs.count;
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dvalues->dimensions(), 1, op, "weight gradient", &dws));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(dws.count, total, op, "weight gradient stack"));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 4, total, op, "x", &xs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dy.dimensions(), 4, total, op, "dy", &dys));
+  NhwcGeometry g;
+  SPARSEPROP_RETURN_IF_ERROR(decode_nhwc(xs, dys.dims[3], stride, kh, kw, pad_top, pad_bottom,
+                                         pad_left, pad_right, op, &g));
+  for (int i = 0; i < 4; ++i)
+    SPARSEPROP_RETURN_IF_ERROR(check_size(dxs.dims[i], xs.dims[i], op, "input gradient shape"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[0], g.n, op, "dy batch size"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[1], g.ho(), op, "dy height"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[2], g.wo(), op, "dy width"));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  SPARSEPROP_RETURN_IF_ERROR(
+      decode_operand(t_perm.dimensions(), 1, total, op, "transposed permutation", &ps));
+  const int64_t cin = g.cin, cout = g.cout, n = g.n, s = g.s;
+  Pattern pat, tpat;
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, cout, kh * kw * cin, total, op,
+                                            "pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, kh * kw * cin, cout, total, op,
+                                            "transposed pattern", &tpat));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(tpat.nnz, pat.nnz, op, "transposed pattern length"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(ps.dims[0], pat.nnz, op, "transposed permutation length"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(dws.dims[0], pat.nnz, op, "weight gradient length"));
+
+  const int64_t hd = g.hd(), wd = g.wd(), P = g.P(), Q = g.Q();
+  const int64_t dy_pixel = cout * n;
+  auto dy_offset = [=](int64_t t, int64_t u, int64_t co) -> int64_t {
+    return ((P - t) * wd + (Q - u)) * dy_pixel + co * n;
+  };
+  std::shared_ptr<std::vector<PhaseMatrix>> phase_mats;
+  SPARSEPROP_RETURN_IF_ERROR(phase_matrices(tpat, values, vs, t_perm, ps, s, kh, kw, cin,
+                                            dy_offset, op, &phase_mats));
+  const bool shared_phases = phase_mats->size() == 1;
+
+  // The weight gradient reads dy inside the padded copy; the forward's
+  // windows over the padded x.
+  WindowPlan plan = window_plan(g.batch_minor(), g.padded_shapes());
+  plan.grid.out_outer = wd * dy_pixel;
+  const EntryOffsets offsets = entry_offsets(pat, plan.offset);
+
+  // Input-gradient phase (a, b) computes the input positions
+  // (j * s + a, i * s + b) inside the image: j in [j0, j0 + rows), i in
+  // [i0, i0 + cols).
+  struct InputPhase {
+    int64_t j0, i0;
+    Grid grid;
+  };
+  std::vector<InputPhase> in_phases(s * s);
+  for (int64_t a = 0; a < s; ++a)
+    for (int64_t b = 0; b < s; ++b) {
+      const int64_t j0 = ceil_div(g.pt - a, s), i0 = ceil_div(g.pl - b, s);
+      const int64_t rows = std::max<int64_t>(0, ceil_div(g.pt + g.h - a, s) - j0);
+      const int64_t cols = std::max<int64_t>(0, ceil_div(g.pl + g.w - b, s) - i0);
+      in_phases[a * s + b] = {j0, i0, {rows, cols, wd * dy_pixel, dy_pixel, 0, 0}};
+    }
+
+  const KernelTable& k = active_kernels();
+  const int64_t positions = g.ho() * g.wo();
+  const int parts = parallel_parts(pool, total * positions * n * pat.nnz);
+  const int64_t xl_slice = g.hp() * g.wp() * cin * n, dyp_slice = hd * wd * dy_pixel;
+  auto xl = scratch<float>(xs.count * xl_slice);
+  auto dyp = scratch<float>(dys.count * dyp_slice);
+  std::vector<Phase> phases;
+  phases.push_back(to_batch_minor(k, x.typed_data(), xs, xl.get(), g.hp(), g.wp(), g.pt, g.pl,
+                                  parts));
+  Phase layout_dy = to_batch_minor(k, dy.typed_data(), dys, dyp.get(), hd, wd, P, Q, parts);
+  for (const Task& t : layout_dy.tasks) phases[0].tasks.push_back({t.slice, t.begin, t.end, 1});
+  phases[0].fn = [x_fn = phases[0].fn, dy_fn = layout_dy.fn](const Task& t) {
+    return t.group == 0 ? x_fn(t) : dy_fn(t);
+  };
+
+  Phase products;
+  const int64_t weight_group = s * s;
+  for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &products.tasks);
+  for (Task& t : products.tasks) t.group = weight_group;
+  for (int64_t v = 0; v < total; ++v)
+    for (int64_t ph = 0; ph < s * s; ++ph)
+      split_even(in_phases[ph].grid.size(), v, ph, parts, &products.tasks);
+  const float* w = values.typed_data();
+  float* dxd = dx->typed_data();
+  float* dwd = dvalues->typed_data();
+  const int64_t h = g.h, wdt = g.w, pt = g.pt, pl = g.pl;
+  products.fn = [=, &k](const Task& t) {
+    const float* dyv = dyp.get() + (dys.count == 1 ? 0 : t.slice) * dyp_slice;
+    if (t.group == weight_group) {
+      k.sddmm(pat.row_ptr(t.slice), offsets.of(t.slice), dyv + (P * wd + Q) * dy_pixel, n,
+              xl.get() + (xs.count == 1 ? 0 : t.slice) * xl_slice, dwd + t.slice * pat.nnz, n,
+              plan.grid, t.begin, t.end);
+      return ffi::Error::Success();
+    }
+    const int64_t a = t.group / s, b = t.group % s;
+    const InputPhase& ip = in_phases[t.group];
+    const PhaseMatrix& m = (*phase_mats)[shared_phases ? 0 : t.slice];
+    float* image = dxd + t.slice * dxs.slice();
+    const int64_t cols = ip.grid.n_inner;
+    spmm_to_nhwc(k, m.indptr.data() + t.group * cin, m.offsets.data(), m.values.data(),
+                 dyv + (ip.j0 * wd + ip.i0) * dy_pixel, ip.grid, cin, n, h * wdt * cin,
+                 t.begin, t.end, [=](int64_t q) {
+                   const int64_t row = (ip.j0 + q / cols) * s + a - pt;
+                   const int64_t col = (ip.i0 + q % cols) * s + b - pl;
+                   return image + (row * wdt + col) * cin;
+                 });
+    return ffi::Error::Success();
+  };
+  phases.push_back(std::move(products));
+  return run_phases(pool, parts, std::move(phases));
+}
 }  // namespace
 
 #define SPARSEPROP_CONV_ATTRS            \
@@ -338,5 +634,41 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvInputGrad, ConvInputGrad,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_ATTRS);
+
+}  // namespace sparseprop
+
+#define SPARSEPROP_CONV_NHWC_ATTRS       \
+  .Attr<int64_t>("stride")               \
+      .Attr<int64_t>("kh")               \
+      .Attr<int64_t>("kw")               \
+      .Attr<int64_t>("pad_top")          \
+      .Attr<int64_t>("pad_bottom")       \
+      .Attr<int64_t>("pad_left")         \
+      .Attr<int64_t>("pad_right")
+
+namespace sparseprop {
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcForward, ConvNhwcForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_NHWC_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcBackward, ConvNhwcBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_NHWC_ATTRS);
 
 }  // namespace sparseprop

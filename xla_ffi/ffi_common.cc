@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <thread>
 
 #include "simd_dispatch.h"
@@ -16,7 +19,66 @@ std::string prefix(const char* op) { return std::string("sparseprop_jax ") + op 
 // the cost of scheduling tasks on the pool.
 constexpr int64_t kMinParallelFlops = 1 << 20;
 
+// Scratch buffers are kept for the next call instead of freed: a fresh
+// buffer of megabytes is mapped anew by the OS, and faulting in its zeroed
+// pages costs more than a sparse product at high sparsity. A buffer is reused
+// only for requests of at least half its size, and at most kScratchCacheBytes
+// are kept.
+constexpr std::size_t kScratchCacheBytes = std::size_t(512) << 20;
+constexpr std::size_t kScratchAlign = 64;
+
+struct ScratchCache {
+  std::mutex mutex;
+  std::vector<std::pair<std::size_t, void*>> free;  // (capacity, data)
+  std::size_t bytes = 0;
+};
+
+ScratchCache& scratch_cache() {
+  static ScratchCache* cache = new ScratchCache;  // never destroyed: used until exit
+  return *cache;
+}
+
+std::size_t scratch_capacity(std::size_t bytes) {
+  return (std::max<std::size_t>(bytes, 1) + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+}
+
 }  // namespace
+
+void* scratch_acquire(std::size_t bytes, std::size_t* capacity) {
+  const std::size_t want = scratch_capacity(bytes);
+  ScratchCache& cache = scratch_cache();
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    auto best = cache.free.end();
+    for (auto it = cache.free.begin(); it != cache.free.end(); ++it)
+      if (it->first >= want && it->first / 2 <= want &&
+          (best == cache.free.end() || it->first < best->first))
+        best = it;
+    if (best != cache.free.end()) {
+      void* data = best->second;
+      *capacity = best->first;
+      cache.bytes -= best->first;
+      cache.free.erase(best);
+      return data;
+    }
+  }
+  void* data = std::aligned_alloc(kScratchAlign, want);
+  if (data == nullptr) throw std::bad_alloc();
+  *capacity = want;
+  return data;
+}
+
+void scratch_release(void* data, std::size_t capacity) {
+  ScratchCache& cache = scratch_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.free.emplace_back(capacity, data);
+  cache.bytes += capacity;
+  while (cache.bytes > kScratchCacheBytes) {  // drop the oldest
+    std::free(cache.free.front().second);
+    cache.bytes -= cache.free.front().first;
+    cache.free.erase(cache.free.begin());
+  }
+}
 
 ffi::Error decode_stack(ffi::Span<const int64_t> dims, int rank, const char* op,
                         const char* name, Stack* out) {

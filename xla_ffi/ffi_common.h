@@ -3,6 +3,7 @@
 // kernel's rows over XLA's intra-op thread pool.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -67,11 +68,20 @@ ffi::Error check_indices(const int32_t* indices, int64_t lo, int64_t hi, int64_t
 ffi::Error check_permutation(const int32_t* perm, int64_t lo, int64_t hi, int64_t nnz,
                              const char* op, const char* name);
 
+// Raw storage for scratch(): at least `bytes`, 64-byte aligned, reused from
+// earlier calls where one fits (see ffi_common.cc); `capacity` receives its
+// true size, which scratch_release takes back with it.
+void* scratch_acquire(std::size_t bytes, std::size_t* capacity);
+void scratch_release(void* data, std::size_t capacity);
+
 // A buffer of `n` elements left uninitialised (every element is written
-// before it is read), shared by the tasks of one call.
+// before it is read), shared by the tasks of one call and recycled after it.
 template <typename T>
 std::shared_ptr<T[]> scratch(int64_t n) {
-  return std::shared_ptr<T[]>(new T[n > 0 ? n : 1]);
+  std::size_t capacity = 0;
+  void* data = scratch_acquire(sizeof(T) * static_cast<std::size_t>(n > 0 ? n : 1), &capacity);
+  return std::shared_ptr<T[]>(static_cast<T*>(data),
+                              [capacity](T* p) { scratch_release(p, capacity); });
 }
 
 // A compressed-rows pattern operand pair (indptr, indices), possibly stacked.
