@@ -93,6 +93,10 @@ class SparsityPattern:
 
     def output_index(self) -> Array:
         """Output feature of each entry, in value order (traceable)."""
+        if not isinstance(self.indptr, jax.core.Tracer):
+            # Eagerly in NumPy: no XLA compilation per pattern shape.
+            counts = np.diff(np.asarray(self.indptr))
+            return jnp.asarray(np.repeat(np.arange(self.out_features, dtype=np.int32), counts))
         counts = jnp.diff(jnp.asarray(self.indptr))
         return jnp.repeat(jnp.arange(self.out_features, dtype=jnp.int32), counts,
                           total_repeat_length=self.nnz)
@@ -302,6 +306,13 @@ class SparseWeight:
     def gather(cls, kernel: Any, pattern: SparsityPattern) -> "SparseWeight":
         """The entries of a dense kernel of the pattern's shape that lie on it (traceable)."""
         _checks.check_shape("SparseWeight.gather", "kernel", kernel, pattern.shape)
+        arrays = (kernel, pattern.indices, pattern.indptr)
+        if not any(isinstance(a, jax.core.Tracer) for a in arrays):
+            # Eagerly in NumPy: no XLA compilation per pattern shape.
+            matrix = np.asarray(kernel).reshape(pattern.matrix_shape)
+            rows = np.asarray(pattern.indices)
+            cols = np.asarray(pattern.output_index())
+            return cls(jnp.asarray(matrix[rows, cols]), pattern)
         matrix = jnp.asarray(kernel).reshape(pattern.matrix_shape)
         values = matrix[jnp.asarray(pattern.indices), pattern.output_index()]
         return cls(values, pattern)
