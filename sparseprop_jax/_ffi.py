@@ -1,11 +1,27 @@
-"""Loads the compiled extension and registers its XLA FFI targets with JAX."""
+"""Loads the compiled extension, registers its XLA FFI targets with JAX, and issues the calls.
+
+Every custom call of the package goes through `call`, which also makes the
+calls work when the batch is split across devices:
+
+- under `shard_map` the results are declared varying over the manual mesh axes
+  their operands vary over (a result declared invariant would make JAX
+  all-reduce its cotangent behind our back: silently wrong gradients);
+- under `jit` with sharded inputs each call is a `custom_partitioning` op, so
+  XLA runs it on every device's batch shard instead of gathering the batch
+  (an opaque custom call is otherwise replicated), and a weight gradient is
+  the sum of per-shard partial sums, all-reduced once.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 try:
     from sparseprop_jax import _sparseprop_jax_ffi as _ext
@@ -39,15 +55,215 @@ if os.environ.get("SPARSEPROP_JAX_SIMD"):
 # dims there; the handlers loop over those leading dims, broadcasting size 1.
 _VMAP_METHOD = "expand_dims"
 
+# -- where the batch is, per target ---------------------------------------------
+#: A result that sums over the batch (a weight gradient): per shard a partial sum.
+SUM = "sum"
+Dim = Union[int, str, None]
 
+
+def _conv_batch_dim(attrs) -> int:
+    # The CONV_FORWARD/INPUT_GRAD/WEIGHT_GRAD layouts: variant 1 ("width", the one
+    # conv.py issues them for) has the batch first, (N, C, H, s, W); variant 0
+    # ("batch"), which conv.py now runs with the NHWC calls, had it last, (H, W, C, N).
+    return -1 if int(attrs.get("variant", 0)) == 0 else 0
+
+
+def _batch_dims(target: str, attrs) -> Optional[tuple[tuple[Dim, ...], tuple[Dim, ...]]]:
+    """(operand dims, result dims): each operand's and result's batch dim.
+
+    None for a dim means the array does not depend on the batch (the weight
+    and its pattern), SUM a result that sums over it. None for a target that
+    cannot be split over the batch.
+    """
+    if target == LINEAR_FORWARD:  # x[B, in], values, indptr, indices -> y[B, out]
+        return (0, None, None, None), (0,)
+    if target == LINEAR_FORWARD_RESIDUAL:  # ... -> y[B, out], x^T[in, B]
+        return (0, None, None, None), (0, 1)
+    if target == LINEAR_BACKWARD:  # dy[B, out], x^T[in, B], values, 5 pattern -> dx, dvalues
+        return (0, 1) + (None,) * 6, (0, SUM)
+    if target == LINEAR_INPUT_GRAD:  # dy[B, out], values, 3 pattern -> dx[B, in]
+        return (0,) + (None,) * 4, (0,)
+    if target == LINEAR_WEIGHT_GRAD:  # dy[B, out], x^T[in, B], indptr, indices -> dvalues
+        return (0, 1, None, None), (SUM,)
+    b = _conv_batch_dim(attrs)
+    if target == CONV_FORWARD:  # x, values, indptr, indices -> y
+        return (b, None, None, None), (b,)
+    if target == CONV_INPUT_GRAD:  # padded dy, values, 3 pattern -> dx
+        return (b,) + (None,) * 4, (b,)
+    if target == CONV_WEIGHT_GRAD:  # dy, x, indptr, indices -> dvalues
+        return (b, b, None, None), (SUM,)
+    if target == CONV_NHWC_FORWARD:  # x[N, H, W, C], values, indptr, indices -> y[N, ...]
+        return (0, None, None, None), (0,)
+    if target == CONV_NHWC_BACKWARD:  # x, dy (NHWC), values, 5 pattern -> dx[N, ...], dvalues
+        return (0, 0) + (None,) * 6, (0, SUM)
+    return None
+
+
+def _axis(ndim: int, dim: Dim) -> Optional[int]:
+    return None if dim is None or dim == SUM else dim % ndim
+
+
+def _spec(ndim: int, dim: Dim, axes) -> PartitionSpec:
+    """Replicated, except `dim` split over the mesh axes `axes`."""
+    spec: list = [None] * ndim
+    if _axis(ndim, dim) is not None:
+        spec[_axis(ndim, dim)] = axes
+    return PartitionSpec(*spec)
+
+
+def _axes_tuple(axes) -> tuple:
+    return () if axes is None else tuple(axes) if isinstance(axes, tuple) else (axes,)
+
+
+def _batch_axes(shardings, ndims, dims):
+    """The mesh axes the batch is split over: those of the first batched operand's batch dim."""
+    for sharding, ndim, dim in zip(shardings, ndims, dims):
+        if _axis(ndim, dim) is not None:
+            spec = tuple(getattr(sharding, "spec", ()))
+            axes = spec[_axis(ndim, dim)] if _axis(ndim, dim) < len(spec) else None
+            return axes or None
+    return None
+
+
+# -- the call -----------------------------------------------------------------
 def call(target: str, shapes, *operands: jax.Array, **attrs):
     """One float32 FFI call; `shapes` is one result shape or a tuple of them.
 
     Every custom call of the package goes through here, so how results are
-    declared (shape, dtype, vmap rule) lives in one place.
+    declared (shape, dtype, vmap rule, sharding) lives in one place.
     """
-    if shapes and isinstance(shapes[0], tuple):
-        result = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+    multiple = bool(shapes) and isinstance(shapes[0], tuple)
+    shapes = tuple(tuple(s) for s in shapes) if multiple else (tuple(shapes),)
+    avals = [jax.typeof(op) for op in operands]
+    varying = frozenset().union(*(a.mat.varying for a in avals))
+    dims = _batch_dims(target, attrs)
+    if varying:
+        # Inside shard_map: the results vary over every manual axis an operand
+        # varies over. Operands are made varying alike (jax needs them to match).
+        mesh = next(a.sharding.mesh for a in avals if a.mat.varying)
+        operands = match_vma(*operands)
+        kind = jax.sharding.ManualAxisType(varying=varying)
+        results = tuple(jax.ShapeDtypeStruct(s, jnp.float32, manual_axis_type=kind,
+                                             sharding=NamedSharding(mesh, PartitionSpec()))
+                        for s in shapes)
+        out = _ffi_call(target, results, operands, attrs)
+    elif dims is None or not any(isinstance(op, jax.core.Tracer) for op in operands):
+        # Eager calls run on concrete arrays: nothing to partition.
+        out = _ffi_call(target, _results(shapes, avals, dims), operands, attrs)
     else:
-        result = jax.ShapeDtypeStruct(shapes, jnp.float32)
-    return jax.ffi.ffi_call(target, result, vmap_method=_VMAP_METHOD)(*operands, **attrs)
+        out = _partitioned(target, shapes, dims, attrs, [a.ndim for a in avals])(*operands)
+    return tuple(out) if multiple else out[0]
+
+
+def _ffi_call(target, results, operands, attrs):
+    return jax.ffi.ffi_call(target, tuple(results), vmap_method=_VMAP_METHOD)(*operands, **attrs)
+
+
+def _results(shapes, avals, dims) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The result types; with explicit mesh axes (`jax.sharding.AxisType.Explicit`) they
+    carry the batch sharding of the operands, so the op needs no resharding."""
+    plain = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+    if dims is None:
+        return plain
+    in_dims, out_dims = dims
+    mesh = next((a.sharding.mesh for a in avals
+                 if getattr(a, "sharding", None) is not None and not a.sharding.mesh.empty),
+                None)
+    if mesh is None:
+        return plain
+    axes = _batch_axes([a.sharding for a in avals], [a.ndim for a in avals], in_dims)
+    return tuple(jax.ShapeDtypeStruct(s, jnp.float32,
+                                      sharding=NamedSharding(mesh, _spec(len(s), d, axes)))
+                 for s, d in zip(shapes, out_dims))
+
+
+def match_vma(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """`arrays`, each `lax.pcast` to vary over every manual mesh axis any of them varies over.
+
+    Inside `shard_map`, a weight the caller passes replicated is invariant while
+    the activations vary over the batch axis. Making the weight varying before
+    the `custom_vjp` lets its gradient come back varying (a per-device partial
+    sum); the transpose of the pcast then all-reduces it, once, just as JAX
+    does for `x @ w` with a dense `w`. Outside `shard_map`: `arrays` unchanged.
+    """
+    avals = [jax.typeof(a) for a in arrays]
+    varying = frozenset().union(*(a.mat.varying for a in avals))
+    out = []
+    for array, aval in zip(arrays, avals):
+        missing = tuple(sorted(varying - aval.mat.varying, key=str))
+        out.append(jax.lax.pcast(array, missing, to="varying") if missing else array)
+    return tuple(out)
+
+
+# -- partitioning under jit -------------------------------------------------------
+def _partitioned(target, shapes, dims, attrs, ndims):
+    """The call as a custom_partitioning op (split over the batch) with a vmap rule."""
+    in_dims, out_dims = dims
+
+    def whole(*operands):
+        avals = [jax.typeof(op) for op in operands]
+        return tuple(_ffi_call(target, _results(shapes, avals, dims), operands, attrs))
+
+    op = custom_partitioning(whole)
+
+    def shardings(mesh, arg_shapes):
+        ndims = [len(a.shape) for a in arg_shapes]
+        axes = _batch_axes([a.sharding for a in arg_shapes], ndims, in_dims)
+        names = _axes_tuple(axes)
+        shards = int(np.prod([mesh.shape[n] for n in names], dtype=np.int64))
+        batch = next(a.shape[_axis(n, d)] for a, n, d in zip(arg_shapes, ndims, in_dims)
+                     if _axis(n, d) is not None)
+        if shards <= 1 or batch % shards:  # uneven shards: run the op whole
+            axes, names, shards = None, (), 1
+        args = tuple(NamedSharding(mesh, _spec(n, d, axes)) for n, d in zip(ndims, in_dims))
+        results = tuple(NamedSharding(mesh, _spec(len(s), d, axes))
+                        for s, d in zip(shapes, out_dims))
+        return names, shards, args, results
+
+    def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes)[3]
+
+    def partition(mesh, arg_shapes, result_shape):
+        names, shards, args, results = shardings(mesh, arg_shapes)
+        local = []
+        for s, d in zip(shapes, out_dims):
+            s = list(s)
+            if _axis(len(s), d) is not None:
+                s[_axis(len(s), d)] //= shards
+            local.append(jax.ShapeDtypeStruct(tuple(s), jnp.float32))
+
+        def shard(*operands):  # one device's shard: the kernel on its part of the batch
+            out = _ffi_call(target, local, operands, attrs)
+            return tuple(jax.lax.psum(o, names) if d == SUM and names else o
+                         for o, d in zip(out, out_dims))
+        return mesh, shard, results, args
+
+    op.def_partition(partition=partition,
+                     infer_sharding_from_operands=infer_sharding_from_operands,
+                     sharding_rule=_sharding_rule(shapes, dims, ndims))
+
+    # custom_partitioning has no vmap rule: a vmapped call (also vmap of a jitted
+    # function) runs the plain FFI call, whose vmap rule is `_VMAP_METHOD`.
+    @jax.custom_batching.custom_vmap
+    def run(*operands):
+        return op(*operands)
+
+    @run.def_vmap
+    def _vmap_rule(axis_size, in_batched, *operands):
+        def plain(*ops):
+            return tuple(_ffi_call(target, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes],
+                                   ops, attrs))
+        in_axes = [0 if b else None for b in in_batched]
+        return jax.vmap(plain, in_axes=in_axes)(*operands), (True,) * len(shapes)
+    return run
+
+
+def _sharding_rule(shapes, dims, ndims) -> str:
+    """Shardy's einsum-like rule: factor `b` is the batch, every other dim its own factor."""
+    in_dims, out_dims = dims
+    letters = iter("acdefghijklmnopqrstuvwxyz")
+
+    def factors(ndim, dim):
+        return " ".join("b" if i == _axis(ndim, dim) else next(letters) for i in range(ndim))
+    return (", ".join(factors(n, d) for n, d in zip(ndims, in_dims)) + " -> "
+            + ", ".join(factors(len(s), d) for s, d in zip(shapes, out_dims)))

@@ -223,7 +223,9 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
     variant = _choose_variant(kernel, geometry, weight)
     geometry = dataclasses.replace(geometry, variant=variant)
     p = weight.pattern
-    y = _conv(geometry, x, weight.values, p.indptr, p.indices, p.t_indptr, p.t_indices, p.t_perm)
+    # Under shard_map: the weight made varying like x, so its gradient is all-reduced once.
+    y = _conv(geometry, *_ffi.match_vma(x, weight.values, p.indptr, p.indices, p.t_indptr,
+                                        p.t_indices, p.t_perm))
     return y if bias is None else y + bias
 
 

@@ -97,9 +97,11 @@ def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None) -> A
         _checks.check_float32(where, "bias", bias)
         _checks.check_shape(where, "bias", bias, (n_out,))
     lead = x.shape[:-1]
-    y = _linear_2d(pattern.shape, x.reshape(int(np.prod(lead, dtype=np.int64)), n_in),
-                   weight.values, pattern.indptr, pattern.indices, pattern.t_indptr,
-                   pattern.t_indices, pattern.t_perm)
+    # Under shard_map: the weight made varying like x, so its gradient is all-reduced once.
+    operands = _ffi.match_vma(x.reshape(int(np.prod(lead, dtype=np.int64)), n_in),
+                              weight.values, pattern.indptr, pattern.indices, pattern.t_indptr,
+                              pattern.t_indices, pattern.t_perm)
+    y = _linear_2d(pattern.shape, *operands)
     y = y.reshape(*lead, n_out)
     return y if bias is None else y + bias
 
