@@ -70,8 +70,11 @@ def test_nnx_round_trip_in_a_fresh_process_is_bit_identical(tmp_path):
     scope, model, optimizer = _trained_model()
     save_checkpoint(tmp_path / "ckpt", {"model": model, "optimizer": optimizer})
     out = tmp_path / "out.npz"
-    subprocess.run([sys.executable, "-c", RESTORE, str(tmp_path / "ckpt"), str(out)],
-                   check=True, capture_output=True, timeout=300)
+    # cwd: `python -c` puts the working directory first on sys.path, where the
+    # repository's source folder would shadow the installed package.
+    proc = subprocess.run([sys.executable, "-c", RESTORE, str(tmp_path / "ckpt"), str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     x = scope["x"]
     model.eval()
     before = model(x)
