@@ -61,7 +61,9 @@ def cubic_schedule(final_sparsity: float, begin_step: int, end_step: int, *,
 
     Args:
       final_sparsity: the sparsity reached at `end_step`, in [0, 1).
-      begin_step: the first prune event (the end of the dense warm-up).
+      begin_step: the end of the dense warm-up, where the schedule starts at
+        `initial_sparsity`; with the default `initial_sparsity=0` the first
+        event that prunes anything (see `prune_steps`) is `begin_step + frequency`.
       end_step: the step from which the sparsity stays at `final_sparsity`.
       initial_sparsity: the sparsity at `begin_step`, in [0, final_sparsity].
       frequency: steps between prune events.

@@ -89,7 +89,9 @@ class LayerReport:
 
 
 class SparsifyReport(tuple):
-    """The `LayerReport`s of a `sparsify` or `prune` call, in model order.
+    """The `LayerReport`s of a `sparsify` or `prune` call, in the order the model's layers
+    are listed (for nnx, `nnx.iter_modules`'s, by attribute name), which need not be the
+    order of the forward pass.
 
     A tuple of `LayerReport`; `str(report)` (or `print(report)`) is a table.
     """
