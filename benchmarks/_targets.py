@@ -13,6 +13,10 @@ All speed targets are for 2 threads, float32, forward + backward
     10x at 98%; and no layer slower than dense (>= 1x) at 95%;
   * threads: sparse f+b at 95% at least 1.7x faster on 2 threads than on 1,
     on the three big linear shapes and on each of the seven conv layers;
+  * end to end (`end_to_end.py`), a jitted training step (forward, loss,
+    gradient, optax update) of the sparse model against the same model dense
+    under XLA, batch 32: ResNet18 at 95% (every conv but the stem sparse) at
+    least 2x faster at 64x64 and at 128x128; the MLP-Mixer at least 3x at 95%;
   * memory: the compiled sparse linear f+b has no dense in x out temporary;
     the training state (values, pattern, gradient, Adam moments) of a
     95%-sparse 4096x4096 layer is at most 15% of a dense one's.
@@ -111,6 +115,26 @@ def conv_geomean_target(labels: Iterable[str], batch: int,
     """The geomean target over the layers, if `labels` are the seven ResNet18 layers."""
     if sorted(labels) == sorted(CONV_LAYERS) and batch == CONV_BATCH:
         return _at(CONV_GEOMEAN_TARGETS, sparsity)
+    return None
+
+
+# -- end to end -------------------------------------------------------------
+
+END_TO_END_BATCH = 32
+END_TO_END_TARGETS = {("resnet18", 0.95): Target(2), ("mixer", 0.95): Target(3)}
+
+
+def end_to_end_target(family: str, batch: int, sparsity: float,
+                      full_size: bool) -> Optional[Target]:
+    """The training-step speedup target of a model family ("resnet18", "mixer").
+
+    Only for the full-size models (not `--quick`) at batch 32.
+    """
+    if not full_size or batch != END_TO_END_BATCH:
+        return None
+    for (name, s), target in END_TO_END_TARGETS.items():
+        if name == family and math.isclose(s, sparsity, abs_tol=1e-9):
+            return target
     return None
 
 

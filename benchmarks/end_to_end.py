@@ -1,0 +1,481 @@
+"""Benchmark: whole training steps of sparse models against the same models dense under XLA.
+
+For each model and sparsity it builds the model from plain `nnx.Conv` /
+`nnx.Linear` layers (`sparseprop_jax.models`), makes a sparse copy with
+`sparsify` (uniform sparsity; the stem and the classifier stay dense), and
+times, in one process, with the samples of all variants interleaved:
+
+  * train step: one jitted step (forward, softmax cross-entropy loss,
+    gradient, optax update; the state is donated and carried from step to
+    step, as in a training loop);
+  * inference: the jitted forward pass in eval mode (BatchNorm on running
+    averages), reported as images per second;
+  * breakdown: the layers that `sparsify` made sparse, each timed alone
+    (forward and both gradients, on the input shape it gets in the model,
+    summed over the model), and the optax update alone; the rest of the
+    step (BatchNorm, activations, pooling, the dense stem and head, the loss)
+    is the step time minus those two.
+
+Variants: "dense" is the model as Flax and XLA run it; "sparse" the
+sparsified copy. For convolutional models there is also "dense*": the dense
+model with each of those conv layers computed by whichever of
+`lax.conv_general_dilated` and an im2col matrix product (patches by strided
+slices, then one `dot`) was faster for it alone. XLA's CPU convolution has
+slow paths (e.g. 3x3 convs on 2x2 or 4x4 inputs, and the input gradient of
+some strided convs, run tens of times slower than the FLOPs suggest), so
+"dense*" is the fairer baseline; both are reported.
+
+Targets (`_targets.py`, 2 threads, batch 32, speedup of the train step over
+"dense"): ResNet18 at 95% at least 2x at 64x64 and at 128x128, the
+MLP-Mixer at least 3x at 95%. No assertions are made on speed.
+
+    python benchmarks/end_to_end.py --threads 2 | tee benchmarks/results/end_to_end.txt
+    python benchmarks/end_to_end.py --quick      # small models, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Callable, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _threads  # noqa: E402
+
+if __name__ == "__main__":
+    _threads.limit_from_argv()  # --threads N: before jax, which sizes its thread pool once
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax import lax  # noqa: E402
+
+import _targets  # noqa: E402
+import _timing  # noqa: E402
+from sparseprop_jax import _model_layers, models  # noqa: E402
+from sparseprop_jax.sparsify import densify, sparsify  # noqa: E402
+
+NUM_CLASSES = 100
+BATCH = _targets.END_TO_END_BATCH
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One model of the benchmark."""
+
+    name: str
+    family: str  # "resnet18" or "mixer"
+    image_size: int
+    sparsities: tuple[float, ...]
+    quick: bool = False
+
+    def build(self, seed: int) -> nnx.Module:
+        rngs = nnx.Rngs(seed)
+        if self.family == "resnet18":
+            widths = (8, 16, 32, 64) if self.quick else (64, 128, 256, 512)
+            return models.ResNet18(NUM_CLASSES, widths=widths, rngs=rngs)
+        if self.quick:
+            return models.MLPMixer(NUM_CLASSES, image_size=self.image_size, patch_size=4, dim=32,
+                                   depth=2, token_hidden=16, channel_hidden=64, rngs=rngs)
+        return models.MLPMixer(NUM_CLASSES, image_size=self.image_size, patch_size=4, dim=256,
+                               depth=8, token_hidden=128, channel_hidden=1024, rngs=rngs)
+
+    @property
+    def skip(self) -> tuple[str, ...]:
+        return (models.RESNET18_SPARSIFY_SKIP if self.family == "resnet18"
+                else models.MLP_MIXER_SPARSIFY_SKIP)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        # As the models are usually trained: SGD with momentum for ResNets, AdamW for Mixers.
+        if self.family == "resnet18":
+            return optax.sgd(0.05, momentum=0.9)
+        return optax.adamw(1e-3, weight_decay=1e-4)
+
+
+CONFIGS = (Config("resnet18 64x64", "resnet18", 64, (0.95,)),
+           Config("resnet18 128x128", "resnet18", 128, (0.95,)),
+           Config("mixer 32x32", "mixer", 32, (0.9, 0.95)))
+QUICK_CONFIGS = (Config("resnet18/8 32x32", "resnet18", 32, (0.95,), quick=True),
+                 Config("mixer/32 16x16", "mixer", 16, (0.95,), quick=True))
+
+
+# -- the im2col convolution of the "dense*" baseline ---------------------------
+
+def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """NHWC x HWIO convolution as strided slices and one matrix product.
+
+    A drop-in for `lax.conv_general_dilated` (the argument `nnx.Conv` calls)
+    for undilated, ungrouped NHWC convolutions.
+    """
+    expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if dilated or feature_group_count != 1 or dimension_numbers != expected:
+        raise ValueError("im2col_conv: only undilated, ungrouped NHWC/HWIO convolutions")
+    kh, kw, cin, cout = rhs.shape
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+    (top, bottom), (left, right) = padding
+    x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    sh, sw = window_strides
+    out_h = (x.shape[1] - kh) // sh + 1
+    out_w = (x.shape[2] - kw) // sw + 1
+    columns = [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+               for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(columns, axis=-1) if len(columns) > 1 else columns[0]
+    return jnp.dot(patches, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
+# -- jitted steps ----------------------------------------------------------------
+
+def cross_entropy(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+class TrainLoop:
+    """A jitted training step whose state (model and optimizer) is carried between calls.
+
+    The step is a pure function of the split nnx state (the fast way to run
+    nnx under jit), which it donates, as a training loop would.
+    """
+
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, x, y):
+        model = nnx.clone(model)
+        model.train()
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.graphdef, state = nnx.split((model, optimizer))
+        self.state = jax.tree.map(jnp.copy, state)  # donated: must not alias the model's arrays
+        self.x, self.y = x, y
+        graphdef = self.graphdef
+
+        def step(state, x, y):
+            model, optimizer = nnx.merge(graphdef, state)
+            loss, grads = nnx.value_and_grad(cross_entropy)(model, x, y)
+            optimizer.update(model, grads)
+            return nnx.state((model, optimizer)), loss
+
+        self.step = jax.jit(step, donate_argnums=0)
+
+    def __call__(self) -> jax.Array:
+        self.state, loss = self.step(self.state, self.x, self.y)
+        return loss
+
+
+class OptimizerLoop:
+    """The optax update alone, on the model's parameters and gradient-shaped arrays."""
+
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation):
+        params = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))  # donated, as above
+        self.grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+        self.state = (params, tx.init(params))
+
+        def update(state, grads):
+            params, opt_state = state
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        self.update = jax.jit(update, donate_argnums=0)
+
+    def __call__(self):
+        self.state = self.update(self.state, self.grads)
+        return self.state
+
+
+def forward_fn(model: nnx.Module) -> tuple[Callable, Any]:
+    """The jitted eval-mode forward pass as `(fn, state)`: `fn(state, x)` gives the logits."""
+    model = nnx.clone(model)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
+
+
+def layer_pass_fn(module: nnx.Module) -> tuple[Callable, Any]:
+    """A layer's forward and both gradients alone: `fn(params, x, ct)`, and its params."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def loss(params, x, ct):
+        return jnp.vdot(nnx.merge(graphdef, params, rest)(x), ct)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
+
+
+# -- one model -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LayerGroup:
+    """Layers of one kind, kernel shape, input shape and geometry: timed once, counted n times."""
+
+    key: tuple
+    names: list[str]
+    input_shape: tuple
+    dense_module: nnx.Module
+    sparse_module: nnx.Module
+
+
+def _module_at(model: nnx.Module, path: tuple) -> nnx.Module:
+    for key in path:
+        model = model[int(key)] if isinstance(model, nnx.List) else getattr(model, str(key))
+    return model
+
+
+def sparsified_layer_groups(dense: nnx.Module, sparse: nnx.Module, report, x) -> list[LayerGroup]:
+    """The layers `sparsify` made sparse, grouped by what their timing depends on."""
+    sparse_names = {r.name for r in report if r.is_sparse}
+    layers = [layer for layer in _model_layers.nnx_layers(dense) if layer.name in sparse_names]
+    _model_layers.nnx_input_shapes(dense, layers, (x,), {})
+    groups: dict[tuple, LayerGroup] = {}
+    for layer in layers:
+        key = (layer.kind, layer.shape, layer.input_shape, str(layer.strides), str(layer.padding))
+        if key in groups:
+            groups[key].names.append(layer.name)
+        else:
+            groups[key] = LayerGroup(key, [layer.name], layer.input_shape, layer.module,
+                                     _module_at(sparse, layer.path))
+    return list(groups.values())
+
+
+def check_variants(variants: dict, x: jax.Array) -> None:
+    """Before timing: "dense*" computes what "dense" does, and the sparse model what its
+    densified copy (the same weights as dense arrays, run by XLA) does.
+
+    Compares eval-mode logits; raises `RuntimeError` on a mismatch.
+    """
+    def logits(model):
+        model = nnx.clone(model)
+        model.eval()
+        return np.asarray(model(x))
+
+    pairs = [("sparse", logits(variants["sparse"]), logits(densify(variants["sparse"], copy=True)))]
+    if "dense*" in variants:
+        pairs.append(("dense*", logits(variants["dense*"]), logits(variants["dense"])))
+    for name, got, want in pairs:
+        atol = 1e-3 * max(1.0, float(np.max(np.abs(want))))
+        if not np.allclose(got, want, rtol=1e-3, atol=atol):
+            raise RuntimeError(f"{name} logits differ from the reference by up to "
+                               f"{float(np.max(np.abs(got - want))):.3g} (atol {atol:.3g})")
+
+
+def _fraction(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole > 0 else float("nan")
+
+
+def bench_model(config: Config, sparsity: float, *, batch: int = BATCH,
+                seed: int = 0, min_time: float = 1.0, repeats: int = 5,
+                evaluate: bool = True) -> dict:
+    """Times one model at one sparsity; returns the medians and breakdown as a dict.
+
+    Args:
+      config: the model.
+      sparsity: uniform sparsity of the layers `sparsify` makes sparse.
+      batch, seed: the random images and labels (the same for every variant).
+      min_time, repeats: each measurement takes about `min_time` seconds, and
+        at least `repeats` samples.
+      evaluate: whether to check the speedup against the target (2 threads).
+    """
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, config.image_size, config.image_size, 3),
+                                        dtype=np.float32))
+    y = jnp.asarray(rng.integers(0, NUM_CLASSES, batch, dtype=np.int32))
+    tx = config.optimizer()
+    dense = config.build(seed)
+    sparse, report = sparsify(dense, sparsity, skip=config.skip, copy=True)
+    groups = sparsified_layer_groups(dense, sparse, report, x)
+
+    # Each sparsified layer alone, dense (lax and, for convs, im2col) and sparse.
+    cases = []
+    for i, group in enumerate(groups):
+        ct = jnp.asarray(rng.standard_normal(
+            jax.eval_shape(group.dense_module, jax.ShapeDtypeStruct(group.input_shape,
+                                                                    jnp.float32)).shape,
+            dtype=np.float32))
+        lx = jnp.asarray(rng.standard_normal(group.input_shape, dtype=np.float32))
+        for variant, module in (("dense", group.dense_module), ("sparse", group.sparse_module)):
+            fn, params = layer_pass_fn(module)
+            cases.append(_timing.Case(f"layer{i}/{variant}", fn, params, lx, ct))
+        if isinstance(group.dense_module, nnx.Conv):
+            im2col = nnx.clone(group.dense_module)
+            im2col.conv_general_dilated = im2col_conv
+            fn, params = layer_pass_fn(im2col)
+            cases.append(_timing.Case(f"layer{i}/im2col", fn, params, lx, ct))
+    layer_samples = _timing.run_interleaved(cases, min_time=min_time, min_repeats=repeats)
+    layer_ms = {name: _timing.median_ms(s) for name, s in layer_samples.items()}
+
+    # dense*: every conv layer whose im2col pass was faster uses im2col in the model.
+    convs = any(f"layer{i}/im2col" in layer_ms for i in range(len(groups)))
+    variants = {"dense": dense, "sparse": sparse}
+    layers_total = {"dense": 0.0, "sparse": 0.0}
+    if convs:
+        best = nnx.clone(dense)
+        layers_total["dense*"] = 0.0
+        for i, group in enumerate(groups):
+            dense_ms = layer_ms[f"layer{i}/dense"]
+            im2col_ms = layer_ms.get(f"layer{i}/im2col", float("inf"))
+            if im2col_ms < dense_ms:
+                for name in group.names:
+                    path = next(layer.path for layer in _model_layers.nnx_layers(best)
+                                if layer.name == name)
+                    _module_at(best, path).conv_general_dilated = im2col_conv
+            layers_total["dense*"] += len(group.names) * min(dense_ms, im2col_ms)
+        variants = {"dense": dense, "dense*": best, "sparse": sparse}
+    for i, group in enumerate(groups):
+        layers_total["dense"] += len(group.names) * layer_ms[f"layer{i}/dense"]
+        layers_total["sparse"] += len(group.names) * layer_ms[f"layer{i}/sparse"]
+
+    check_variants(variants, x)
+
+    # Whole steps, inference and the optimizer alone, interleaved.
+    cases = []
+    for variant, model in variants.items():
+        cases.append(_timing.Case(f"train/{variant}", TrainLoop(model, tx, x, y)))
+        fn, state = forward_fn(model)
+        cases.append(_timing.Case(f"infer/{variant}", fn, state, x))
+        cases.append(_timing.Case(f"optimizer/{variant}", OptimizerLoop(model, tx)))
+    samples = _timing.run_interleaved(cases, min_time=min_time, min_repeats=repeats)
+    ms = {name: _timing.median_ms(s) for name, s in samples.items()}
+
+    result = {"model": config.name, "family": config.family, "image_size": config.image_size,
+              "batch": batch, "sparsity": sparsity, "sparse_layers": len(
+                  [r for r in report if r.is_sparse]),
+              "layers": [{"names": g.names, "input_shape": list(g.input_shape),
+                          **{v: layer_ms.get(f"layer{i}/{v}")
+                             for v in ("dense", "im2col", "sparse")}}
+                         for i, g in enumerate(groups)],
+              "variants": {}}
+    for variant in variants:
+        step = ms[f"train/{variant}"]
+        result["variants"][variant] = {
+            "train_ms": step, "train_samples": len(samples[f"train/{variant}"]),
+            "infer_ms": ms[f"infer/{variant}"],
+            "images_per_s": batch / ms[f"infer/{variant}"] * 1e3,
+            "layers_ms": layers_total[variant], "optimizer_ms": ms[f"optimizer/{variant}"],
+            "rest_ms": step - layers_total[variant] - ms[f"optimizer/{variant}"]}
+    v = result["variants"]
+    result["speedup"] = v["dense"]["train_ms"] / v["sparse"]["train_ms"]
+    result["speedup_vs_best_dense"] = (v["dense*"]["train_ms"] / v["sparse"]["train_ms"]
+                                       if "dense*" in v else None)
+    result["inference_speedup"] = v["sparse"]["images_per_s"] / v["dense"]["images_per_s"]
+    target = _targets.end_to_end_target(config.family, batch, sparsity, not config.quick)
+    result["target"], result["met_cell"], result["met"] = _targets.check(
+        target, result["speedup"], evaluate)
+    return result
+
+
+# -- tables ----------------------------------------------------------------------
+
+def print_tables(results: list[dict]) -> None:
+    print("\n## Training step (forward, loss, gradient, optax update), median ms")
+    table = _timing.TablePrinter([("model", 18, "s"), ("sparsity", 8, ".2f"), ("dense", 9, ".1f"),
+                                  ("dense*", 9, ".1f"), ("sparse", 9, ".1f"),
+                                  ("speedup", 7, ".2f"), ("vs dense*", 9, ".2f"),
+                                  ("target", 6, "s"), ("met", 3, "s")])
+    table.header()
+    for r in results:
+        v = r["variants"]
+        table.row([r["model"], r["sparsity"], v["dense"]["train_ms"],
+                   v.get("dense*", {}).get("train_ms"), v["sparse"]["train_ms"], r["speedup"],
+                   r["speedup_vs_best_dense"], r["target"], r["met_cell"]])
+
+    print("\n## Breakdown of the step, ms (% of the step): the sparsified layers alone, "
+          "the optimizer alone, the rest")
+    table = _timing.TablePrinter([("model", 18, "s"), ("sparsity", 8, ".2f"), ("variant", 7, "s"),
+                                  ("step", 8, ".1f"), ("layers", 8, ".1f"), ("%", 5, ".0f"),
+                                  ("optimizer", 9, ".1f"), ("%", 5, ".0f"), ("rest", 8, ".1f"),
+                                  ("%", 5, ".0f")])
+    table.header()
+    for r in results:
+        for variant, v in r["variants"].items():
+            step = v["train_ms"]
+            table.row([r["model"], r["sparsity"], variant, step, v["layers_ms"],
+                       _fraction(v["layers_ms"], step), v["optimizer_ms"],
+                       _fraction(v["optimizer_ms"], step), v["rest_ms"],
+                       _fraction(v["rest_ms"], step)])
+
+    print("\n## Inference (eval-mode forward), images/s")
+    table = _timing.TablePrinter([("model", 18, "s"), ("sparsity", 8, ".2f"), ("dense", 9, ".0f"),
+                                  ("dense*", 9, ".0f"), ("sparse", 9, ".0f"),
+                                  ("speedup", 7, ".2f"), ("vs dense*", 9, ".2f")])
+    table.header()
+    for r in results:
+        v = r["variants"]
+        best = v.get("dense*", {}).get("images_per_s")
+        table.row([r["model"], r["sparsity"], v["dense"]["images_per_s"], best,
+                   v["sparse"]["images_per_s"], r["inference_speedup"],
+                   v["sparse"]["images_per_s"] / best if best else None])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None,
+                        help="comma-separated model families to run: resnet18, mixer "
+                             "(default: both)")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="minimum samples per measurement (default 5; 2 with --quick)")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="target seconds per measurement (default 1.0; 0.01 with --quick)")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="write the results and machine info to this JSON file (default: "
+                             "benchmarks/results/end_to_end.json for a full default run on 2 "
+                             "threads, -1thread / -Nthreads otherwise)")
+    parser.add_argument("--no-json", action="store_true", help="write no JSON file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="run on this many CPUs (set before jax starts; default: all "
+                             "usable CPUs); targets are for 2")
+    parser.add_argument("--quick", action="store_true",
+                        help="small models and few samples: a smoke run, no targets, no JSON")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    error = _threads.check(args.threads)
+    if error:
+        parser.error(error)
+    families = ("resnet18", "mixer")
+    chosen = families if args.models is None else tuple(
+        m.strip() for m in args.models.split(",") if m.strip())
+    unknown = sorted(set(chosen) - set(families))
+    if unknown or not chosen:
+        parser.error(f"--models: unknown {unknown or chosen}; choose from {', '.join(families)}")
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.min_time = args.min_time if args.min_time is not None else (0.01 if args.quick else 1.0)
+    threads = _threads.usable()
+    evaluate = _targets.evaluates(threads)
+    default_run = (not args.quick and args.models is None
+                   and args.batch == BATCH)
+    path = None if args.no_json else (
+        args.json or (_targets.default_json_path("end_to_end", threads) if default_run else None))
+
+    info = _timing.machine_info()
+    print(f"# end-to-end training steps, batch {args.batch}: {_timing.machine_summary(info)}")
+    print(_targets.note(threads), flush=True)
+    results = []
+    for config in (QUICK_CONFIGS if args.quick else CONFIGS):
+        if config.family not in chosen:
+            continue
+        for sparsity in config.sparsities:
+            results.append(bench_model(config, sparsity, batch=args.batch, seed=args.seed,
+                                       min_time=args.min_time, repeats=args.repeats,
+                                       evaluate=evaluate))
+            r = results[-1]
+            print(f"# {config.name} at {sparsity:.2f}: {r['sparse_layers']} sparse layers, "
+                  f"train step {r['variants']['dense']['train_ms']:.1f} ms dense, "
+                  f"{r['variants']['sparse']['train_ms']:.1f} ms sparse", flush=True)
+    print_tables(results)
+    print("\n# dense*: the dense model with each sparsified conv computed by the faster of "
+          "lax.conv_general_dilated and im2col + dot (timed alone)")
+    print("# layers: the sparsified layers, each timed alone (forward + input and weight "
+          "gradients) and summed; rest = step - layers - optimizer")
+    if path is not None:
+        _timing.write_json(path, {"benchmark": "end_to_end", "machine": info,
+                                  "batch": args.batch, "results": results})
+        print(f"# wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
