@@ -212,6 +212,7 @@ class LayerGroup:
 
     key: tuple
     names: list[str]
+    paths: list[tuple]  # the same layers as paths in the model (valid in its clones too)
     input_shape: tuple
     dense_module: nnx.Module
     sparse_module: nnx.Module
@@ -233,9 +234,10 @@ def sparsified_layer_groups(dense: nnx.Module, sparse: nnx.Module, report, x) ->
         key = (layer.kind, layer.shape, layer.input_shape, str(layer.strides), str(layer.padding))
         if key in groups:
             groups[key].names.append(layer.name)
+            groups[key].paths.append(layer.path)
         else:
-            groups[key] = LayerGroup(key, [layer.name], layer.input_shape, layer.module,
-                                     _module_at(sparse, layer.path))
+            groups[key] = LayerGroup(key, [layer.name], [layer.path], layer.input_shape,
+                                     layer.module, _module_at(sparse, layer.path))
     return list(groups.values())
 
 
@@ -316,9 +318,7 @@ def bench_model(config: Config, sparsity: float, *, batch: int = BATCH,
             dense_ms = layer_ms[f"layer{i}/dense"]
             im2col_ms = layer_ms.get(f"layer{i}/im2col", float("inf"))
             if im2col_ms < dense_ms:
-                for name in group.names:
-                    path = next(layer.path for layer in _model_layers.nnx_layers(best)
-                                if layer.name == name)
+                for path in group.paths:
                     _module_at(best, path).conv_general_dilated = im2col_conv
             layers_total["dense*"] += len(group.names) * min(dense_ms, im2col_ms)
         variants = {"dense": dense, "dense*": best, "sparse": sparse}
