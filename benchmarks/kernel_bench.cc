@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <numeric>
 #include <random>
 #include <string>
@@ -22,6 +23,23 @@
 namespace {
 
 using sparseprop::KernelTable;
+
+// Dense operands start on a cache line, as XLA's buffers and the handlers'
+// scratch do: a run of whole vectors then spans as few lines as it can.
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
+  bool operator==(const LineAligned&) const { return true; }
+  bool operator!=(const LineAligned&) const { return false; }
+};
+using Floats = std::vector<float, LineAligned<float>>;
 
 // Compressed rows.
 struct Sparse {
@@ -77,7 +95,8 @@ double min_seconds(F&& f, int repeats) {
   return best;
 }
 
-float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+template <typename V>
+float max_abs_diff(const V& a, const V& b) {
   float d = 0.0f;
   for (size_t i = 0; i < a.size(); ++i) d = std::max(d, std::fabs(a[i] - b[i]));
   return d;
@@ -88,7 +107,7 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
   const Sparse w = random_sparse(n_out, n_in, density, rng);  // rows: output features
   const Sparse wt = transpose(w, n_in);
   std::normal_distribution<float> normal;
-  std::vector<float> xt(n_in * batch), dyt(n_out * batch);
+  Floats xt(n_in * batch), dyt(n_out * batch);
   for (float& v : xt) v = normal(rng);
   for (float& v : dyt) v = normal(rng);
   const double gflop = 2.0 * batch * static_cast<double>(w.values.size()) * 1e-9;
@@ -96,12 +115,14 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
               static_cast<long long>(n_in), static_cast<long long>(n_out), density,
               w.values.size());
 
-  std::vector<float> ref_y, ref_dx, ref_dv;
+  Floats ref_y, ref_dx;
+  std::vector<float> ref_dv;
   for (const std::string& path : {std::string("scalar"), std::string("avx2"),
                                   std::string("avx512")}) {
     if (!sparseprop::set_simd_path(path)) continue;
     const KernelTable& k = sparseprop::active_kernels();
-    std::vector<float> yt(n_out * batch), dxt(n_in * batch), dv(w.values.size());
+    Floats yt(n_out * batch), dxt(n_in * batch);
+    std::vector<float> dv(w.values.size());
     const double fwd = min_seconds([&] {
       k.spmm_indexed(w.indptr.data(), w.indices.data(), w.values.data(), xt.data(), yt.data(),
                      batch, batch, 0, n_out);
@@ -115,11 +136,11 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
                       0, n_out);
     }, repeats);
     // The handlers' layout changes: y^T (out x batch) back to batch-major y.
-    std::vector<float> y(batch * n_out);
+    Floats y(batch * n_out);
     const double transpose = min_seconds([&] {
       k.transpose(yt.data(), batch, y.data(), n_out, n_out, 0, batch);
     }, repeats);
-    std::vector<float> back(batch * n_out);
+    Floats back(batch * n_out);
     const double transpose_in = min_seconds([&] {
       k.transpose(y.data(), n_out, back.data(), batch, batch, 0, n_out);
     }, repeats);
