@@ -1,3 +1,6 @@
+
+
+
 // The kernel templates, written once over a vector of SPARSEPROP_SIMD_WIDTH
 // floats (GCC/Clang vector extensions). Each kernels_<isa>.cc includes this
 // file inside its own namespace and compiles it with its own target flags, so
@@ -261,11 +264,104 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
              row_end);
 }
 
+// Lane sums of kWidth vectors at once: lane e of the result is the sum of the
+// lanes of a[e]. Halving the vectors pairwise takes kWidth - 1 shuffle-add
+// steps for all of them, where one horizontal_sum each would take kWidth
+// times log2(kWidth).
+static inline vfloat transpose_sum(const vfloat* a) {
+#if SPARSEPROP_SIMD_WIDTH == 16
+  vfloat b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // pairs: 8 partial sums of each
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // quadruples: 4 of each
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22,
+                                   23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // octuples: 2 of each
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22,
+                                   23, 26, 27, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+#elif SPARSEPROP_SIMD_WIDTH == 8
+  vfloat b[4], c[2];
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+  return a[0];
+#endif
+}
+
+// Entries of one row the linear weight gradient takes together, at most:
+// they share each load of the row's gradient, their independent sums hide
+// the multiply-add latency, and transpose_sum finishes them all at once.
+// (16 on AVX-512 measured no faster and leaves longer padded tails.)
+constexpr int kLinearGroup = kWidth > 1 ? 8 : 4;
+
+// sums[e] = <g[0 : length], x[e][0 : length]> for e < G (G <= kLinearGroup).
+template <int G>
+static inline void dot_group(const float* g, const float* const* x, int64_t length,
+                             float* sums) {
+  vfloat acc[kLinearGroup > kWidth ? kLinearGroup : kWidth] = {};
+  float tail[G] = {};
+  int64_t l = 0;
+  for (; l + kWidth <= length; l += kWidth) {
+    const vfloat gv = load(g + l);
+    for (int e = 0; e < G; ++e) acc[e] += gv * load(x[e] + l);
+  }
+  for (; l < length; ++l)
+    for (int e = 0; e < G; ++e) tail[e] += g[l] * x[e][l];
+#if SPARSEPROP_SIMD_WIDTH > 1
+  const vfloat total = transpose_sum(acc);
+  for (int e = 0; e < G; ++e) sums[e] = total[e] + tail[e];
+#else
+  for (int e = 0; e < G; ++e) sums[e] = acc[e] + tail[e];
+#endif
+}
+
+// The linear layer's weight gradient. With a single grid position every
+// entry's dot product is finished in registers and written at once: no
+// partial sums, no chunks. A row's entries go in whole groups, then one group
+// of up to 4 at a time for the rest (padded with repeats of its first entry),
+// so each sum's order depends only on the row.
 static void sddmm_indexed(const int32_t* indptr, const int32_t* indices, const float* rows,
                           const float* in, float* out_values, int64_t length, int64_t row_begin,
                           int64_t row_end) {
-  sddmm_rows(indptr, ScaledIndex{indices, length}, rows, length, in, out_values, length, Grid{},
-             row_begin, row_end);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const float* g = rows + r * length;
+    int64_t p = indptr[r];
+    const int64_t hi = indptr[r + 1];
+    const float* x[kLinearGroup];
+    float sums[kLinearGroup];
+    auto gather = [&](int n, int group) {
+      for (int e = 0; e < group; ++e)
+        x[e] = in + static_cast<int64_t>(indices[p + (e < n ? e : 0)]) * length;
+    };
+    for (; p + kLinearGroup <= hi; p += kLinearGroup) {
+      gather(kLinearGroup, kLinearGroup);
+      dot_group<kLinearGroup>(g, x, length, out_values + p);
+    }
+    while (p < hi) {
+      const int n = static_cast<int>(std::min<int64_t>(4, hi - p));
+      gather(n, 4);
+      dot_group<4>(g, x, length, sums);
+      for (int e = 0; e < n; ++e) out_values[p + e] = sums[e];
+      p += n;
+    }
+  }
 }
 
 #if SPARSEPROP_SIMD_WIDTH >= 8
