@@ -143,6 +143,11 @@ void split_even(int64_t n, int64_t slice, int64_t group, int parts, std::vector<
 // (see tasks_per_call in simd_dispatch.h).
 int parallel_parts(ffi::ThreadPool& pool, int64_t flops);
 
+// What one float moved by a layout change (a transpose through memory) costs,
+// in multiply-adds, for parallel_parts: at high sparsity the transposes are
+// most of a call's work and must be split over the threads too.
+constexpr int64_t kFlopsPerMovedFloat = 4;
+
 // A set of tasks and the function that runs each of them.
 struct Phase {
   std::vector<Task> tasks;

@@ -111,7 +111,8 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
   const KernelTable& k = active_kernels();
-  const int parts = parallel_parts(pool, total * batch * pat.nnz);
+  const int parts =
+      parallel_parts(pool, total * batch * (pat.nnz + kFlopsPerMovedFloat * (n_in + pat.rows)));
   std::shared_ptr<float[]> xt_scratch;
   if (xt_out == nullptr) {
     xt_scratch = scratch<float>(total * n_in * batch);
@@ -222,7 +223,9 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   const KernelTable& k = active_kernels();
   const int64_t nnz = b.dx != nullptr ? tpat.nnz : pat.nnz;
   const int passes = (b.dx != nullptr) + (b.dvalues != nullptr);
-  const int parts = parallel_parts(pool, passes * total * batch * nnz);
+  const int64_t moved = n_out + (b.dx != nullptr ? n_in : 0);  // dy^T in, dx out
+  const int parts =
+      parallel_parts(pool, total * batch * (passes * nnz + kFlopsPerMovedFloat * moved));
   const int64_t dy_slices = dys.count;
   auto dyt = scratch<float>(dy_slices * n_out * batch);
   Stack dyts = dys;  // dy^T: same stacking, [n_out, batch] per slice
