@@ -155,17 +155,18 @@ constexpr int64_t kEntryChunk = 2048;
 // kEntryGroup independent sums hide the multiply-add latency.
 constexpr int kEntryGroup = 4;
 
-// acc[e] += g[0 : length] * x[e][0 : length] lane-wise for e < kEntryGroup;
-// the last length % kWidth products go to tail[e].
+// acc[e] += g[0 : length] * x[e][0 : length] lane-wise for e < G; the last
+// length % kWidth products go to tail[e].
+template <int G>
 static inline void sddmm_group(const float* g, const float* const* x, int64_t length,
                                vfloat* acc, float* tail) {
   int64_t l = 0;
   for (; l + kWidth <= length; l += kWidth) {
     const vfloat gv = load(g + l);
-    for (int e = 0; e < kEntryGroup; ++e) acc[e] += gv * load(x[e] + l);
+    for (int e = 0; e < G; ++e) acc[e] += gv * load(x[e] + l);
   }
   for (; l < length; ++l)
-    for (int e = 0; e < kEntryGroup; ++e) tail[e] += g[l] * x[e][l];
+    for (int e = 0; e < G; ++e) tail[e] += g[l] * x[e][l];
 }
 
 // The same for a single entry, with four accumulators of its own.
@@ -217,7 +218,7 @@ static void sddmm_chunk(const int32_t* indptr, Offset offset, const float* rows,
         for (int64_t k = 0; k < block; ++k) {
           const float* x[kEntryGroup];
           for (int e = 0; e < kEntryGroup; ++e) x[e] = in_base[k] + offset(p + e);
-          sddmm_group(row_base[k] + r * ld_row, x, length, acc, t);
+          sddmm_group<kEntryGroup>(row_base[k] + r * ld_row, x, length, acc, t);
         }
         for (int e = 0; e < kEntryGroup; ++e) {
           partial[p + e - first] += acc[e];
@@ -317,13 +318,7 @@ static inline void dot_group(const float* g, const float* const* x, int64_t leng
                              float* sums) {
   vfloat acc[kLinearGroup > kWidth ? kLinearGroup : kWidth] = {};
   float tail[G] = {};
-  int64_t l = 0;
-  for (; l + kWidth <= length; l += kWidth) {
-    const vfloat gv = load(g + l);
-    for (int e = 0; e < G; ++e) acc[e] += gv * load(x[e] + l);
-  }
-  for (; l < length; ++l)
-    for (int e = 0; e < G; ++e) tail[e] += g[l] * x[e][l];
+  sddmm_group<G>(g, x, length, acc, tail);
 #if SPARSEPROP_SIMD_WIDTH > 1
   const vfloat total = transpose_sum(acc);
   for (int e = 0; e < G; ++e) sums[e] = total[e] + tail[e];
