@@ -608,31 +608,15 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       .Attr<int64_t>("kw")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvForward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              (bind_operands<2, 2>())
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWeightGrad, ConvWeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              (bind_operands<2, 2>())
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvInputGrad, ConvInputGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              (bind_operands<2, 3>())
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_ATTRS);
 
 }  // namespace sparseprop
@@ -649,25 +633,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvInputGrad, ConvInputGrad,
 namespace sparseprop {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcForward, ConvNhwcForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              (bind_operands<2, 2>())
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_NHWC_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcBackward, ConvNhwcBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              (bind_operands<3, 5>())
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_NHWC_ATTRS);
 
