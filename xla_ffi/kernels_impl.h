@@ -1,6 +1,3 @@
-
-
-
 // The kernel templates, written once over a vector of SPARSEPROP_SIMD_WIDTH
 // floats (GCC/Clang vector extensions). Each kernels_<isa>.cc includes this
 // file inside its own namespace and compiles it with its own target flags, so
