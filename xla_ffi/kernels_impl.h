@@ -388,6 +388,50 @@ static inline void transpose8x8(const float* src, int64_t ld_src, float* dst, in
 // half is visited, and with row strides that are multiples of 4 KiB (e.g.
 // 1024 or 3072 features) all those lines fall in one cache set and evict
 // each other.
+#if SPARSEPROP_SIMD_WIDTH == 16
+// Four rounds of two-source shuffles over 16 registers, with no trip
+// through memory: interleave row pairs, then pairs of pairs (now each
+// 128-bit lane holds 4 rows of one column), then gather the lanes twice.
+static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
+                                  int64_t ld_dst) {
+  vfloat a[16], t[16];
+  for (int i = 0; i < 16; ++i) a[i] = load(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = __builtin_shufflevector(a[i], a[i + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12,
+                                   28, 13, 29);
+    t[i + 1] = __builtin_shufflevector(a[i], a[i + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27,
+                                       14, 30, 15, 31);
+  }
+  // a[4g + k]: rows 4g..4g+3 of column 4L + k in lane L.
+  for (int g = 0; g < 16; g += 4) {
+    for (int h = 0; h < 2; ++h) {
+      a[g + 2 * h] = __builtin_shufflevector(t[g + h], t[g + h + 2], 0, 1, 16, 17, 4, 5, 20, 21,
+                                             8, 9, 24, 25, 12, 13, 28, 29);
+      a[g + 2 * h + 1] = __builtin_shufflevector(t[g + h], t[g + h + 2], 2, 3, 18, 19, 6, 7, 22,
+                                                 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    }
+  }
+  // t[4m + k] (m = 0, 1): lanes 0 and 2 (m = 0) or 1 and 3 of a[k], a[4 + k];
+  // t[8 + 4m + k]: the same of a[8 + k], a[12 + k].
+  for (int k = 0; k < 4; ++k) {
+    for (int g = 0; g < 2; ++g) {
+      const vfloat lo = a[8 * g + k], hi = a[8 * g + 4 + k];
+      t[8 * g + k] = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24,
+                                             25, 26, 27);
+      t[8 * g + 4 + k] = __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22,
+                                                 23, 28, 29, 30, 31);
+    }
+  }
+  // Column 4m + k: lanes 0 and 2 of t[4m + k], t[8 + 4m + k]; column 8 + 4m + k: lanes 1 and 3.
+  for (int c = 0; c < 8; ++c) {
+    const vfloat lo = t[c], hi = t[8 + c];
+    store(dst + c * ld_dst, __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                                    19, 24, 25, 26, 27));
+    store(dst + (8 + c) * ld_dst, __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15, 20,
+                                                          21, 22, 23, 28, 29, 30, 31));
+  }
+}
+#else
 static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
                                   int64_t ld_dst) {
   alignas(64) float block[16 * 16];
@@ -397,6 +441,7 @@ static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
   transpose8x8(block + 8, 16, dst + 8 * ld_dst, ld_dst);
   transpose8x8(block + 8 * 16 + 8, 16, dst + 8 * ld_dst + 8, ld_dst);
 }
+#endif
 constexpr int64_t kTransposeBlock = 16;
 #else
 constexpr int64_t kTransposeBlock = 1;
