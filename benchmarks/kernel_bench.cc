@@ -23,6 +23,7 @@
 namespace {
 
 using sparseprop::KernelTable;
+using sparseprop::BatchTiles;
 
 // Dense operands start on a cache line, as XLA's buffers and the handlers'
 // scratch do: a run of whole vectors then spans as few lines as it can.
@@ -102,6 +103,25 @@ float max_abs_diff(const V& a, const V& b) {
   return d;
 }
 
+// The transposed operands in the batch-tiled layout of sparse_kernels.h.
+Floats tiled(const Floats& transposed, int64_t rows, int64_t batch) {
+  const BatchTiles tiles{batch};
+  Floats out(transposed.size());
+  for (int64_t t = 0; t < tiles.count(); ++t)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < tiles.width(t); ++b)
+        out[tiles.first(t) * rows + r * tiles.width(t) + b] =
+            transposed[r * batch + tiles.first(t) + b];
+  return out;
+}
+
+// A product of tiled operands, tile after tile, as the handlers run it.
+template <typename F>
+void per_tile(int64_t batch, F&& product) {
+  const BatchTiles tiles{batch};
+  for (int64_t t = 0; t < tiles.count(); ++t) product(tiles.first(t), tiles.width(t));
+}
+
 void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats) {
   std::mt19937 rng(0);
   const Sparse w = random_sparse(n_out, n_in, density, rng);  // rows: output features
@@ -110,6 +130,8 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
   Floats xt(n_in * batch), dyt(n_out * batch);
   for (float& v : xt) v = normal(rng);
   for (float& v : dyt) v = normal(rng);
+  xt = tiled(xt, n_in, batch);
+  dyt = tiled(dyt, n_out, batch);
   const double gflop = 2.0 * batch * static_cast<double>(w.values.size()) * 1e-9;
   std::printf("%lldx%lld->%lld density %.3f nnz %zu\n", static_cast<long long>(batch),
               static_cast<long long>(n_in), static_cast<long long>(n_out), density,
@@ -124,18 +146,32 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
     Floats yt(n_out * batch), dxt(n_in * batch);
     std::vector<float> dv(w.values.size());
     const double fwd = min_seconds([&] {
-      k.spmm_indexed(w.indptr.data(), w.indices.data(), w.values.data(), xt.data(), yt.data(),
-                     batch, batch, 0, n_out);
+      per_tile(batch, [&](int64_t first, int64_t width) {
+        k.spmm_indexed(w.indptr.data(), w.indices.data(), w.values.data(),
+                       xt.data() + first * n_in, yt.data() + first * n_out, width, width, 0,
+                       n_out);
+      });
     }, repeats);
     const double igrad = min_seconds([&] {
-      k.spmm_indexed(wt.indptr.data(), wt.indices.data(), wt.values.data(), dyt.data(),
-                     dxt.data(), batch, batch, 0, n_in);
+      per_tile(batch, [&](int64_t first, int64_t width) {
+        k.spmm_indexed(wt.indptr.data(), wt.indices.data(), wt.values.data(),
+                       dyt.data() + first * n_out, dxt.data() + first * n_in, width, width, 0,
+                       n_in);
+      });
     }, repeats);
     const double wgrad = min_seconds([&] {
-      k.sddmm_indexed(w.indptr.data(), w.indices.data(), dyt.data(), xt.data(), dv.data(), batch,
-                      0, n_out);
+      k.sddmm_indexed(w.indptr.data(), w.indices.data(), dyt.data(), n_out, xt.data(), n_in,
+                      dv.data(), batch, 0, n_out, false);
     }, repeats);
-    // The handlers' layout changes: y^T (out x batch) back to batch-major y.
+    std::vector<float> dv_tiles(w.values.size());
+    const double wgrad_tiles = min_seconds([&] {
+      per_tile(batch, [&](int64_t first, int64_t width) {
+        k.sddmm_indexed(w.indptr.data(), w.indices.data(), dyt.data() + first * n_out, n_out,
+                        xt.data() + first * n_in, n_in, dv_tiles.data(), width, 0, n_out,
+                        first > 0);
+      });
+    }, repeats);
+    // The transpose kernel on a whole out x batch matrix, into batch-major and back.
     Floats y(batch * n_out);
     const double transpose = min_seconds([&] {
       k.transpose(yt.data(), batch, y.data(), n_out, n_out, 0, batch);
@@ -151,12 +187,13 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
       ref_y = yt, ref_dx = dxt, ref_dv = dv;
     }
     std::printf("  %-7s fwd %8.3f ms %6.1f GF/s | igrad %8.3f ms %6.1f GF/s | wgrad %8.3f ms "
-                "%6.1f GF/s | y^T->y %6.3f ms, back %6.3f ms%s | max diff vs first path %.1e %.1e "
-                "%.1e\n",
+                "%6.1f GF/s, per tile %8.3f ms %6.1f GF/s | y^T->y %6.3f ms, back %6.3f ms%s | "
+                "max diff vs first path %.1e %.1e %.1e %.1e\n",
                 path.c_str(), fwd * 1e3, gflop / fwd, igrad * 1e3, gflop / igrad, wgrad * 1e3,
-                gflop / wgrad, transpose * 1e3, transpose_in * 1e3,
-                transposed ? "" : " WRONG", max_abs_diff(yt, ref_y), max_abs_diff(dxt, ref_dx),
-                max_abs_diff(dv, ref_dv));
+                gflop / wgrad, wgrad_tiles * 1e3, gflop / wgrad_tiles, transpose * 1e3,
+                transpose_in * 1e3, transposed ? "" : " WRONG", max_abs_diff(yt, ref_y),
+                max_abs_diff(dxt, ref_dx), max_abs_diff(dv, ref_dv),
+                max_abs_diff(dv_tiles, ref_dv));
   }
   sparseprop::set_simd_path("auto");
 }

@@ -2,8 +2,8 @@
 
 Forward, input gradient and weight gradient each cost O(batch x nnz). The
 kernels want the batch as the minor dimension; the C++ handlers transpose the
-activations themselves, and the forward hands back the transposed input as the
-residual for the weight gradient.
+activations themselves, tile by tile of the batch. The residual for the weight
+gradient is the input itself, which the backward transposes again.
 """
 
 from __future__ import annotations
@@ -32,32 +32,27 @@ def _linear_2d_fwd(shape, x, values, indptr, indices, t_indptr, t_indices, t_per
     want_dx, want_dw = x.perturbed, values.perturbed
     x, values = x.value, values.value
     pattern = tuple(a.value for a in (indptr, indices, t_indptr, t_indices, t_perm))
-    batch = x.shape[0]
-    if want_dw:  # the weight gradient reads x^T, which the forward makes anyway
-        y, xt = _ffi.call(_ffi.LINEAR_FORWARD_RESIDUAL, ((batch, shape[1]), (shape[0], batch)),
-                      x, values, *pattern[:2])
-    else:
-        y, xt = _ffi.call(_ffi.LINEAR_FORWARD, (batch, shape[1]), x, values, *pattern[:2]), None
-    return y, (xt, values if want_dx else None, pattern)
+    y = _ffi.call(_ffi.LINEAR_FORWARD, (x.shape[0], shape[1]), x, values, *pattern[:2])
+    return y, (x if want_dw else None, values if want_dx else None, pattern)
 
 
 def _linear_2d_bwd(shape, residuals, dy):
-    xt, values, (indptr, indices, t_indptr, t_indices, t_perm) = residuals
+    x, values, (indptr, indices, t_indptr, t_indices, t_perm) = residuals
     # The pattern is integer data: no cotangent. None is a zero cotangent.
     none = (None,) * 5
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         return (None, None) + none
     batch = dy.shape[0]
-    if xt is not None and values is not None:
+    if x is not None and values is not None:
         dx, dvalues = _ffi.call(_ffi.LINEAR_BACKWARD, ((batch, shape[0]), (indices.shape[0],)),
-                            dy, xt, values, indptr, indices, t_indptr, t_indices, t_perm)
+                                dy, x, values, indptr, indices, t_indptr, t_indices, t_perm)
         return (dx, dvalues) + none
     if values is not None:
         dx = _ffi.call(_ffi.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, t_indptr, t_indices,
-                   t_perm)
+                       t_perm)
         return (dx, None) + none
-    if xt is not None:
-        dvalues = _ffi.call(_ffi.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, xt, indptr, indices)
+    if x is not None:
+        dvalues = _ffi.call(_ffi.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, x, indptr, indices)
         return (None, dvalues) + none
     return (None, None) + none
 

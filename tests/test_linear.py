@@ -142,9 +142,10 @@ def test_vmap_over_values(rng):
     np.testing.assert_allclose(per_values_grad, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_results_do_not_depend_on_task_split(rng):
-    weight = sp.SparseWeight.from_dense(random_kernel(rng, 300, 200, 0.9))
-    x = rng.standard_normal((37, 300)).astype(np.float32)
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])  # the weight gradient per tile, and not
+def test_results_do_not_depend_on_task_split(sparsity, rng):
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 300, 200, sparsity))
+    x = rng.standard_normal((150, 300)).astype(np.float32)  # three tiles of the batch
     step = jax.jit(jax.grad(lambda x, v: jnp.sum(jnp.sin(
         sp.sparse_linear(x, weight.with_values(v)))), argnums=(0, 1)))
     reference = step(x, weight.values)

@@ -554,14 +554,11 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t xl_slice = g.hp() * g.wp() * cin * n, dyp_slice = hd * wd * dy_pixel;
   auto xl = scratch<float>(xs.count * xl_slice);
   auto dyp = scratch<float>(dys.count * dyp_slice);
-  std::vector<Phase> phases;
-  phases.push_back(to_batch_minor(k, x.typed_data(), xs, xl.get(), g.hp(), g.wp(), g.pt, g.pl,
+  std::vector<Phase> layout, phases;
+  layout.push_back(to_batch_minor(k, x.typed_data(), xs, xl.get(), g.hp(), g.wp(), g.pt, g.pl,
                                   parts));
-  Phase layout_dy = to_batch_minor(k, dy.typed_data(), dys, dyp.get(), hd, wd, P, Q, parts);
-  for (const Task& t : layout_dy.tasks) phases[0].tasks.push_back({t.slice, t.begin, t.end, 1});
-  phases[0].fn = [x_fn = phases[0].fn, dy_fn = layout_dy.fn](const Task& t) {
-    return t.group == 0 ? x_fn(t) : dy_fn(t);
-  };
+  layout.push_back(to_batch_minor(k, dy.typed_data(), dys, dyp.get(), hd, wd, P, Q, parts));
+  phases.push_back(concurrent(std::move(layout)));
 
   Phase products;
   const int64_t weight_group = s * s;

@@ -291,6 +291,20 @@ class PhaseRun {
 
 }  // namespace
 
+Phase concurrent(std::vector<Phase> phases) {
+  Phase all;
+  std::vector<std::function<ffi::Error(const Task&)>> fns;
+  for (Phase& phase : phases) {
+    for (Task task : phase.tasks) {
+      task.group = static_cast<int64_t>(fns.size());
+      all.tasks.push_back(task);
+    }
+    fns.push_back(std::move(phase.fn));
+  }
+  all.fn = [fns = std::move(fns)](const Task& t) { return fns[t.group](t); };
+  return all;
+}
+
 ffi::Future run_phases(ffi::ThreadPool& pool, int workers, std::vector<Phase> phases) {
   auto run = std::make_shared<PhaseRun>(std::move(phases), workers);
   ffi::Future future = run->future();

@@ -141,7 +141,7 @@ void split_even(int64_t n, int64_t slice, int64_t group, int parts, std::vector<
 
 // The bindings the handlers start from: the thread pool, then float
 // operands and int32 index operands, in that order. Every handler takes two
-// floats (activations; values or x^T) and a pattern (indptr, indices); an
+// floats (activations; values or x) and a pattern (indptr, indices); an
 // input gradient adds the transposed permutation; a fused backward takes three
 // floats and both patterns (indptr, indices, t_indptr, t_indices, t_perm).
 template <int Floats, int Indices>
@@ -169,6 +169,11 @@ struct Phase {
   std::vector<Task> tasks;
   std::function<ffi::Error(const Task&)> fn;
 };
+
+// One phase running the tasks of all of `phases` side by side (they must not
+// depend on each other); each task's group is rewritten to pick its phase's
+// function.
+Phase concurrent(std::vector<Phase> phases);
 
 // Runs the phases in order on up to `workers` workers on the pool (inline
 // when one suffices). Workers claim tasks one at a time in order; a task of

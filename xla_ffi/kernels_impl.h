@@ -262,43 +262,61 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
              row_end);
 }
 
-// Lane sums of kWidth vectors at once: lane e of the result is the sum of the
-// lanes of a[e]. Halving the vectors pairwise takes kWidth - 1 shuffle-add
-// steps for all of them, where one horizontal_sum each would take kWidth
-// times log2(kWidth).
+// Lane sums of N <= kWidth vectors at once: lane e of the result is the sum
+// of the lanes of a[e] (lanes N and up are left undefined). Halving the
+// vectors pairwise takes kWidth - 1 shuffle-add steps for all of them, where
+// one horizontal_sum each would take kWidth times log2(kWidth); steps whose
+// inputs are all beyond N are skipped (8 for N = 8 on 16 lanes, 5 for N = 4).
+template <int N>
 static inline vfloat transpose_sum(const vfloat* a) {
+  // The vectors holding live lanes after each halving; a missing partner is
+  // replaced by a live vector, which only affects lanes that are not read.
+  constexpr int n1 = (N + 1) / 2, n2 = (n1 + 1) / 2;
+  auto pair = [](int i, int n) { return i + 1 < n ? i + 1 : i; };
 #if SPARSEPROP_SIMD_WIDTH == 16
+  constexpr int n3 = (n2 + 1) / 2;
   vfloat b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i)  // pairs: 8 partial sums of each
-    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
-                                   19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
-                                   26, 27, 28, 29, 30, 31);
-  for (int i = 0; i < 4; ++i)  // quadruples: 4 of each
-    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
-                                   19, 24, 25, 26, 27) +
-           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22,
-                                   23, 28, 29, 30, 31);
-  for (int i = 0; i < 2; ++i)  // octuples: 2 of each
-    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
-                                   21, 24, 25, 28, 29) +
-           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22,
-                                   23, 26, 27, 30, 31);
-  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                 28, 30) +
-         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
-                                 29, 31);
+  for (int i = 0; i < n1; ++i) {  // pairs: 8 partial sums of each
+    const vfloat x = a[2 * i], y = a[pair(2 * i, N)];
+    b[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  }
+  for (int i = 0; i < n2; ++i) {  // quadruples: 4 of each
+    const vfloat x = b[2 * i], y = b[pair(2 * i, n1)];
+    c[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
+                                   27) +
+           __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                   31);
+  }
+  for (int i = 0; i < n3; ++i) {  // octuples: 2 of each
+    const vfloat x = c[2 * i], y = c[pair(2 * i, n2)];
+    d[i] = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
+                                   29) +
+           __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                   31);
+  }
+  const vfloat x = d[0], y = d[pair(0, n3)];
+  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                 30) +
+         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 #elif SPARSEPROP_SIMD_WIDTH == 8
   vfloat b[4], c[2];
-  for (int i = 0; i < 4; ++i)
-    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
-           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-  for (int i = 0; i < 2; ++i)
-    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
-           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
-  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) +
-         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int i = 0; i < n1; ++i) {
+    const vfloat x = a[2 * i], y = a[pair(2 * i, N)];
+    b[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int i = 0; i < n2; ++i) {
+    const vfloat x = b[2 * i], y = b[pair(2 * i, n1)];
+    c[i] = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15);
+  }
+  const vfloat x = c[0], y = c[pair(0, n2)];
+  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15);
 #else
+  (void)pair;
   return a[0];
 #endif
 }
@@ -309,47 +327,67 @@ static inline vfloat transpose_sum(const vfloat* a) {
 // (16 on AVX-512 measured no faster and leaves longer padded tails.)
 constexpr int kLinearGroup = kWidth > 1 ? 8 : 4;
 
-// sums[e] = <g[0 : length], x[e][0 : length]> for e < G (G <= kLinearGroup).
+// sums[e] (+)= <row r of rows, row x_row[e] of in> over the whole batch, for
+// e < G (G <= kLinearGroup), of two operands in the batch-tiled layout
+// (sparse_kernels.h) with n_rows and n_in rows: one run per tile each, all
+// summed in the same registers and reduced once; added to what sums holds if
+// `accumulate`, else written.
 template <int G>
-static inline void dot_group(const float* g, const float* const* x, int64_t length,
-                             float* sums) {
-  vfloat acc[kLinearGroup > kWidth ? kLinearGroup : kWidth] = {};
+static inline void dot_group(const float* rows, int64_t n_rows, int64_t r, const float* in,
+                             int64_t n_in, const int64_t* x_row, int64_t batch, float* sums,
+                             bool accumulate) {
+  vfloat acc[G] = {};
   float tail[G] = {};
-  sddmm_group<G>(g, x, length, acc, tail);
+  const float* g = rows + r * kBatchTile;
+  const float* x[G];
+  for (int e = 0; e < G; ++e) x[e] = in + x_row[e] * kBatchTile;
+  const int64_t full = batch / kBatchTile;
+  for (int64_t t = 0; t < full; ++t) {  // whole tiles: fixed length, fixed strides
+    sddmm_group<G>(g, x, kBatchTile, acc, tail);
+    g += kBatchTile * n_rows;
+    for (int e = 0; e < G; ++e) x[e] += kBatchTile * n_in;
+  }
+  if (const int64_t width = batch - full * kBatchTile; width > 0) {  // a last, narrower tile
+    const int64_t first = full * kBatchTile;
+    g = rows + first * n_rows + r * width;
+    for (int e = 0; e < G; ++e) x[e] = in + first * n_in + x_row[e] * width;
+    sddmm_group<G>(g, x, width, acc, tail);
+  }
 #if SPARSEPROP_SIMD_WIDTH > 1
-  const vfloat total = transpose_sum(acc);
-  for (int e = 0; e < G; ++e) sums[e] = total[e] + tail[e];
+  const vfloat total = transpose_sum<G>(acc);
+  for (int e = 0; e < G; ++e) sums[e] = (accumulate ? sums[e] : 0.0f) + (total[e] + tail[e]);
 #else
-  for (int e = 0; e < G; ++e) sums[e] = acc[e] + tail[e];
+  for (int e = 0; e < G; ++e) sums[e] = (accumulate ? sums[e] : 0.0f) + (acc[e] + tail[e]);
 #endif
 }
 
 // The linear layer's weight gradient. With a single grid position every
-// entry's dot product is finished in registers and written at once: no
-// partial sums, no chunks. A row's entries go in whole groups, then one group
-// of up to 4 at a time for the rest (padded with repeats of its first entry),
-// so each sum's order depends only on the row.
+// entry's dot product is finished in registers and written (or, with
+// `accumulate`, added) at once: no partial sums, no chunks. A row's entries
+// go in whole groups, then one group of up to 4 at a time for the rest
+// (padded with repeats of its first entry), so each sum's order depends only
+// on the row.
 static void sddmm_indexed(const int32_t* indptr, const int32_t* indices, const float* rows,
-                          const float* in, float* out_values, int64_t length, int64_t row_begin,
-                          int64_t row_end) {
+                          int64_t n_rows, const float* in, int64_t n_in, float* out_values,
+                          int64_t batch, int64_t row_begin, int64_t row_end, bool accumulate) {
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const float* g = rows + r * length;
     int64_t p = indptr[r];
     const int64_t hi = indptr[r + 1];
-    const float* x[kLinearGroup];
-    float sums[kLinearGroup];
+    int64_t x_row[kLinearGroup];
     auto gather = [&](int n, int group) {
-      for (int e = 0; e < group; ++e)
-        x[e] = in + static_cast<int64_t>(indices[p + (e < n ? e : 0)]) * length;
+      for (int e = 0; e < group; ++e) x_row[e] = indices[p + (e < n ? e : 0)];
     };
     for (; p + kLinearGroup <= hi; p += kLinearGroup) {
       gather(kLinearGroup, kLinearGroup);
-      dot_group<kLinearGroup>(g, x, length, out_values + p);
+      dot_group<kLinearGroup>(rows, n_rows, r, in, n_in, x_row, batch, out_values + p,
+                              accumulate);
     }
     while (p < hi) {
       const int n = static_cast<int>(std::min<int64_t>(4, hi - p));
+      float sums[4];
+      for (int e = 0; e < n; ++e) sums[e] = out_values[p + e];
       gather(n, 4);
-      dot_group<4>(g, x, length, sums);
+      dot_group<4>(rows, n_rows, r, in, n_in, x_row, batch, sums, accumulate);
       for (int e = 0; e < n; ++e) out_values[p + e] = sums[e];
       p += n;
     }

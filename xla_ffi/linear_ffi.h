@@ -5,7 +5,6 @@
 
 namespace sparseprop {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearForward);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearForwardResidual);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearBackward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearInputGrad);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearWeightGrad);

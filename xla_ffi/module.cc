@@ -27,7 +27,6 @@ NB_MODULE(_sparseprop_jax_ffi, m) {
   m.def("registrations", []() {
     nb::dict targets;
     targets["sparseprop_linear_forward"] = capsule(sparseprop::kLinearForward);
-    targets["sparseprop_linear_forward_residual"] = capsule(sparseprop::kLinearForwardResidual);
     targets["sparseprop_linear_backward"] = capsule(sparseprop::kLinearBackward);
     targets["sparseprop_linear_input_grad"] = capsule(sparseprop::kLinearInputGrad);
     targets["sparseprop_linear_weight_grad"] = capsule(sparseprop::kLinearWeightGrad);
