@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -177,8 +179,37 @@ ffi::Error validate_indptr(const int32_t* indptr, int64_t rows, int64_t nnz, con
   return ffi::Error::Success();
 }
 
+namespace {
+
+// Whether some v[p], p in [lo, hi), lies outside [0, bound). The checks run
+// on every call over every entry, and a loop that stops at each entry took
+// 8% of the CPU time of a 64 x 4096 -> 4096 f+b at 95%. Here the top bit of
+// x | (last - x) is set exactly when x < 0 or x > last, so four entries at a
+// time are ORed with no branch (GCC vector extensions: SSE2, NEON).
+bool any_outside(const int32_t* v, int64_t lo, int64_t hi, int64_t bound) {
+  typedef uint32_t u32x4 __attribute__((vector_size(16)));
+  // bound 0: last wraps to 2^32 - 1, and every entry is outside.
+  const uint32_t last = static_cast<uint32_t>(std::min<int64_t>(bound, INT32_MAX)) - 1u;
+  u32x4 any = {};
+  int64_t p = lo;
+  for (; p + 4 <= hi; p += 4) {
+    u32x4 x;
+    std::memcpy(&x, v + p, sizeof x);
+    any |= x | (last - x);
+  }
+  uint32_t top = any[0] | any[1] | any[2] | any[3];
+  for (; p < hi; ++p) {
+    const uint32_t x = static_cast<uint32_t>(v[p]);
+    top |= x | (last - x);
+  }
+  return (top >> 31) != 0;
+}
+
+}  // namespace
+
 ffi::Error check_indices(const int32_t* indices, int64_t lo, int64_t hi, int64_t cols,
                          const char* op, const char* name) {
+  if (!any_outside(indices, lo, hi, cols)) return ffi::Error::Success();
   for (int64_t p = lo; p < hi; ++p)
     if (indices[p] < 0 || indices[p] >= cols)
       return ffi::Error::InvalidArgument(prefix(op) + name + " index " +
@@ -190,6 +221,7 @@ ffi::Error check_indices(const int32_t* indices, int64_t lo, int64_t hi, int64_t
 
 ffi::Error check_permutation(const int32_t* perm, int64_t lo, int64_t hi, int64_t nnz,
                              const char* op, const char* name) {
+  if (!any_outside(perm, lo, hi, nnz)) return ffi::Error::Success();
   for (int64_t p = lo; p < hi; ++p)
     if (perm[p] < 0 || perm[p] >= nnz)
       return ffi::Error::InvalidArgument(prefix(op) + name + " entry " + std::to_string(p) +
