@@ -1,5 +1,6 @@
 // The avx2 instantiation of the sparse kernels (8 float lane(s) per vector).
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "sparse_kernels.h"

@@ -262,6 +262,35 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
              row_end);
 }
 
+#if SPARSEPROP_SIMD_WIDTH > 1
+// Lane i of the concatenation (x, y) that one halving step of transpose_sum
+// reads: the half of the result from x (or y) holds the even (or, with `odd`,
+// the odd) blocks of S lanes of x (of y), in order.
+constexpr int fold_lane(int i, int s, bool odd) {
+  const int half = kWidth / 2, j = i % half;
+  return (i < half ? 0 : kWidth) + (2 * (j / s) + odd) * s + j % s;
+}
+
+// The even plus the odd blocks of S lanes of x and y: each half of the result
+// holds pairwise sums of the blocks of one input.
+template <int S, int... I>
+static inline vfloat fold(vfloat x, vfloat y, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(x, y, fold_lane(I, S, false)...) +
+         __builtin_shufflevector(x, y, fold_lane(I, S, true)...);
+}
+
+// One halving step over the first n vectors of v (in place), then the next,
+// down to blocks of one lane. A missing partner (n odd) is replaced by a live
+// vector, which only affects lanes that are never read.
+template <int S>
+static inline void fold_all(vfloat* v, int n) {
+  for (int i = 0; i < (n + 1) / 2; ++i)
+    v[i] = fold<S>(v[2 * i], v[2 * i + 1 < n ? 2 * i + 1 : 2 * i],
+                   std::make_integer_sequence<int, kWidth>{});
+  if constexpr (S > 1) fold_all<S / 2>(v, (n + 1) / 2);
+}
+#endif
+
 // Lane sums of N <= kWidth vectors at once: lane e of the result is the sum
 // of the lanes of a[e] (lanes N and up are left undefined). Halving the
 // vectors pairwise takes kWidth - 1 shuffle-add steps for all of them, where
@@ -269,54 +298,12 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
 // inputs are all beyond N are skipped (8 for N = 8 on 16 lanes, 5 for N = 4).
 template <int N>
 static inline vfloat transpose_sum(const vfloat* a) {
-  // The vectors holding live lanes after each halving; a missing partner is
-  // replaced by a live vector, which only affects lanes that are not read.
-  constexpr int n1 = (N + 1) / 2, n2 = (n1 + 1) / 2;
-  auto pair = [](int i, int n) { return i + 1 < n ? i + 1 : i; };
-#if SPARSEPROP_SIMD_WIDTH == 16
-  constexpr int n3 = (n2 + 1) / 2;
-  vfloat b[8], c[4], d[2];
-  for (int i = 0; i < n1; ++i) {  // pairs: 8 partial sums of each
-    const vfloat x = a[2 * i], y = a[pair(2 * i, N)];
-    b[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                   31);
-  }
-  for (int i = 0; i < n2; ++i) {  // quadruples: 4 of each
-    const vfloat x = b[2 * i], y = b[pair(2 * i, n1)];
-    c[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
-                                   27) +
-           __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
-                                   31);
-  }
-  for (int i = 0; i < n3; ++i) {  // octuples: 2 of each
-    const vfloat x = c[2 * i], y = c[pair(2 * i, n2)];
-    d[i] = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
-                                   29) +
-           __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
-                                   31);
-  }
-  const vfloat x = d[0], y = d[pair(0, n3)];
-  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
-                                 30) +
-         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#elif SPARSEPROP_SIMD_WIDTH == 8
-  vfloat b[4], c[2];
-  for (int i = 0; i < n1; ++i) {
-    const vfloat x = a[2 * i], y = a[pair(2 * i, N)];
-    b[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11) +
-           __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
-  }
-  for (int i = 0; i < n2; ++i) {
-    const vfloat x = b[2 * i], y = b[pair(2 * i, n1)];
-    c[i] = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13) +
-           __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15);
-  }
-  const vfloat x = c[0], y = c[pair(0, n2)];
-  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14) +
-         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15);
+#if SPARSEPROP_SIMD_WIDTH > 1
+  vfloat v[N];
+  for (int e = 0; e < N; ++e) v[e] = a[e];
+  fold_all<kWidth / 2>(v, N);
+  return v[0];
 #else
-  (void)pair;
   return a[0];
 #endif
 }

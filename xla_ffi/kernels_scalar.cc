@@ -1,5 +1,6 @@
 // The scalar instantiation of the sparse kernels (1 float lane(s) per vector).
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "sparse_kernels.h"
