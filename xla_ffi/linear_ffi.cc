@@ -253,9 +253,9 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   }
   // With several tiles, the values are gathered into the transposed
   // pattern's order once, here, rather than once per tile; with one, a block
-  // at a time in the products (a gathered copy of them all would cost a
-  // write and a read of nnz floats through memory: 11% of the f+b's CPU time
-  // at 64 x 4096 -> 4096, 95%).
+  // at a time in the products (a gathered copy of them all costs a write and
+  // a read of nnz floats through memory, which only pays where it saves the
+  // gathers of the later tiles).
   const bool gather_first = want_dx && BatchTiles{batch}.count() > 1;
   const int64_t gathered_slices = std::max(vs.count, ps.count);
   const float* w = want_dx ? b.values->typed_data() : nullptr;
