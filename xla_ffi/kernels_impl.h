@@ -329,7 +329,10 @@ static inline void dot_group(const float* rows, int64_t n_rows, int64_t r, const
   const float* x[G];
   for (int e = 0; e < G; ++e) x[e] = in + x_row[e] * kBatchTile;
   const int64_t full = batch / kBatchTile;
-  for (int64_t t = 0; t < full; ++t) {  // whole tiles: fixed length, fixed strides
+  // The tiles by hand rather than through BatchTiles: whole tiles at a fixed
+  // length and fixed strides, then the narrower last one. Recomputing each
+  // tile's offsets through BatchTiles measured 15-20% slower (kernel_bench).
+  for (int64_t t = 0; t < full; ++t) {
     sddmm_group<G>(g, x, kBatchTile, acc, tail);
     g += kBatchTile * n_rows;
     for (int e = 0; e < G; ++e) x[e] += kBatchTile * n_in;
