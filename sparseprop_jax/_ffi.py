@@ -63,7 +63,7 @@ Dim = Union[int, str, None]
 def _conv_batch_dim(attrs) -> int:
     # The CONV_FORWARD/INPUT_GRAD/WEIGHT_GRAD layouts: variant 1 ("width", the one
     # conv.py issues them for) has the batch first, (N, C, H, s, W); variant 0
-    # ("batch"), which conv.py now runs with the NHWC calls, had it last, (H, W, C, N).
+    # ("batch", which conv.py runs with the NHWC calls instead) has it last, (H, W, C, N).
     return -1 if int(attrs.get("variant", 0)) == 0 else 0
 
 

@@ -1,13 +1,14 @@
 """`sparse_conv2d`: 2-D convolution with a sparse HWIO kernel on NHWC activations.
 
 A direct convolution over the nonzeros (no im2col): forward, input gradient and
-weight gradient each cost O(batch x output pixels x nnz). Two kernels, as in the
-SparseProp paper, differ in which dimension the SIMD lanes run over:
+weight gradient each cost O(batch x output pixels x nnz). Two kernels differ
+in which dimensions the SIMD lanes run over:
 
-- "batch": the batch is the contiguous dimension (layout H, W, C, N); best for
-  small images, where output rows are too short to fill vectors.
+- "batch": the batch is the minor dimension and each image row of a channel
+  one run (layout H, C, W, N, strided columns split into phases), so a tap
+  covers a whole output row x batch in one contiguous run.
 - "width": the output width is the contiguous dimension (layout N, C, H, W,
-  strided columns split into phases); best for large images and small batches.
+  strided columns split into phases); runs of one output row of one image.
 
 "auto" picks per layer shape by a lane-use cost model; "measure" times both on
 the first call with a shape and remembers the faster.

@@ -9,12 +9,13 @@
 //   width-minor (vectorised over the output width, for large images): the
 //   padded width is split into `stride` phases, so strided windows are runs:
 //     x (N, Cin, Hp, s, Wq)      y (N, Cout, Ho, Wo)
-// The batch-minor handlers (ConvNhwc*, below) take the caller's NHWC arrays and
-// make the layout themselves; for the width-minor ones, Python lays the
-// operands out (ConvForward, ConvWeightGrad, ConvInputGrad, which still accept
-// either layout).
 // where x[.., s_phase, q] is padded column q * s + s_phase. Each nonzero then
 // reads one contiguous run per output position: the kernels' entry offsets.
+// For these handlers (ConvForward, ConvWeightGrad, ConvInputGrad), Python lays
+// the operands out; sparse_conv2d issues them for the width-minor variant only.
+// Its batch variant runs on the ConvNhwc* handlers (below), which take the
+// caller's NHWC arrays and lay them out themselves, in a third layout that
+// combines both: rows of (channel, width x batch) runs (RowRuns).
 //
 // The input gradient is split into s x s stride phases: the input positions
 // (j * s + a, i * s + b) receive only taps ky = a (mod s), kx = b (mod s), so
@@ -94,7 +95,23 @@ struct WindowPlan {
   Grid grid;
   int64_t ld_row, length;
   std::function<int64_t(int32_t)> offset;
+  // Positions the weight gradient sums per block (weight_gradient_blocks).
+  int64_t block;
 };
+
+// Positions per weight-gradient block: as many as keep the dense operands
+// the block reads within a budget, given the first position's input window
+// (`window` bytes), `step` more input bytes per further position and `out`
+// output-side bytes per position. The budget (4 MiB, the last-level cache's
+// share) was measured: 0.5-16 MiB were about equal in the row-run layout,
+// and all positions at once was 30% slower on 56 x 56 x 64 (the windows
+// then stream from memory once per row of the pattern).
+int64_t block_positions(int64_t window, int64_t step, int64_t out) {
+  const int64_t budget = int64_t{4} << 20;
+  int64_t b = 1;
+  while (b < 4096 && window + b * step + (b + 1) * out <= budget) ++b;
+  return b;
+}
 
 WindowPlan window_plan(const Geometry& g, const Shapes& sh) {
   const int64_t s = g.stride, kw = g.kw, cin = sh.cin;
@@ -108,6 +125,7 @@ WindowPlan window_plan(const Geometry& g, const Shapes& sh) {
       const int64_t ci = r % cin, k = r / cin, ky = k / kw, kx = k % kw;
       return (ky * wp + kx) * pixel + ci * n;
     };
+    plan.block = block_positions(4 * g.kh * kw * pixel, 4 * g.kh * s * pixel, 4 * sh.cout * n);
   } else {
     const int64_t wq = sh.wx, row = s * wq, plane = sh.hp * row;
     plan.grid = {sh.n, sh.ho, cin * plane, s * row, sh.cout * sh.ho * sh.wo, sh.wo};
@@ -117,8 +135,27 @@ WindowPlan window_plan(const Geometry& g, const Shapes& sh) {
       const int64_t ci = r % cin, k = r / cin, ky = k / kw, kx = k % kw;
       return ci * plane + ky * row + (kx % s) * wq + kx / s;
     };
+    plan.block = block_positions(4 * cin * g.kh * row, 4 * cin * s * row, 4 * sh.cout * sh.wo);
   }
   return plan;
+}
+
+// The weight gradient of rows [row_begin, row_end) in blocks of plan.block
+// grid positions: every row sums one block before the next block starts, so
+// the block's windows stay in cache across rows (walking all positions per
+// entry would stream the whole image from memory once per nonzero). The
+// blocks depend only on the geometry, so results are deterministic.
+void weight_gradient_blocks(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
+                            const float* rows, const float* in, float* out_values,
+                            const WindowPlan& plan, int64_t row_begin, int64_t row_end) {
+  const int64_t positions = plan.grid.size();
+  int64_t q0 = 0;
+  do {  // at least once: with no positions, the sums are written as zeros
+    const int64_t q1 = std::min(positions, q0 + plan.block);
+    k.sddmm(indptr, offsets, rows, plan.ld_row, in, out_values, plan.length, plan.grid, q0, q1,
+            row_begin, row_end, q0 > 0);
+    q0 = q1;
+  } while (q0 < positions);
 }
 
 ffi::Future ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -186,9 +223,9 @@ ffi::Future ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   const float* xd = x.typed_data();
   float* dw = dvalues->typed_data();
   return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) {
-    k.sddmm(pat.row_ptr(t.slice), offsets.of(t.slice), dyd + slice_offset(ys, t.slice),
-            plan.ld_row, xd + slice_offset(xs, t.slice), dw + t.slice * ds.slice(), plan.length,
-            plan.grid, t.begin, t.end);
+    weight_gradient_blocks(k, pat.row_ptr(t.slice), offsets.of(t.slice),
+                           dyd + slice_offset(ys, t.slice), xd + slice_offset(xs, t.slice),
+                           dw + t.slice * ds.slice(), plan, t.begin, t.end);
     return ffi::Error::Success();
   });
 }
@@ -327,17 +364,34 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
 
 
 // ---------------------------------------------------------------------------
-// The batch-minor variant on the caller's NHWC activations.
+// The batch variant on the caller's NHWC activations.
 //
-// These handlers lay the activations out batch-minor themselves, in the same
-// parallel run as the products (as the linear handlers do), rather than
-// leaving pads and transposes to XLA: each of those is one more pass over
-// megabytes of activations and one more buffer whose fresh pages the OS must
-// fault in, which at high sparsity cost more than the products. x goes to
-// (Hp, Wp, Cin, N) with its padding and dy to the padded (Hd, Wd, Cout, N)
-// the phase-split input gradient reads, both in recycled scratch; the
-// products write small blocks of output positions that are transposed into
-// the NHWC result while they are still in cache.
+// These handlers lay the activations out themselves, in the same parallel
+// run as the products (as the linear handlers do), rather than leaving pads
+// and transposes to XLA: each of those is one more pass over megabytes of
+// activations and one more buffer whose fresh pages the OS must fault in,
+// which at high sparsity cost more than the products. x and the padded dy go
+// to the row-run layout (RowRuns) in recycled scratch; the products compute
+// one output row (a range of its channels) at a time into a buffer that is
+// transposed into the NHWC result while it is still in cache.
+
+// The row-run layout: a padded image of `rows` x (s * wq) pixels stored as
+// (rows, c, s, wq, n), padded column pc at stride phase pc % s, column
+// pc / s. Per image row, channel and phase, the wq pixels x n batch floats
+// form one run, so a tap (ky, kx, ci) over a whole output row is one
+// contiguous run of wo * n floats: the products stream long runs (where
+// the batch-minor (rows, cols, c, n) layout gave one 2-vector run per tap and
+// output pixel), and every SIMD lane is used for any batch size.
+struct RowRuns {
+  int64_t rows, c, s, wq, n;
+  int64_t run() const { return wq * n; }
+  int64_t row() const { return c * s * run(); }
+  int64_t size() const { return rows * row(); }
+  // Where padded pixel (r, pc) of channel ci starts.
+  int64_t at(int64_t r, int64_t pc, int64_t ci) const {
+    return r * row() + (ci * s + pc % s) * run() + pc / s * n;
+  }
+};
 
 struct NhwcGeometry {
   int64_t n, h, w, cin, cout, s, kh, kw, pt, pb, pl, pr;
@@ -351,8 +405,9 @@ struct NhwcGeometry {
   int64_t Q() const { return ceil_div(kw, s) - 1; }
   int64_t hd() const { return std::max(ho(), ceil_div(hp(), s)) + P(); }
   int64_t wd() const { return std::max(wo(), ceil_div(wp(), s)) + Q(); }
-  Geometry batch_minor() const { return {kBatchMinor, s, kh, kw}; }
-  Shapes padded_shapes() const { return {n, cin, hp(), wp(), cout, ho(), wo()}; }
+  // The layouts of the padded x (stride phases) and of the padded dy.
+  RowRuns x_runs() const { return {hp(), cin, s, ceil_div(wp(), s), n}; }
+  RowRuns dy_runs() const { return {hd(), cout, 1, wd(), n}; }
 };
 
 // Reads the NHWC input shape and the attributes; checks that the windows fit.
@@ -370,62 +425,73 @@ ffi::Error decode_nhwc(const Stack& xs, int64_t cout, int64_t stride, int64_t kh
   return ffi::Error::Success();
 }
 
-// Tasks copying each slice of NHWC `src` (n, h, w, c) into the batch-minor
-// layout (rows, cols, c, n) at `dst`, the image at (top, left) and zeros
-// around it; split over the destination rows.
-Phase to_batch_minor(const KernelTable& k, const float* src, const Stack& ss, float* dst,
-                     int64_t rows, int64_t cols, int64_t top, int64_t left, int parts) {
+// Tasks copying each slice of NHWC `src` (n, h, w, c) into the row-run
+// layout `to` at `dst`, the image at (top, left) and zeros around it; split
+// over the destination rows.
+Phase to_row_runs(const KernelTable& k, const float* src, const Stack& ss, float* dst,
+                  const RowRuns& to, int64_t top, int64_t left, int parts) {
   const int64_t n = ss.dims[0], h = ss.dims[1], w = ss.dims[2], c = ss.dims[3];
-  const int64_t pixel = c * n, dst_slice = rows * cols * pixel;
   Phase phase;
-  for (int64_t v = 0; v < ss.count; ++v) split_even(rows, v, 0, parts, &phase.tasks);
+  for (int64_t v = 0; v < ss.count; ++v) split_even(to.rows, v, 0, parts, &phase.tasks);
   phase.fn = [=, &k](const Task& t) {
     const float* image = src + t.slice * ss.slice();
+    float* slice = dst + t.slice * to.size();
     for (int64_t r = t.begin; r < t.end; ++r) {
-      float* row = dst + t.slice * dst_slice + r * cols * pixel;
       const int64_t y = r - top;
       if (y < 0 || y >= h) {
-        std::fill(row, row + cols * pixel, 0.0f);
+        std::fill(slice + r * to.row(), slice + (r + 1) * to.row(), 0.0f);
         continue;
       }
-      std::fill(row, row + left * pixel, 0.0f);
-      std::fill(row + (left + w) * pixel, row + cols * pixel, 0.0f);
-      k.transpose(image + y * w * c, h * w * c, row + left * pixel, n, n, 0, w * c);
+      for (int64_t pc = 0; pc < to.s * to.wq; ++pc) {
+        float* pixel = slice + to.at(r, pc, 0);
+        const int64_t x = pc - left;
+        if (x >= 0 && x < w) {
+          k.transpose(image + (y * w + x) * c, h * w * c, pixel, to.s * to.run(), n, 0, c);
+        } else {
+          for (int64_t ci = 0; ci < c; ++ci)
+            std::fill(pixel + ci * to.s * to.run(), pixel + ci * to.s * to.run() + n, 0.0f);
+        }
+      }
     }
     return ffi::Error::Success();
   };
   return phase;
 }
 
-// Output positions per block: a block (positions x channels x batch) of at
-// most about 128 KiB, still in cache when it is transposed out.
-int64_t positions_per_block(int64_t channels, int64_t n) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, channels * n));
+// Tap (ky, kx, ci) of entry column index (ky * kw + kx) * cin + ci, as its
+// offset in the row-run layout `x` (relative to the window's origin).
+std::function<int64_t(int32_t)> tap_offsets(const RowRuns& x, int64_t kw) {
+  return [=](int32_t r) -> int64_t {
+    const int64_t ci = r % x.c, tap = r / x.c;
+    return x.at(tap / kw, tap % kw, ci);
+  };
 }
 
-// The sparse product at grid positions [begin, end) (rows = channels, runs
-// of the batch n), each position's channels x n result transposed to
-// dst_of(q), whose batch rows are ld_dst apart (NHWC).
+// One output row of the sparse product: rows [begin, end) of the pattern
+// (channels), each a run of `cols` pixels x n batch floats read from `in`,
+// into a buffer, then transposed into NHWC: pixel i's channels go to
+// dst_of(i), whose batch rows are ld_dst apart. (Going through the row in
+// blocks of pixels, to keep a block's windows in L2 across channels,
+// measured no faster.)
 template <typename DstOf>
-void spmm_to_nhwc(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
-                  const float* values, const float* in, const Grid& grid, int64_t channels,
-                  int64_t n, int64_t ld_dst, int64_t begin, int64_t end, DstOf dst_of) {
-  const int64_t block = positions_per_block(channels, n), position = channels * n;
+void row_product_to_nhwc(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
+                         const float* values, const float* in, int64_t begin, int64_t end,
+                         int64_t cols, int64_t n, int64_t ld_dst, DstOf dst_of) {
+  const int64_t run = cols * n, channels = end - begin;
   thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < block * position) buffer.resize(block * position);
-  for (int64_t q0 = begin; q0 < end; q0 += block) {
-    const int64_t q1 = std::min(end, q0 + block);
-    for (int64_t q = q0; q < q1;) {  // one kernel call per run within a grid row
-      const int64_t i = q / grid.n_inner, j = q % grid.n_inner;
-      const int64_t len = std::min(q1 - q, grid.n_inner - j);
-      const Grid run{1, len, 0, grid.in_inner, 0, position};
-      k.spmm(indptr, offsets, values, in + i * grid.in_outer + j * grid.in_inner,
-             buffer.data() + (q - q0) * position, n, n, run, 0, len, 0, channels);
-      q += len;
-    }
-    for (int64_t q = q0; q < q1; ++q)
-      k.transpose(buffer.data() + (q - q0) * position, n, dst_of(q), ld_dst, channels, 0, n);
-  }
+  if (static_cast<int64_t>(buffer.size()) < channels * run) buffer.resize(channels * run);
+  // indptr + begin: the range's rows as rows 0.. (the entries keep their
+  // positions in offsets and values).
+  k.spmm(indptr + begin, offsets, values, in, buffer.data(), run, run, Grid{}, 0, 1, 0, channels);
+  for (int64_t i = 0; i < cols; ++i)
+    k.transpose(buffer.data() + i * n, run, dst_of(i), ld_dst, channels, 0, n);
+}
+
+// Channel ranges per output row: enough tasks for every worker even when an
+// image has few rows (a 7 x 7 output).
+int channel_parts(int parts, int64_t rows, int64_t channels) {
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(channels, ceil_div(2 * static_cast<int64_t>(parts), rows))));
 }
 
 ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -450,34 +516,39 @@ ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                             "pattern", &pat));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
-  const WindowPlan plan = window_plan(g.batch_minor(), g.padded_shapes());
-  const EntryOffsets offsets = entry_offsets(pat, plan.offset);
+  const RowRuns xr = g.x_runs();
+  const EntryOffsets offsets = entry_offsets(pat, tap_offsets(xr, kw));
   const KernelTable& k = active_kernels();
-  const int64_t positions = g.ho() * g.wo(), xl_slice = g.hp() * g.wp() * g.cin * g.n;
-  const int parts = parallel_parts(pool, total * positions * g.n * pat.nnz);
-  auto xl = scratch<float>(xs.count * xl_slice);
+  const int64_t ho = g.ho(), wo = g.wo(), cout = g.cout, n = g.n, s = g.s;
+  const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
+  auto xl = scratch<float>(xs.count * xr.size());
   std::vector<Phase> phases;
-  phases.push_back(to_batch_minor(k, x.typed_data(), xs, xl.get(), g.hp(), g.wp(), g.pt, g.pl,
-                                  parts));
+  phases.push_back(to_row_runs(k, x.typed_data(), xs, xl.get(), xr, g.pt, g.pl, parts));
+  // Tasks: (output row = group, range of output channels).
   Phase products;
-  for (int64_t v = 0; v < total; ++v) split_even(positions, v, 0, parts, &products.tasks);
+  for (int64_t v = 0; v < total; ++v) {
+    std::vector<Task> channels;
+    split_rows(pat.row_ptr(v), cout, v, channel_parts(parts, ho, cout), &channels);
+    for (int64_t i = 0; i < ho; ++i)
+      for (const Task& c : channels) products.tasks.push_back({v, c.begin, c.end, i});
+  }
   const float* w = values.typed_data();
   float* out = y->typed_data();
   products.fn = [=, &k](const Task& t) {
-    float* image = out + t.slice * ys.slice();
-    spmm_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice), w + slice_offset(vs, t.slice),
-                 xl.get() + (xs.count == 1 ? 0 : t.slice) * xl_slice, plan.grid, g.cout, g.n,
-                 positions * g.cout, t.begin, t.end,
-                 [=](int64_t q) { return image + q * g.cout; });
+    float* image = out + t.slice * ys.slice() + t.group * wo * cout + t.begin;
+    const float* in = xl.get() + (xs.count == 1 ? 0 : t.slice) * xr.size() + t.group * s * xr.row();
+    row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice),
+                        w + slice_offset(vs, t.slice), in, t.begin, t.end, wo, n, ho * wo * cout,
+                        [=](int64_t j) { return image + j * cout; });
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));
   return run_phases(pool, parts, std::move(phases));
 }
 
-// The fused backward: phase 1 lays x and dy out batch-minor; phase 2 runs the
-// weight gradient (tasks of group s * s, split over output channels) and the
-// s x s stride phases of the input gradient (group = phase) side by side.
+// The fused backward: phase 1 lays x and dy out in row runs; phase 2 runs the
+// weight gradient (tasks split over output channels) and the rows of the
+// s x s stride phases of the input gradient side by side.
 ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> values,
                              ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
@@ -516,81 +587,82 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   SPARSEPROP_RETURN_IF_ERROR(check_size(ps.dims[0], pat.nnz, op, "transposed permutation length"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(dws.dims[0], pat.nnz, op, "weight gradient length"));
 
-  const int64_t hd = g.hd(), wd = g.wd(), P = g.P(), Q = g.Q();
-  const int64_t dy_pixel = cout * n;
+  const int64_t P = g.P(), Q = g.Q();
+  const RowRuns xr = g.x_runs(), dr = g.dy_runs();
+  // Offset of output-gradient channel co at tap (t, u) of a phase, from the
+  // phase's origin in the padded dy.
   auto dy_offset = [=](int64_t t, int64_t u, int64_t co) -> int64_t {
-    return ((P - t) * wd + (Q - u)) * dy_pixel + co * n;
+    return dr.at(P - t, Q - u, co);
   };
   std::shared_ptr<std::vector<PhaseMatrix>> phase_mats;
   SPARSEPROP_RETURN_IF_ERROR(phase_matrices(tpat, values, vs, t_perm, ps, s, kh, kw, cin,
                                             dy_offset, op, &phase_mats));
   const bool shared_phases = phase_mats->size() == 1;
 
-  // The weight gradient reads dy inside the padded copy; the forward's
-  // windows over the padded x.
-  WindowPlan plan = window_plan(g.batch_minor(), g.padded_shapes());
-  plan.grid.out_outer = wd * dy_pixel;
-  const EntryOffsets offsets = entry_offsets(pat, plan.offset);
+  // The weight gradient: per output row, the run of wo pixels of each
+  // channel of dy (inside the padded copy) against the forward's windows
+  // over the padded x.
+  const int64_t ho = g.ho(), wo = g.wo();
+  WindowPlan plan;
+  plan.grid = {ho, 1, s * xr.row(), 0, dr.row(), 0};
+  plan.ld_row = dr.run();
+  plan.length = wo * n;
+  plan.block = block_positions(4 * kh * xr.row(), 4 * s * xr.row(), 4 * cout * dr.run());
+  const EntryOffsets offsets = entry_offsets(pat, tap_offsets(xr, kw));
 
   // Input-gradient phase (a, b) computes the input positions
   // (j * s + a, i * s + b) inside the image: j in [j0, j0 + rows), i in
-  // [i0, i0 + cols).
-  struct InputPhase {
-    int64_t j0, i0;
-    Grid grid;
+  // [i0, i0 + cols), one row j (a range of its channels) per task.
+  struct InputRow {
+    int64_t a, b, j, i0, cols;
   };
-  std::vector<InputPhase> in_phases(s * s);
+  std::vector<InputRow> in_rows;
   for (int64_t a = 0; a < s; ++a)
     for (int64_t b = 0; b < s; ++b) {
       const int64_t j0 = ceil_div(g.pt - a, s), i0 = ceil_div(g.pl - b, s);
       const int64_t rows = std::max<int64_t>(0, ceil_div(g.pt + g.h - a, s) - j0);
       const int64_t cols = std::max<int64_t>(0, ceil_div(g.pl + g.w - b, s) - i0);
-      in_phases[a * s + b] = {j0, i0, {rows, cols, wd * dy_pixel, dy_pixel, 0, 0}};
+      if (cols > 0)
+        for (int64_t j = j0; j < j0 + rows; ++j) in_rows.push_back({a, b, j, i0, cols});
     }
 
   const KernelTable& k = active_kernels();
-  const int64_t positions = g.ho() * g.wo();
-  const int parts = parallel_parts(pool, total * positions * n * pat.nnz);
-  const int64_t xl_slice = g.hp() * g.wp() * cin * n, dyp_slice = hd * wd * dy_pixel;
-  auto xl = scratch<float>(xs.count * xl_slice);
-  auto dyp = scratch<float>(dys.count * dyp_slice);
+  const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
+  auto xl = scratch<float>(xs.count * xr.size());
+  auto dyp = scratch<float>(dys.count * dr.size());
   std::vector<Phase> layout, phases;
-  layout.push_back(to_batch_minor(k, x.typed_data(), xs, xl.get(), g.hp(), g.wp(), g.pt, g.pl,
-                                  parts));
-  layout.push_back(to_batch_minor(k, dy.typed_data(), dys, dyp.get(), hd, wd, P, Q, parts));
+  layout.push_back(to_row_runs(k, x.typed_data(), xs, xl.get(), xr, g.pt, g.pl, parts));
+  layout.push_back(to_row_runs(k, dy.typed_data(), dys, dyp.get(), dr, P, Q, parts));
   phases.push_back(concurrent(std::move(layout)));
 
+  // Tasks: group 0 = weight-gradient rows; group 1 + e = input row
+  // in_rows[e], over a range of input channels.
   Phase products;
-  const int64_t weight_group = s * s;
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &products.tasks);
-  for (Task& t : products.tasks) t.group = weight_group;
+  const int in_parts = channel_parts(parts, static_cast<int64_t>(in_rows.size()), cin);
   for (int64_t v = 0; v < total; ++v)
-    for (int64_t ph = 0; ph < s * s; ++ph)
-      split_even(in_phases[ph].grid.size(), v, ph, parts, &products.tasks);
+    for (int64_t e = 0; e < static_cast<int64_t>(in_rows.size()); ++e)
+      split_even(cin, v, 1 + e, in_parts, &products.tasks);
   const float* w = values.typed_data();
   float* dxd = dx->typed_data();
   float* dwd = dvalues->typed_data();
   const int64_t h = g.h, wdt = g.w, pt = g.pt, pl = g.pl;
   products.fn = [=, &k](const Task& t) {
-    const float* dyv = dyp.get() + (dys.count == 1 ? 0 : t.slice) * dyp_slice;
-    if (t.group == weight_group) {
-      k.sddmm(pat.row_ptr(t.slice), offsets.of(t.slice), dyv + (P * wd + Q) * dy_pixel, n,
-              xl.get() + (xs.count == 1 ? 0 : t.slice) * xl_slice, dwd + t.slice * pat.nnz, n,
-              plan.grid, t.begin, t.end);
+    const float* dyv = dyp.get() + (dys.count == 1 ? 0 : t.slice) * dr.size();
+    if (t.group == 0) {
+      weight_gradient_blocks(k, pat.row_ptr(t.slice), offsets.of(t.slice), dyv + dr.at(P, Q, 0),
+                             xl.get() + (xs.count == 1 ? 0 : t.slice) * xr.size(),
+                             dwd + t.slice * pat.nnz, plan, t.begin, t.end);
       return ffi::Error::Success();
     }
-    const int64_t a = t.group / s, b = t.group % s;
-    const InputPhase& ip = in_phases[t.group];
+    const InputRow& ir = in_rows[t.group - 1];
     const PhaseMatrix& m = (*phase_mats)[shared_phases ? 0 : t.slice];
-    float* image = dxd + t.slice * dxs.slice();
-    const int64_t cols = ip.grid.n_inner;
-    spmm_to_nhwc(k, m.indptr.data() + t.group * cin, m.offsets.data(), m.values.data(),
-                 dyv + (ip.j0 * wd + ip.i0) * dy_pixel, ip.grid, cin, n, h * wdt * cin,
-                 t.begin, t.end, [=](int64_t q) {
-                   const int64_t row = (ip.j0 + q / cols) * s + a - pt;
-                   const int64_t col = (ip.i0 + q % cols) * s + b - pl;
-                   return image + (row * wdt + col) * cin;
-                 });
+    float* pixel0 = dxd + t.slice * dxs.slice() +
+                    (((ir.j * s + ir.a - pt) * wdt + ir.i0 * s + ir.b - pl) * cin) + t.begin;
+    row_product_to_nhwc(k, m.indptr.data() + (ir.a * s + ir.b) * cin, m.offsets.data(),
+                        m.values.data(), dyv + dr.at(ir.j, ir.i0, 0), t.begin, t.end, ir.cols, n,
+                        h * wdt * cin,
+                        [=](int64_t i) { return pixel0 + i * s * cin; });
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));

@@ -56,12 +56,15 @@ struct KernelTable {
 
   // The sampled dense-dense product (the weight gradient): for every entry p of
   // rows r in [row_begin, row_end),
-  //   out_values[p] = sum_q sum_l rows_q[r * ld_row + l] * in_q[offsets[p] + l],
-  // where rows_q is the output-side operand at grid position q. Each entry is
-  // summed by one call in a fixed order, so results are deterministic.
+  //   out_values[p] (+)= sum_q sum_l rows_q[r * ld_row + l] * in_q[offsets[p] + l]
+  // over the grid positions q in [q_begin, q_end), where rows_q is the
+  // output-side operand at position q; added to out_values if `accumulate`,
+  // else written. Each entry is summed in an order fixed by its row, so for a
+  // fixed sequence of position ranges the results are deterministic.
   void (*sddmm)(const int32_t* indptr, const int64_t* offsets, const float* rows,
                 int64_t ld_row, const float* in, float* out_values, int64_t length,
-                const Grid& grid, int64_t row_begin, int64_t row_end);
+                const Grid& grid, int64_t q_begin, int64_t q_end, int64_t row_begin,
+                int64_t row_end, bool accumulate);
 
   // The linear layer's forms, over operands transposed so that the batch is
   // minor and cut into tiles (kBatchTile):
