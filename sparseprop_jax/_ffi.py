@@ -43,7 +43,6 @@ CONV_FORWARD = "sparseprop_conv_forward"
 CONV_INPUT_GRAD = "sparseprop_conv_input_grad"
 CONV_WEIGHT_GRAD = "sparseprop_conv_weight_grad"
 CONV_NHWC_FORWARD = "sparseprop_conv_nhwc_forward"
-CONV_NHWC_FORWARD_KEEP = "sparseprop_conv_nhwc_forward_keep"
 CONV_NHWC_BACKWARD = "sparseprop_conv_nhwc_backward"
 
 # SPARSEPROP_JAX_SIMD=scalar|avx2|avx512|auto picks the kernel path at import.
@@ -92,10 +91,8 @@ def _batch_dims(target: str, attrs) -> Optional[tuple[tuple[Dim, ...], tuple[Dim
         return (b, b, None, None), (SUM,)
     if target == CONV_NHWC_FORWARD:  # x[N, H, W, C], values, indptr, indices -> y[N, ...]
         return (0, None, None, None), (0,)
-    if target == CONV_NHWC_FORWARD_KEEP:  # the same -> y, x's layout [Hp, C, s, Wq, N]
-        return (0, None, None, None), (0, -1)
-    if target == CONV_NHWC_BACKWARD:  # x's layout, dy (NHWC), values, 5 pattern -> dx, dvalues
-        return (-1, 0) + (None,) * 6, (0, SUM)
+    if target == CONV_NHWC_BACKWARD:  # x, dy (NHWC), values, 5 pattern -> dx[N, ...], dvalues
+        return (0, 0) + (None,) * 6, (0, SUM)
     return None
 
 

@@ -98,11 +98,6 @@ class _Geometry:
     def nhwc_output_shape(self) -> tuple[int, ...]:
         return (self.n, self.ho, self.wo, self.kernel_shape[3])
 
-    def row_runs_shape(self) -> tuple[int, ...]:
-        """The batch variant's layout of the padded x, (Hp, C, s, ceil(Wp / s), N), which its
-        forward keeps for the backward (RowRuns in xla_ffi/conv_ffi.cc)."""
-        return (self.hp, self.kernel_shape[2], self.stride, -(-self.wp // self.stride), self.n)
-
     # -- the width variant's layouts (the batch variant's handlers take NHWC) ----
     def input_to_layout(self, x: Array) -> Array:
         """NHWC input -> padded (N, C, Hp, s, Wq), strided columns split into phases."""
@@ -139,19 +134,15 @@ class _Geometry:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
-    if geometry.variant == "batch":  # no gradient wanted: no layout to keep
-        return _ffi.call(_ffi.CONV_NHWC_FORWARD, geometry.nhwc_output_shape(), x, values, indptr,
-                         indices, **geometry.nhwc_attrs)
     y, _ = _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm)
     return y
 
 
 def _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
     if geometry.variant == "batch":  # the handlers lay NHWC out themselves
-        y, x_layout = _ffi.call(_ffi.CONV_NHWC_FORWARD_KEEP,
-                                (geometry.nhwc_output_shape(), geometry.row_runs_shape()), x,
-                                values, indptr, indices, **geometry.nhwc_attrs)
-        return y, (x_layout, values, indptr, indices, t_indptr, t_indices, t_perm)
+        y = _ffi.call(_ffi.CONV_NHWC_FORWARD, geometry.nhwc_output_shape(), x, values, indptr,
+                      indices, **geometry.nhwc_attrs)
+        return y, (x, values, indptr, indices, t_indptr, t_indices, t_perm)
     xl = geometry.input_to_layout(x)
     yl = _ffi.call(_ffi.CONV_FORWARD, geometry.output_shape(), xl, values, indptr, indices,
                    **geometry.attrs)
@@ -161,10 +152,9 @@ def _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm)
 
 def _conv_bwd(geometry, residuals, dy):
     if geometry.variant == "batch":
-        x_layout, values, *pattern = residuals
-        x_shape = (geometry.n, geometry.h, geometry.w, geometry.kernel_shape[2])
-        dx, dvalues = _ffi.call(_ffi.CONV_NHWC_BACKWARD, (x_shape, values.shape), x_layout, dy,
-                                values, *pattern, **geometry.nhwc_attrs)
+        x, values, *pattern = residuals
+        dx, dvalues = _ffi.call(_ffi.CONV_NHWC_BACKWARD, (x.shape, values.shape), x, dy, values,
+                                *pattern, **geometry.nhwc_attrs)
         return dx, dvalues, None, None, None, None, None
     xl, values, indptr, indices, t_indptr, t_indices, t_perm = residuals
     dyl = geometry.output_to_layout(dy)

@@ -425,17 +425,16 @@ ffi::Error decode_nhwc(const Stack& xs, int64_t cout, int64_t stride, int64_t kh
   return ffi::Error::Success();
 }
 
-// Tasks copying NHWC `src` (n, h, w, c) into `count` slices of the row-run
-// layout `to` at `dst` (slice v from source slice v, or from the only one),
-// the image at (top, left) and zeros around it; split over the destination
-// rows.
+// Tasks copying each slice of NHWC `src` (n, h, w, c) into the row-run
+// layout `to` at `dst`, the image at (top, left) and zeros around it; split
+// over the destination rows.
 Phase to_row_runs(const KernelTable& k, const float* src, const Stack& ss, float* dst,
-                  int64_t count, const RowRuns& to, int64_t top, int64_t left, int parts) {
+                  const RowRuns& to, int64_t top, int64_t left, int parts) {
   const int64_t n = ss.dims[0], h = ss.dims[1], w = ss.dims[2], c = ss.dims[3];
   Phase phase;
-  for (int64_t v = 0; v < count; ++v) split_even(to.rows, v, 0, parts, &phase.tasks);
+  for (int64_t v = 0; v < ss.count; ++v) split_even(to.rows, v, 0, parts, &phase.tasks);
   phase.fn = [=, &k](const Task& t) {
-    const float* image = src + (ss.count == 1 ? 0 : t.slice) * ss.slice();
+    const float* image = src + t.slice * ss.slice();
     float* slice = dst + t.slice * to.size();
     for (int64_t r = t.begin; r < t.end; ++r) {
       const int64_t y = r - top;
@@ -457,20 +456,6 @@ Phase to_row_runs(const KernelTable& k, const float* src, const Stack& ss, float
     return ffi::Error::Success();
   };
   return phase;
-}
-
-// Checks a row-run layout operand or result (`total` slices, or one shared
-// operand slice) against the geometry's; `count` receives its slices.
-ffi::Error check_layout(const RowRuns& want, ffi::Span<const int64_t> dims, int64_t total,
-                        const char* op, int64_t* count) {
-  Stack ls;
-  ffi::Error e = decode_operand(dims, 5, total, op, "x layout", &ls);
-  const int64_t expected[5] = {want.rows, want.c, want.s, want.wq, want.n};
-  const char* names[5] = {"x layout rows", "x layout channels", "x layout stride phases",
-                          "x layout columns", "x layout batch size"};
-  for (int i = 0; i < 5 && e.success(); ++i) e = check_size(ls.dims[i], expected[i], op, names[i]);
-  *count = ls.count;
-  return e;
 }
 
 // Tap (ky, kx, ci) of entry column index (ky * kw + kx) * cin + ci, as its
@@ -509,14 +494,11 @@ int channel_parts(int parts, int64_t rows, int64_t channels) {
       1, std::min<int64_t>(channels, ceil_div(2 * static_cast<int64_t>(parts), rows))));
 }
 
-// The forward; with `layout`, x's row-run layout (NhwcGeometry::x_runs) is
-// written there, one slice per output slice, and kept for the backward.
-ffi::Future nhwc_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                         ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                         ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
-                         ffi::ResultBuffer<ffi::F32>* layout, int64_t stride, int64_t kh,
-                         int64_t kw, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-                         int64_t pad_right) {
+ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                            ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t stride, int64_t kh, int64_t kw, int64_t pad_top,
+                            int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
   constexpr const char* op = "sparse_conv2d forward";
   Stack ys, xs, vs;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(y->dimensions(), 4, op, "output", &ys));
@@ -535,24 +517,13 @@ ffi::Future nhwc_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
   const RowRuns xr = g.x_runs();
-  int64_t kept = 0;
-  if (layout != nullptr) {
-    SPARSEPROP_RETURN_IF_ERROR(check_layout(xr, (*layout)->dimensions(), total, op, &kept));
-    SPARSEPROP_RETURN_IF_ERROR(check_size(kept, total, op, "x layout slices"));
-  }
   const EntryOffsets offsets = entry_offsets(pat, tap_offsets(xr, kw));
   const KernelTable& k = active_kernels();
   const int64_t ho = g.ho(), wo = g.wo(), cout = g.cout, n = g.n, s = g.s;
   const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
-  // The layout's slices: one per output slice when kept, else one per x slice.
-  const int64_t layouts = layout != nullptr ? total : xs.count;
-  std::shared_ptr<float[]> xl;
-  if (layout != nullptr)
-    xl = std::shared_ptr<float[]>((*layout)->typed_data(), [](float*) {});  // not owned
-  else
-    xl = scratch<float>(layouts * xr.size());
+  auto xl = scratch<float>(xs.count * xr.size());
   std::vector<Phase> phases;
-  phases.push_back(to_row_runs(k, x.typed_data(), xs, xl.get(), layouts, xr, g.pt, g.pl, parts));
+  phases.push_back(to_row_runs(k, x.typed_data(), xs, xl.get(), xr, g.pt, g.pl, parts));
   // Tasks: (output row = group, range of output channels).
   Phase products;
   for (int64_t v = 0; v < total; ++v) {
@@ -565,7 +536,7 @@ ffi::Future nhwc_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* out = y->typed_data();
   products.fn = [=, &k](const Task& t) {
     float* image = out + t.slice * ys.slice() + t.group * wo * cout + t.begin;
-    const float* in = xl.get() + (layouts == 1 ? 0 : t.slice) * xr.size() + t.group * s * xr.row();
+    const float* in = xl.get() + (xs.count == 1 ? 0 : t.slice) * xr.size() + t.group * s * xr.row();
     row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice),
                         w + slice_offset(vs, t.slice), in, t.begin, t.end, wo, n, ho * wo * cout,
                         [=](int64_t j) { return image + j * cout; });
@@ -575,32 +546,10 @@ ffi::Future nhwc_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return run_phases(pool, parts, std::move(phases));
 }
 
-ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                            ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
-                            int64_t stride, int64_t kh, int64_t kw, int64_t pad_top,
-                            int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  return nhwc_forward(pool, x, values, indptr, indices, y, nullptr, stride, kh, kw, pad_top,
-                      pad_bottom, pad_left, pad_right);
-}
-
-// The forward that also returns x's row-run layout, the backward's residual:
-// the backward then need not lay x out again.
-ffi::Future ConvNhwcForwardKeep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                                ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
-                                ffi::ResultBuffer<ffi::F32> layout, int64_t stride, int64_t kh,
-                                int64_t kw, int64_t pad_top, int64_t pad_bottom,
-                                int64_t pad_left, int64_t pad_right) {
-  return nhwc_forward(pool, x, values, indptr, indices, y, &layout, stride, kh, kw, pad_top,
-                      pad_bottom, pad_left, pad_right);
-}
-
-// The fused backward, from the forward's x layout (ConvNhwcForwardKeep): phase
-// 1 lays dy out in row runs; phase 2 runs the weight gradient (tasks split
-// over output channels) and the rows of the s x s stride phases of the input
-// gradient side by side. The input gradient's shape (dx) gives the geometry.
-ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_layout,
+// The fused backward: phase 1 lays x and dy out in row runs; phase 2 runs the
+// weight gradient (tasks split over output channels) and the rows of the
+// s x s stride phases of the input gradient side by side.
+ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> values,
                              ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
                              ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
@@ -609,15 +558,18 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_layou
                              int64_t kw, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
                              int64_t pad_right) {
   constexpr const char* op = "sparse_conv2d backward";
-  Stack dxs, dws, dys, vs, ps;
+  Stack dxs, dws, xs, dys, vs, ps;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(dx->dimensions(), 4, op, "input gradient", &dxs));
   const int64_t total = dxs.count;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(dvalues->dimensions(), 1, op, "weight gradient", &dws));
   SPARSEPROP_RETURN_IF_ERROR(check_size(dws.count, total, op, "weight gradient stack"));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 4, total, op, "x", &xs));
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(dy.dimensions(), 4, total, op, "dy", &dys));
   NhwcGeometry g;
-  SPARSEPROP_RETURN_IF_ERROR(decode_nhwc(dxs, dys.dims[3], stride, kh, kw, pad_top, pad_bottom,
+  SPARSEPROP_RETURN_IF_ERROR(decode_nhwc(xs, dys.dims[3], stride, kh, kw, pad_top, pad_bottom,
                                          pad_left, pad_right, op, &g));
+  for (int i = 0; i < 4; ++i)
+    SPARSEPROP_RETURN_IF_ERROR(check_size(dxs.dims[i], xs.dims[i], op, "input gradient shape"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[0], g.n, op, "dy batch size"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[1], g.ho(), op, "dy height"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[2], g.wo(), op, "dy width"));
@@ -637,8 +589,6 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_layou
 
   const int64_t P = g.P(), Q = g.Q();
   const RowRuns xr = g.x_runs(), dr = g.dy_runs();
-  int64_t layouts = 0;
-  SPARSEPROP_RETURN_IF_ERROR(check_layout(xr, x_layout.dimensions(), total, op, &layouts));
   // Offset of output-gradient channel co at tap (t, u) of a phase, from the
   // phase's origin in the padded dy.
   auto dy_offset = [=](int64_t t, int64_t u, int64_t co) -> int64_t {
@@ -678,9 +628,12 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_layou
 
   const KernelTable& k = active_kernels();
   const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
+  auto xl = scratch<float>(xs.count * xr.size());
   auto dyp = scratch<float>(dys.count * dr.size());
-  std::vector<Phase> phases;
-  phases.push_back(to_row_runs(k, dy.typed_data(), dys, dyp.get(), dys.count, dr, P, Q, parts));
+  std::vector<Phase> layout, phases;
+  layout.push_back(to_row_runs(k, x.typed_data(), xs, xl.get(), xr, g.pt, g.pl, parts));
+  layout.push_back(to_row_runs(k, dy.typed_data(), dys, dyp.get(), dr, P, Q, parts));
+  phases.push_back(concurrent(std::move(layout)));
 
   // Tasks: group 0 = weight-gradient rows; group 1 + e = input row
   // in_rows[e], over a range of input channels.
@@ -691,7 +644,6 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_layou
     for (int64_t e = 0; e < static_cast<int64_t>(in_rows.size()); ++e)
       split_even(cin, v, 1 + e, in_parts, &products.tasks);
   const float* w = values.typed_data();
-  const float* xl = x_layout.typed_data();
   float* dxd = dx->typed_data();
   float* dwd = dvalues->typed_data();
   const int64_t h = g.h, wdt = g.w, pt = g.pt, pl = g.pl;
@@ -699,7 +651,7 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_layou
     const float* dyv = dyp.get() + (dys.count == 1 ? 0 : t.slice) * dr.size();
     if (t.group == 0) {
       weight_gradient_blocks(k, pat.row_ptr(t.slice), offsets.of(t.slice), dyv + dr.at(P, Q, 0),
-                             xl + (layouts == 1 ? 0 : t.slice) * xr.size(),
+                             xl.get() + (xs.count == 1 ? 0 : t.slice) * xr.size(),
                              dwd + t.slice * pat.nnz, plan, t.begin, t.end);
       return ffi::Error::Success();
     }
@@ -751,11 +703,6 @@ namespace sparseprop {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcForward, ConvNhwcForward,
                               (bind_operands<2, 2>())
-                                  .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_NHWC_ATTRS);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcForwardKeep, ConvNhwcForwardKeep,
-                              (bind_operands<2, 2>())
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_NHWC_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcBackward, ConvNhwcBackward,

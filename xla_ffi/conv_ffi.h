@@ -7,9 +7,7 @@ namespace sparseprop {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvForward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWeightGrad);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvInputGrad);
-// The batch variant on NHWC activations (row-run layout): forward, forward
-// keeping x's layout, and dx with dvalues from that layout.
+// The batch variant on NHWC activations (row-run layout): forward, and dx with dvalues.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvNhwcForward);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvNhwcForwardKeep);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvNhwcBackward);
 }  // namespace sparseprop

@@ -34,7 +34,6 @@ NB_MODULE(_sparseprop_jax_ffi, m) {
     targets["sparseprop_conv_input_grad"] = capsule(sparseprop::kConvInputGrad);
     targets["sparseprop_conv_weight_grad"] = capsule(sparseprop::kConvWeightGrad);
     targets["sparseprop_conv_nhwc_forward"] = capsule(sparseprop::kConvNhwcForward);
-    targets["sparseprop_conv_nhwc_forward_keep"] = capsule(sparseprop::kConvNhwcForwardKeep);
     targets["sparseprop_conv_nhwc_backward"] = capsule(sparseprop::kConvNhwcBackward);
     return targets;
   });
