@@ -91,11 +91,11 @@ static inline void spmm_row(int64_t lo, int64_t hi, Offset offset, const float* 
 }
 
 // Accumulator registers a position block fills: P positions x V vectors <=
-// kBlockRegisters. A short run (the convolutions' batch of 32 is 2 AVX-512
-// vectors) gives one row only V independent sums, too few to hide the
-// multiply-add latency; P grid positions share the row's entries instead
-// (same values and offsets, windows at different origins), which also loads
-// each entry's value and offset once for all P.
+// kBlockRegisters. A short run (the width variant's output rows: 7 or 14
+// floats fit one AVX-512 vector) gives one row only V independent sums, too
+// few to hide the multiply-add latency; P grid positions share the row's
+// entries instead (same values and offsets, windows at different origins),
+// which also loads each entry's value and offset once for all P.
 constexpr int kBlockRegisters = 8;
 
 // out[i][0 : V * kWidth] = sum_p values[p] * in[i][offset(p) + (0 : V * kWidth)]
