@@ -113,6 +113,15 @@ int64_t block_positions(int64_t window, int64_t step, int64_t out) {
   return b;
 }
 
+// The tap of entry column index r = (ky * kw + kx) * cin + ci.
+struct Tap {
+  int64_t ky, kx, ci;
+};
+Tap tap_of(int32_t r, int64_t cin, int64_t kw) {
+  const int64_t k = r / cin;
+  return {k / kw, k % kw, r % cin};
+}
+
 WindowPlan window_plan(const Geometry& g, const Shapes& sh) {
   const int64_t s = g.stride, kw = g.kw, cin = sh.cin;
   WindowPlan plan;
@@ -122,8 +131,8 @@ WindowPlan window_plan(const Geometry& g, const Shapes& sh) {
     plan.ld_row = n;
     plan.length = n;
     plan.offset = [=](int32_t r) -> int64_t {
-      const int64_t ci = r % cin, k = r / cin, ky = k / kw, kx = k % kw;
-      return (ky * wp + kx) * pixel + ci * n;
+      const Tap t = tap_of(r, cin, kw);
+      return (t.ky * wp + t.kx) * pixel + t.ci * n;
     };
     plan.block = block_positions(4 * g.kh * kw * pixel, 4 * g.kh * s * pixel, 4 * sh.cout * n);
   } else {
@@ -132,8 +141,8 @@ WindowPlan window_plan(const Geometry& g, const Shapes& sh) {
     plan.ld_row = sh.ho * sh.wo;
     plan.length = sh.wo;
     plan.offset = [=](int32_t r) -> int64_t {
-      const int64_t ci = r % cin, k = r / cin, ky = k / kw, kx = k % kw;
-      return ci * plane + ky * row + (kx % s) * wq + kx / s;
+      const Tap t = tap_of(r, cin, kw);
+      return t.ci * plane + t.ky * row + (t.kx % s) * wq + t.kx / s;
     };
     plan.block = block_positions(4 * cin * g.kh * row, 4 * cin * s * row, 4 * sh.cout * sh.wo);
   }
@@ -458,25 +467,25 @@ Phase to_row_runs(const KernelTable& k, const float* src, const Stack& ss, float
   return phase;
 }
 
-// Tap (ky, kx, ci) of entry column index (ky * kw + kx) * cin + ci, as its
-// offset in the row-run layout `x` (relative to the window's origin).
+// Each entry's tap as its offset in the row-run layout `x` (relative to the
+// window's origin).
 std::function<int64_t(int32_t)> tap_offsets(const RowRuns& x, int64_t kw) {
   return [=](int32_t r) -> int64_t {
-    const int64_t ci = r % x.c, tap = r / x.c;
-    return x.at(tap / kw, tap % kw, ci);
+    const Tap t = tap_of(r, x.c, kw);
+    return x.at(t.ky, t.kx, t.ci);
   };
 }
 
 // One output row of the sparse product: rows [begin, end) of the pattern
 // (channels), each a run of `cols` pixels x n batch floats read from `in`,
 // into a buffer, then transposed into NHWC: pixel i's channels go to
-// dst_of(i), whose batch rows are ld_dst apart. (Going through the row in
-// blocks of pixels, to keep a block's windows in L2 across channels,
+// dst + i * pixel_step, whose batch rows are ld_dst apart. (Going through the
+// row in blocks of pixels, to keep a block's windows in L2 across channels,
 // measured no faster.)
-template <typename DstOf>
 void row_product_to_nhwc(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
                          const float* values, const float* in, int64_t begin, int64_t end,
-                         int64_t cols, int64_t n, int64_t ld_dst, DstOf dst_of) {
+                         int64_t cols, int64_t n, float* dst, int64_t pixel_step,
+                         int64_t ld_dst) {
   const int64_t run = cols * n, channels = end - begin;
   thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < channels * run) buffer.resize(channels * run);
@@ -484,7 +493,7 @@ void row_product_to_nhwc(const KernelTable& k, const int32_t* indptr, const int6
   // positions in offsets and values).
   k.spmm(indptr + begin, offsets, values, in, buffer.data(), run, run, Grid{}, 0, 1, 0, channels);
   for (int64_t i = 0; i < cols; ++i)
-    k.transpose(buffer.data() + i * n, run, dst_of(i), ld_dst, channels, 0, n);
+    k.transpose(buffer.data() + i * n, run, dst + i * pixel_step, ld_dst, channels, 0, n);
 }
 
 // Channel ranges per output row: enough tasks for every worker even when an
@@ -538,8 +547,8 @@ ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     float* image = out + t.slice * ys.slice() + t.group * wo * cout + t.begin;
     const float* in = xl.get() + (xs.count == 1 ? 0 : t.slice) * xr.size() + t.group * s * xr.row();
     row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice),
-                        w + slice_offset(vs, t.slice), in, t.begin, t.end, wo, n, ho * wo * cout,
-                        [=](int64_t j) { return image + j * cout; });
+                        w + slice_offset(vs, t.slice), in, t.begin, t.end, wo, n, image, cout,
+                        ho * wo * cout);
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));
@@ -661,8 +670,7 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     (((ir.j * s + ir.a - pt) * wdt + ir.i0 * s + ir.b - pl) * cin) + t.begin;
     row_product_to_nhwc(k, m.indptr.data() + (ir.a * s + ir.b) * cin, m.offsets.data(),
                         m.values.data(), dyv + dr.at(ir.j, ir.i0, 0), t.begin, t.end, ir.cols, n,
-                        h * wdt * cin,
-                        [=](int64_t i) { return pixel0 + i * s * cin; });
+                        pixel0, s * cin, h * wdt * cin);
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));
