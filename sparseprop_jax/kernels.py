@@ -2,8 +2,11 @@
 
 The best path the CPU supports is chosen when the extension loads; the
 environment variable `SPARSEPROP_JAX_SIMD` (scalar, avx2, avx512 or auto)
-overrides it at import. Switching takes effect for every later call, compiled
-functions included, because the handlers dispatch at run time.
+overrides it at import. Switching takes effect for every call that runs later,
+compiled functions included, because the handlers dispatch at run time. JAX
+dispatches asynchronously: a computation started before a switch may still
+run after it, so block on its results (`jax.block_until_ready`) before
+switching again.
 """
 
 from __future__ import annotations
@@ -38,7 +41,11 @@ def set_simd_path(name: str) -> None:
 
 @contextlib.contextmanager
 def use_simd_path(name: str) -> Iterator[None]:
-    """Context manager that runs its body on the given kernel path."""
+    """Context manager that runs its body on the given kernel path.
+
+    Block on the body's results (`jax.block_until_ready`) inside it: a
+    computation still queued when the body ends runs on the restored path.
+    """
     previous = simd_path()
     set_simd_path(name)
     try:
@@ -56,7 +63,8 @@ def set_tasks_per_call(n: int) -> None:
     """Splits every kernel call into exactly `n` tasks on XLA's pool (0: automatic).
 
     `n=1` runs each call on one thread, which is how the benchmarks measure
-    single-thread speed. Results do not depend on `n`.
+    single-thread speed. Results do not depend on `n`. Like `set_simd_path`,
+    it applies to the calls that run after it (dispatch is asynchronous).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"set_tasks_per_call: n must be a non-negative int, got {n!r}")

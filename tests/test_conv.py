@@ -48,8 +48,8 @@ def _check(rng, n, h, w, kernel_shape, strides, padding, sparsity, variants=VARI
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
         for path in paths or sp.supported_simd_paths():
-            with sp.use_simd_path(path):
-                (dx, dvalues, db), y = step(x, weight.values, bias)
+            with sp.use_simd_path(path):  # results ready before the path is restored
+                (dx, dvalues, db), y = jax.block_until_ready(step(x, weight.values, bias))
             dk = np.asarray(weight.with_values(dvalues).to_dense())
             assert_close(y, y_ref, fan_in)
             assert_close(dx, dx_ref, kh * kw * cout)
@@ -108,7 +108,7 @@ def test_weight_gradient_is_deterministic(rng):
         for tasks in (0, 0, 3):
             sp.set_tasks_per_call(tasks)
             try:
-                again = step(x, weight.values)
+                again = jax.block_until_ready(step(x, weight.values))  # before the reset
             finally:
                 sp.set_tasks_per_call(0)
             for a, b in zip(first, again):

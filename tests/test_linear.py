@@ -36,8 +36,8 @@ def _check_against_dense(kernel, x, rng):
     y_ref, dx_ref, dk_ref, db_ref = dense_reference(x, kernel, bias, dy)
     batch = int(np.prod(x.shape[:-1]))
     for path in sp.supported_simd_paths():
-        with sp.use_simd_path(path):
-            y, dx, dk, db = _value_and_grads(weight, x, bias, dy)
+        with sp.use_simd_path(path):  # results ready before the path is restored
+            y, dx, dk, db = jax.block_until_ready(_value_and_grads(weight, x, bias, dy))
         assert_close(y, y_ref, n_in)
         assert_close(dx, dx_ref, n_out)
         # The weight gradient exists only on the pattern; elsewhere it is exactly 0.
