@@ -174,11 +174,11 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
     // The transpose kernel on a whole out x batch matrix, into batch-major and back.
     Floats y(batch * n_out);
     const double transpose = min_seconds([&] {
-      k.transpose(yt.data(), batch, y.data(), n_out, n_out, 0, batch);
+      k.transpose(yt.data(), batch, y.data(), n_out, n_out, 0, batch, false);
     }, repeats);
     Floats back(batch * n_out);
     const double transpose_in = min_seconds([&] {
-      k.transpose(y.data(), n_out, back.data(), batch, batch, 0, n_out);
+      k.transpose(y.data(), n_out, back.data(), batch, batch, 0, n_out, false);
     }, repeats);
     bool transposed = back == yt;
     for (int64_t b = 0; b < batch; ++b)

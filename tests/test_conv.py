@@ -78,6 +78,15 @@ def test_matches_lax_over_spatial_sizes(spatial, strides, rng):
     _check(rng, 3, spatial, spatial, (3, 3, 4, 8), strides, "SAME", 0.9)
 
 
+@pytest.mark.parametrize("batch, cout, strides", [(16, 32, 1), (24, 128, 2)])
+def test_large_activations(batch, cout, strides, rng):
+    # x, y and dx of at least 4 MiB (kStreamMinBytes in ffi_common.h): the
+    # handlers then write the layouts and results with streaming stores on
+    # the SIMD paths; a batch of 24 leaves half of the pixel runs unaligned,
+    # so those mix with plain stores.
+    _check(rng, batch, 48, 48, (3, 3, 32, cout), strides, "SAME", 0.9, variants=["batch"])
+
+
 def test_stride_three_and_wide_kernel(rng):
     _check(rng, 2, 17, 23, (7, 5, 3, 4), 3, "SAME", 0.3)
 

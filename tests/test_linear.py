@@ -55,6 +55,14 @@ def test_matches_dense_over_shapes_sparsities_batches(shape, sparsity, rng):
         _check_against_dense(kernel, x, rng)
 
 
+def test_large_activations(rng):
+    # x, y, dx and the transposed operands of at least 4 MiB
+    # (kStreamMinBytes in ffi_common.h): written with streaming stores on
+    # the SIMD paths, except in the last, 12-wide batch tile.
+    kernel = random_kernel(rng, 1024, 1024, 0.99)
+    _check_against_dense(kernel, rng.standard_normal((1100, 1024)).astype(np.float32), rng)
+
+
 def test_large_square_layer(rng):
     kernel = random_kernel(rng, 4096, 4096, 0.99)
     _check_against_dense(kernel, rng.standard_normal((17, 4096)).astype(np.float32), rng)

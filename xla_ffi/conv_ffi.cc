@@ -440,6 +440,7 @@ ffi::Error decode_nhwc(const Stack& xs, int64_t cout, int64_t stride, int64_t kh
 Phase to_row_runs(const KernelTable& k, const float* src, const Stack& ss, float* dst,
                   const RowRuns& to, int64_t top, int64_t left, int parts) {
   const int64_t n = ss.dims[0], h = ss.dims[1], w = ss.dims[2], c = ss.dims[3];
+  const bool stream = streams_past_cache(ss.count * to.size());
   Phase phase;
   for (int64_t v = 0; v < ss.count; ++v) split_even(to.rows, v, 0, parts, &phase.tasks);
   phase.fn = [=, &k](const Task& t) {
@@ -455,7 +456,7 @@ Phase to_row_runs(const KernelTable& k, const float* src, const Stack& ss, float
         float* pixel = slice + to.at(r, pc, 0);
         const int64_t x = pc - left;
         if (x >= 0 && x < w) {
-          k.transpose(image + (y * w + x) * c, h * w * c, pixel, to.s * to.run(), n, 0, c);
+          k.transpose(image + (y * w + x) * c, h * w * c, pixel, to.s * to.run(), n, 0, c, stream);
         } else {
           for (int64_t ci = 0; ci < c; ++ci)
             std::fill(pixel + ci * to.s * to.run(), pixel + ci * to.s * to.run() + n, 0.0f);
@@ -479,13 +480,14 @@ std::function<int64_t(int32_t)> tap_offsets(const RowRuns& x, int64_t kw) {
 // One output row of the sparse product: rows [begin, end) of the pattern
 // (channels), each a run of `cols` pixels x n batch floats read from `in`,
 // into a buffer, then transposed into NHWC: pixel i's channels go to
-// dst + i * pixel_step, whose batch rows are ld_dst apart. (Going through the
+// dst + i * pixel_step, whose batch rows are ld_dst apart; `stream` for a
+// destination past the cache (streams_past_cache). (Going through the
 // row in blocks of pixels, to keep a block's windows in L2 across channels,
 // measured no faster.)
 void row_product_to_nhwc(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
                          const float* values, const float* in, int64_t begin, int64_t end,
                          int64_t cols, int64_t n, float* dst, int64_t pixel_step,
-                         int64_t ld_dst) {
+                         int64_t ld_dst, bool stream) {
   const int64_t run = cols * n, channels = end - begin;
   thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < channels * run) buffer.resize(channels * run);
@@ -493,7 +495,7 @@ void row_product_to_nhwc(const KernelTable& k, const int32_t* indptr, const int6
   // positions in offsets and values).
   k.spmm(indptr + begin, offsets, values, in, buffer.data(), run, run, Grid{}, 0, 1, 0, channels);
   for (int64_t i = 0; i < cols; ++i)
-    k.transpose(buffer.data() + i * n, run, dst + i * pixel_step, ld_dst, channels, 0, n);
+    k.transpose(buffer.data() + i * n, run, dst + i * pixel_step, ld_dst, channels, 0, n, stream);
 }
 
 // Channel ranges per output row: enough tasks for every worker even when an
@@ -543,12 +545,13 @@ ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   const float* w = values.typed_data();
   float* out = y->typed_data();
+  const bool stream_y = streams_past_cache(total * ys.slice());
   products.fn = [=, &k](const Task& t) {
     float* image = out + t.slice * ys.slice() + t.group * wo * cout + t.begin;
     const float* in = xl.get() + (xs.count == 1 ? 0 : t.slice) * xr.size() + t.group * s * xr.row();
     row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice),
                         w + slice_offset(vs, t.slice), in, t.begin, t.end, wo, n, image, cout,
-                        ho * wo * cout);
+                        ho * wo * cout, stream_y);
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));
@@ -656,6 +659,7 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* dxd = dx->typed_data();
   float* dwd = dvalues->typed_data();
   const int64_t h = g.h, wdt = g.w, pt = g.pt, pl = g.pl;
+  const bool stream_dx = streams_past_cache(total * dxs.slice());
   products.fn = [=, &k](const Task& t) {
     const float* dyv = dyp.get() + (dys.count == 1 ? 0 : t.slice) * dr.size();
     if (t.group == 0) {
@@ -670,7 +674,7 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     (((ir.j * s + ir.a - pt) * wdt + ir.i0 * s + ir.b - pl) * cin) + t.begin;
     row_product_to_nhwc(k, m.indptr.data() + (ir.a * s + ir.b) * cin, m.offsets.data(),
                         m.values.data(), dyv + dr.at(ir.j, ir.i0, 0), t.begin, t.end, ir.cols, n,
-                        pixel0, s * cin, h * wdt * cin);
+                        pixel0, s * cin, h * wdt * cin, stream_dx);
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));

@@ -1,4 +1,6 @@
 // The avx2 instantiation of the sparse kernels (8 float lane(s) per vector).
+#include <immintrin.h>
+
 #include <algorithm>
 #include <utility>
 #include <vector>

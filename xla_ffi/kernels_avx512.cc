@@ -1,4 +1,6 @@
 // The avx512 instantiation of the sparse kernels (16 float lane(s) per vector).
+#include <immintrin.h>
+
 #include <algorithm>
 #include <utility>
 #include <vector>

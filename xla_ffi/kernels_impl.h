@@ -443,6 +443,33 @@ static inline void transpose8x8(const float* src, int64_t ld_src, float* dst, in
   }
 }
 
+// Writes the 64-byte line at dst (64-byte aligned) with the 16 floats of
+// `line`; kStream: past the caches (a non-temporal store), which spares the
+// read of the line that a plain store's write-allocate costs. It pays where
+// the destination is larger than the cache, so the line would be evicted
+// before it is read again (the callers decide: streams_past_cache).
+#if SPARSEPROP_SIMD_WIDTH == 16
+template <bool kStream>
+static inline void store_line(float* dst, vfloat line) {
+  if (kStream)
+    _mm512_stream_ps(dst, reinterpret_cast<__m512>(line));
+  else
+    store(dst, line);
+}
+#else
+template <bool kStream>
+static inline void store_line(float* dst, const float* line) {
+  for (int h = 0; h < 16; h += 8) {
+    vfloat8 half;
+    __builtin_memcpy(&half, line + h, sizeof half);
+    if (kStream)
+      _mm256_stream_ps(dst + h, reinterpret_cast<__m256>(half));
+    else
+      __builtin_memcpy(dst + h, &half, sizeof half);
+  }
+}
+#endif
+
 // The 16 x 16 block at src into dst: every source and destination row is
 // one whole 64-byte line, read or written at once. Walking 8 x 8 blocks
 // instead leaves half-used lines that must stay cached until their other
@@ -453,6 +480,7 @@ static inline void transpose8x8(const float* src, int64_t ld_src, float* dst, in
 // Four rounds of two-source shuffles over 16 registers, with no trip
 // through memory: interleave row pairs, then pairs of pairs (now each
 // 128-bit lane holds 4 rows of one column), then gather the lanes twice.
+template <bool kStream>
 static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
                                   int64_t ld_dst) {
   vfloat a[16], t[16];
@@ -486,21 +514,31 @@ static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
   // Column 4m + k: lanes 0 and 2 of t[4m + k], t[8 + 4m + k]; column 8 + 4m + k: lanes 1 and 3.
   for (int c = 0; c < 8; ++c) {
     const vfloat lo = t[c], hi = t[8 + c];
-    store(dst + c * ld_dst, __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
-                                                    19, 24, 25, 26, 27));
-    store(dst + (8 + c) * ld_dst, __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15, 20,
-                                                          21, 22, 23, 28, 29, 30, 31));
+    store_line<kStream>(dst + c * ld_dst, __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10,
+                                                                  11, 16, 17, 18, 19, 24, 25, 26,
+                                                                  27));
+    store_line<kStream>(dst + (8 + c) * ld_dst,
+                        __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22,
+                                                23, 28, 29, 30, 31));
   }
 }
 #else
+// Four 8 x 8 blocks; streamed, through a buffer, so that each destination
+// line is written whole at once (two half-line streaming stores in a row).
+template <bool kStream>
 static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
                                   int64_t ld_dst) {
   alignas(64) float block[16 * 16];
   for (int i = 0; i < 16; ++i) __builtin_memcpy(block + 16 * i, src + i * ld_src, 64);
-  transpose8x8(block, 16, dst, ld_dst);
-  transpose8x8(block + 8 * 16, 16, dst + 8, ld_dst);
-  transpose8x8(block + 8, 16, dst + 8 * ld_dst, ld_dst);
-  transpose8x8(block + 8 * 16 + 8, 16, dst + 8 * ld_dst + 8, ld_dst);
+  alignas(64) float lines[16 * 16];
+  float* out = kStream ? lines : dst;
+  const int64_t ld_out = kStream ? 16 : ld_dst;
+  transpose8x8(block, 16, out, ld_out);
+  transpose8x8(block + 8 * 16, 16, out + 8, ld_out);
+  transpose8x8(block + 8, 16, out + 8 * ld_out, ld_out);
+  transpose8x8(block + 8 * 16 + 8, 16, out + 8 * ld_out + 8, ld_out);
+  if (kStream)
+    for (int c = 0; c < 16; ++c) store_line<true>(dst + c * ld_dst, lines + 16 * c);
 }
 #endif
 constexpr int64_t kTransposeBlock = 16;
@@ -511,22 +549,33 @@ constexpr int64_t kTransposeBlock = 1;
 // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c in [col_begin,
 // col_end): whole blocks in registers, a column band of blocks at a time (so
 // the band's destination rows fill sequentially), the edges one by one.
+// With `stream`, the blocks go past the caches where their destination rows
+// are whole aligned lines; a fence then orders those stores before the
+// caller's later ones (which publish the result to other threads).
 static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
-                      int64_t rows, int64_t col_begin, int64_t col_end) {
+                      int64_t rows, int64_t col_begin, int64_t col_end, bool stream) {
   constexpr int64_t b = kTransposeBlock;
+  stream = stream && b == 16 && ld_dst % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
   // Rows [0, in_blocks) go in blocks (none on the scalar path), the rest one by one.
   const int64_t in_blocks = b > 1 ? rows / b * b : 0;
   int64_t c0 = col_begin;
   for (; c0 + b <= col_end; c0 += b) {
 #if SPARSEPROP_SIMD_WIDTH >= 8
-    for (int64_t r = 0; r < in_blocks; r += b)
-      transpose16x16(src + r * ld_src + c0, ld_src, dst + c0 * ld_dst + r, ld_dst);
+    for (int64_t r = 0; r < in_blocks; r += b) {
+      if (stream)
+        transpose16x16<true>(src + r * ld_src + c0, ld_src, dst + c0 * ld_dst + r, ld_dst);
+      else
+        transpose16x16<false>(src + r * ld_src + c0, ld_src, dst + c0 * ld_dst + r, ld_dst);
+    }
 #endif
     for (int64_t c = c0; c < c0 + b; ++c)
       for (int64_t r = in_blocks; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
   }
   for (; c0 < col_end; ++c0)
     for (int64_t r = 0; r < rows; ++r) dst[c0 * ld_dst + r] = src[r * ld_src + c0];
+#if SPARSEPROP_SIMD_WIDTH >= 8
+  if (stream) _mm_sfence();
+#endif
 }
 
 const KernelTable kKernels = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &transpose};

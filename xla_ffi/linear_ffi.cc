@@ -39,10 +39,11 @@ constexpr int64_t kRowsPerBlock = 16384 / kBatchTile;
 // features. value(p) = vals[perm[p]] if perm, else vals[p]: the permuted
 // values are gathered a block at a time into a buffer that stays in cache
 // (once per tile: see linear_backward for when the caller gathers instead).
+// `stream`: write `out` with streaming stores (streams_past_cache).
 void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int32_t* idx,
                       const float* vals, const int32_t* perm, const float* in_t,
                       int64_t in_rows, int64_t batch, float* out, int64_t ld_out, int64_t begin,
-                      int64_t end) {
+                      int64_t end, bool stream) {
   const BatchTiles tiles{batch};
   std::vector<float> buffer(kRowsPerBlock * kBatchTile);
   std::vector<int32_t> block_ptr(kRowsPerBlock + 1);
@@ -63,7 +64,7 @@ void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int32_t
         k.spmm_indexed(block_ptr.data(), idx + lo, block_vals.data(), in_tile, buffer.data(),
                        width, width, 0, n);
       }
-      k.transpose(buffer.data(), width, out_tile + r0, ld_out, n, 0, width);
+      k.transpose(buffer.data(), width, out_tile + r0, ld_out, n, 0, width, stream);
     }
   }
 }
@@ -108,6 +109,7 @@ ffi::Error check_task_indices(const Pattern& pat, const Task& t, const char* op,
 Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_stack,
                       float* dst, int64_t count, int parts) {
   const int64_t batch = src_stack.dims[0], features = src_stack.dims[1];
+  const bool stream = streams_past_cache(count * batch * features);
   Phase phase;
   for (int64_t v = 0; v < count; ++v) split_even(features, v, 0, parts, &phase.tasks);
   phase.fn = [=, &k](const Task& t) {
@@ -116,7 +118,7 @@ Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_s
     float* dst_v = dst + t.slice * batch * features;
     for (int64_t tile = 0; tile < tiles.count(); ++tile) {
       const int64_t width = tiles.width(tile), first = tiles.first(tile) * features;
-      k.transpose(src_v + first, features, dst_v + first, width, width, t.begin, t.end);
+      k.transpose(src_v + first, features, dst_v + first, width, width, t.begin, t.end, stream);
     }
     return ffi::Error::Success();
   };
@@ -147,6 +149,7 @@ ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::shared_ptr<float[]> xt = scratch<float>(xs.count * n_in * batch);
   const float* w = values.typed_data();
   float* out = y->typed_data();
+  const bool stream_y = streams_past_cache(total * ys.slice());
 
   std::vector<Phase> phases;
   phases.push_back(transpose_phase(k, x.typed_data(), xs, xt.get(), xs.count, parts));
@@ -159,7 +162,7 @@ ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     if (error.failure()) return error;
     spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), w + slice_offset(vs, t.slice),
                      nullptr, xt.get() + slice_offset(xs, t.slice), n_in, batch,
-                     out + t.slice * ys.slice(), pat.rows, t.begin, t.end);
+                     out + t.slice * ys.slice(), pat.rows, t.begin, t.end, stream_y);
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));
@@ -286,6 +289,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
     for (int64_t v = 0; v < total; ++v) split_rows(tpat.row_ptr(v), n_in, v, parts, &igrad.tasks);
     float* dx = (*b.dx)->typed_data();
     const int64_t gathered_slice = gathered_slices == 1 ? 0 : nnz;
+    const bool stream_dx = streams_past_cache(total * dx_slice);
     igrad.fn = [=, &k](const Task& t) -> ffi::Error {
       int64_t lo, hi;
       ffi::Error error = check_task_indices(tpat, t, op, "transposed pattern", &lo, &hi);
@@ -302,7 +306,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
       if (error.failure()) return error;
       spmm_batch_major(k, tpat.row_ptr(t.slice), tpat.col_idx(t.slice), vals, perm_v,
                        dyt.get() + slice_offset(dys, t.slice), n_out, batch,
-                       dx + t.slice * dx_slice, n_in, t.begin, t.end);
+                       dx + t.slice * dx_slice, n_in, t.begin, t.end, stream_dx);
       return ffi::Error::Success();
     };
     products.push_back(std::move(igrad));

@@ -85,9 +85,11 @@ struct KernelTable {
                         int64_t batch, int64_t row_begin, int64_t row_end, bool accumulate);
 
   // Out-of-place transpose of the columns [col_begin, col_end) of a
-  // rows x cols matrix: dst[c * ld_dst + r] = src[r * ld_src + c].
+  // rows x cols matrix: dst[c * ld_dst + r] = src[r * ld_src + c]. `stream`
+  // asks for stores past the caches where the SIMD path can write whole
+  // destination lines (see streams_past_cache in ffi_common.h).
   void (*transpose)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
-                    int64_t rows, int64_t col_begin, int64_t col_end);
+                    int64_t rows, int64_t col_begin, int64_t col_end, bool stream);
 };
 
 // One table per instruction set, each compiled in its own translation unit
