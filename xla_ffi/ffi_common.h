@@ -68,7 +68,7 @@ ffi::Error check_indices(const int32_t* indices, int64_t lo, int64_t hi, int64_t
 ffi::Error check_permutation(const int32_t* perm, int64_t lo, int64_t hi, int64_t nnz,
                              const char* op, const char* name);
 
-// Whether a copy into a destination of `bytes` should use streaming
+// Whether a copy into a destination of `floats` floats should use streaming
 // (non-temporal) stores: a plain store first reads each line into the cache,
 // which is wasted where the destination outgrows the cache and is evicted
 // before it is read again. Measured, f+b on 1 thread: the conv layouts at
