@@ -176,7 +176,7 @@ static void spmm_position_blocks(const int32_t* indptr, Offset offset, const flo
 
 // Positions per block for runs of `length` floats: as many as fill
 // kBlockRegisters accumulators with the run's vectors (at most kMaxVectors).
-static inline int block_positions(int64_t length) {
+static inline int register_block_positions(int64_t length) {
   const int64_t vectors = (length + kWidth - 1) / kWidth;
   return vectors <= 1 ? 8 : vectors == 2 ? 4 : vectors <= 4 ? 2 : 1;
 }
@@ -185,7 +185,7 @@ template <typename Offset>
 static void spmm_rows(const int32_t* indptr, Offset offset, const float* values, const float* in,
                       float* out, int64_t ld_row, int64_t length, const Grid& grid,
                       int64_t q_begin, int64_t q_end, int64_t row_begin, int64_t row_end) {
-  switch (block_positions(length)) {
+  switch (register_block_positions(length)) {
     case 8:
       spmm_position_blocks<8>(indptr, offset, values, in, out, ld_row, length, grid, q_begin,
                               q_end, row_begin, row_end);
