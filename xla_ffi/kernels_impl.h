@@ -547,8 +547,17 @@ constexpr int64_t kTransposeBlock = 1;
 #endif
 
 // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c in [col_begin,
-// col_end): whole blocks in registers, a column band of blocks at a time (so
-// the band's destination rows fill sequentially), the edges one by one.
+// col_end): whole blocks in registers, then the edges one by one. The
+// blocks go in the order whose inner loop steps along the side with the
+// shorter rows: a band of 16 source rows across all the columns when the
+// source rows are the farther apart (x into its batch tiles), else a band of
+// 16 columns down all the rows (a feature-major buffer into a batch-major
+// output). The other side then moves by whole lines per block, in a few
+// sequential streams the hardware prefetchers follow; the opposite order
+// steps by one line per row of the long side, a page or more apart, and every
+// line is a demand miss when it is not cached: x (256 x 3072) into its tiles
+// took 0.72 ms from memory and 0.17 ms from cache walking the columns, 0.40
+// and 0.09 ms walking the rows (one thread).
 // With `stream`, the blocks go past the caches where their destination rows
 // are whole aligned lines; a fence then orders those stores before the
 // caller's later ones (which publish the result to other threads).
@@ -556,23 +565,28 @@ static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_d
                       int64_t rows, int64_t col_begin, int64_t col_end, bool stream) {
   constexpr int64_t b = kTransposeBlock;
   stream = stream && b == 16 && ld_dst % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
-  // Rows [0, in_blocks) go in blocks (none on the scalar path), the rest one by one.
+  // Rows [0, in_blocks) and columns [col_begin, cols_in_blocks) go in blocks
+  // (none on the scalar path), the rest one by one.
   const int64_t in_blocks = b > 1 ? rows / b * b : 0;
-  int64_t c0 = col_begin;
-  for (; c0 + b <= col_end; c0 += b) {
+  const int64_t cols_in_blocks = b > 1 ? col_begin + (col_end - col_begin) / b * b : col_begin;
 #if SPARSEPROP_SIMD_WIDTH >= 8
-    for (int64_t r = 0; r < in_blocks; r += b) {
-      if (stream)
-        transpose16x16<true>(src + r * ld_src + c0, ld_src, dst + c0 * ld_dst + r, ld_dst);
-      else
-        transpose16x16<false>(src + r * ld_src + c0, ld_src, dst + c0 * ld_dst + r, ld_dst);
-    }
-#endif
-    for (int64_t c = c0; c < c0 + b; ++c)
-      for (int64_t r = in_blocks; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+  const auto block = [&](int64_t r, int64_t c) {
+    if (stream)
+      transpose16x16<true>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+    else
+      transpose16x16<false>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+  };
+  if (ld_src > ld_dst) {
+    for (int64_t r = 0; r < in_blocks; r += b)
+      for (int64_t c = col_begin; c < cols_in_blocks; c += b) block(r, c);
+  } else {
+    for (int64_t c = col_begin; c < cols_in_blocks; c += b)
+      for (int64_t r = 0; r < in_blocks; r += b) block(r, c);
   }
-  for (; c0 < col_end; ++c0)
-    for (int64_t r = 0; r < rows; ++r) dst[c0 * ld_dst + r] = src[r * ld_src + c0];
+#endif
+  for (int64_t c = col_begin; c < col_end; ++c)
+    for (int64_t r = c < cols_in_blocks ? in_blocks : 0; r < rows; ++r)
+      dst[c * ld_dst + r] = src[r * ld_src + c];
 #if SPARSEPROP_SIMD_WIDTH >= 8
   if (stream) _mm_sfence();
 #endif
