@@ -14,6 +14,13 @@ For each shape (batch x in -> out) and sparsity it times, in one process:
     applied as `(bcsr @ x.T).T` (jitted; the orientation that has JAX's native
     CPU sparse-dense kernel), the forward the sparse one must beat from 90%.
 
+  * traffic floor: the same f+b with the layer replaced by XLA ops that move
+    the data the layer must move (read x, write y; read dy, write dx; read x
+    again, write one float per nonzero) and multiply nothing. No implementation
+    of the layer behind this interface can be faster, so `floor speedup`
+    (dense f+b / floor f+b) bounds the f+b speedup from above: where it is
+    not far above a target, memory traffic, not arithmetic, decides.
+
 Before timing a sparsity, the sparse output and both gradients (and the BCSR
 output) are checked against dense XLA on the masked kernel, so a wrong result
 is never timed.
@@ -81,6 +88,37 @@ sparse_fwdbwd = jax.jit(jax.value_and_grad(_sparse_loss, argnums=(0, 1)))
 bcsr_fwd = jax.jit(lambda x, matrix: (matrix @ x.T).T)
 
 
+def _fold(a, n: int):
+    """`a` [B, m] -> [B, n]: reads every element of `a` and writes n columns, no products.
+
+    m >= n: the sum of the n-wide column blocks (the last one zero-padded);
+    m < n: `a` repeated along the columns, cut to n.
+    """
+    m = a.shape[1]
+    k = -(-max(m, n) // min(m, n))
+    if m >= n:
+        return jnp.pad(a, ((0, 0), (0, k * n - m))).reshape(a.shape[0], k, n).sum(1)
+    return jnp.tile(a, (1, k))[:, :n]
+
+
+def traffic_floor_fwdbwd(n_in: int, n_out: int):
+    """The f+b of a stand-in for the layer that moves its data and computes nothing."""
+    @jax.custom_vjp
+    def layer(x, values):
+        return _fold(x, n_out) * values[0]
+
+    def layer_fwd(x, values):
+        return layer(x, values), (x, values)
+
+    def layer_bwd(residuals, dy):
+        x, values = residuals
+        return _fold(dy, n_in) * values[0], jnp.full_like(values, jnp.sum(x))
+
+    layer.defvjp(layer_fwd, layer_bwd)
+    return jax.jit(jax.value_and_grad(lambda x, values, ct: jnp.vdot(layer(x, values), ct),
+                                      argnums=(0, 1)))
+
+
 def to_bcsr(weight: SparseWeight) -> jsparse.BCSR:
     """The masked kernel, transposed to (out, in), as a BCSR matrix."""
     return jsparse.BCSR.fromdense(weight.to_dense().T, nse=weight.nnz)
@@ -140,6 +178,7 @@ COLUMNS = [
     ("bcsr fwd ms", 11, ".3f"), ("vs bcsr", 7, ".2f"), ("beats bcsr", 10, "s"),
     ("dense f+b ms", 12, ".3f"), ("sparse f+b ms", 13, ".3f"),
     ("f+b speedup", 11, ".2f"), ("efficiency", 10, ".2f"), ("target", 6, "s"), ("met", 3, "s"),
+    ("floor f+b ms", 12, ".3f"), ("floor speedup", 13, ".2f"),
 ]
 
 
@@ -157,6 +196,7 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
 
     d_fwd = _timing.Case("dense_fwd", dense_fwd, x, kernel)
     d_fb = _timing.Case("dense_fwdbwd", dense_fwdbwd, x, kernel, ct)
+    floor_fwdbwd = traffic_floor_fwdbwd(n_in, n_out)
     pooled = {"dense_fwd": [], "dense_fwdbwd": []}
 
     def add_dense(samples):
@@ -174,7 +214,8 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
         s_fwd = _timing.Case("sparse_fwd", sparse_fwd, x, weight)
         s_fb = _timing.Case("sparse_fwdbwd", sparse_fwdbwd, x, weight.values, weight, ct)
         b_fwd = _timing.Case("bcsr_fwd", bcsr_fwd, x, bcsr)
-        samples = _timing.run_interleaved([d_fwd, s_fwd, b_fwd, d_fb, s_fb], **timing)
+        f_fb = _timing.Case("floor_fwdbwd", floor_fwdbwd, x, weight.values, ct)
+        samples = _timing.run_interleaved([d_fwd, s_fwd, b_fwd, d_fb, s_fb, f_fb], **timing)
         add_dense(samples)
         measured.append((sparsity, weight, bcsr, errors, samples, s_fwd, s_fb, b_fwd))
 
@@ -189,6 +230,7 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
         sfwd = stats["sparse_fwd"]["median_ms"]
         sfb = stats["sparse_fwdbwd"]["median_ms"]
         bfwd = stats["bcsr_fwd"]["median_ms"]
+        ffb = stats["floor_fwdbwd"]["median_ms"]
         density = weight.nnz / (n_in * n_out)
         target = _targets.linear_fb_target(shape, sparsity)
         fb_target, fb_met_cell, fb_met = _targets.check(target, dfb / sfb, evaluate)
@@ -199,6 +241,8 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
             "sparsity": sparsity, "nnz": weight.nnz, "density": density,
             "dense_fwd_ms": dfwd, "sparse_fwd_ms": sfwd, "bcsr_fwd_ms": bfwd,
             "dense_fwdbwd_ms": dfb, "sparse_fwdbwd_ms": sfb,
+            # The traffic floor: f+b of a stand-in that moves the layer's data, no products.
+            "floor_fwdbwd_ms": ffb, "floor_fwdbwd_speedup": dfb / ffb,
             "fwd_speedup": dfwd / sfwd, "fwdbwd_speedup": dfb / sfb,
             "efficiency": dfb / sfb * density,
             # BCSR forward time / sparse forward time (> 1: the sparse forward is faster).
@@ -226,7 +270,7 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
         }
         table.row([shape_label(shape), sparsity, dfwd, sfwd, dfwd / sfwd, bfwd, bfwd / sfwd,
                    bcsr_met_cell, dfb, sfb, dfb / sfb, dfb / sfb * density, fb_target,
-                   fb_met_cell])
+                   fb_met_cell, ffb, dfb / ffb])
         results.append(result)
     return results
 
@@ -285,6 +329,9 @@ def main(argv=None) -> int:
           "the forward and both backward products")
     print("# bcsr fwd = jax.experimental.sparse BCSR (out x in) @ x.T; vs bcsr = bcsr fwd / "
           "sparse fwd; beats bcsr: target > 1x from 90%")
+    print("# floor f+b = the same f+b with the layer replaced by ops that only move its data "
+          "(x, y, dy, dx, one float per nonzero); floor speedup = dense f+b / floor f+b, "
+          "an upper bound on the f+b speedup")
     print(_targets.note(threads), flush=True)
     table = _timing.TablePrinter(COLUMNS)
     table.header()
