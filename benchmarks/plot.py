@@ -3,8 +3,9 @@
     python benchmarks/plot.py                          # every benchmarks/results/*.json
     python benchmarks/plot.py /tmp/linear.json --out /tmp/linear.png
 
-For `linear.py` results: per shape, the f+b speedup over dense XLA (solid) and
-the forward speedup (dashed). For `conv2d.py` results: per layer, the
+For `linear.py` results: per shape, the f+b speedup over dense XLA (solid),
+the forward speedup (dashed) and, in results that have it, the traffic
+floor's speedup (thin dotted: the bound on the f+b speedup). For `conv2d.py` results: per layer, the
 kernel="auto" f+b speedup (solid) and the best forward speedup (dashed), plus
 their geometric means over the layers (black, thick). Both have the ideal
 1/density line (dotted), the dense parity line (1x) and the f+b targets (stars,
@@ -104,15 +105,21 @@ def plot_linear(payload: dict, out: str) -> str:
                 label=f"{label} f+b")
         ax.plot(xs, [r["fwd_speedup"] for r in shape_rows], "--x", color=color, alpha=0.7,
                 label=f"{label} fwd")
+        if all("floor_fwdbwd_speedup" in r for r in shape_rows):  # results since the floor
+            ax.plot(xs, [r["floor_fwdbwd_speedup"] for r in shape_rows], ":", color=color,
+                    linewidth=1)
         for s in xs:
             target = _targets.linear_fb_target(shape, s)
             if target is not None and target.value > 1:
                 (big if shape in _targets.LINEAR_BIG_SHAPES else small).append((s, target.value))
+    if all("floor_fwdbwd_speedup" in r for r in rows):  # one legend entry for all floor lines
+        ax.plot([], [], ":", color="0.3", linewidth=1, label="traffic floor (bound on f+b)")
     _ideal(ax, rows)
     _targets_points(ax, sorted(set(big)), "f+b target, 3 big shapes", "black")
     _targets_points(ax, sorted(set(small)), "f+b target, 128x512->256", "0.5")
     ax.set_ylabel("speedup over dense XLA")
-    ax.set_title(_title("sparse_linear vs dense XLA: f+b (solid), forward (dashed)", payload),
+    ax.set_title(_title("sparse_linear vs dense XLA: f+b (solid), forward (dashed), "
+                        "traffic floor (dotted)", payload),
                  fontsize=10)
     return _finish(plt, fig, ax, out)
 
