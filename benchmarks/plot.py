@@ -5,12 +5,12 @@
 
 For `linear.py` results: per shape, the f+b speedup over dense XLA (solid),
 the forward speedup (dashed) and, in results that have it, the traffic
-floor's speedup (thin dotted: the bound on the f+b speedup). For `conv2d.py` results: per layer, the
-kernel="auto" f+b speedup (solid) and the best forward speedup (dashed), plus
-their geometric means over the layers (black, thick). Both have the ideal
-1/density line (dotted), the dense parity line (1x) and the f+b targets (stars,
-for 2 threads). The y axis is logarithmic. Each PNG is written next to its
-JSON file (same name, .png) unless `--out` is given.
+floor's speedup (thin dotted: the bound on the f+b speedup). For `conv2d.py`
+results: per layer, the kernel="auto" f+b speedup (solid) and the best forward
+speedup (dashed), plus their geometric means over the layers (black, thick).
+Both have the ideal 1/density line (dotted), the dense parity line (1x) and the
+f+b targets (stars, for 2 threads). The y axis is logarithmic. Each PNG is
+written next to its JSON file (same name, .png) unless `--out` is given.
 
 Needs matplotlib (`pip install -e '.[bench]'`); uses the Agg backend, no display.
 """
@@ -95,6 +95,7 @@ def plot_linear(payload: dict, out: str) -> str:
         by_shape[(r["batch"], r["in_features"], r["out_features"])].append(r)
     fig, ax = plt.subplots(figsize=(9, 6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    has_floor = all("floor_fwdbwd_speedup" in r for r in rows)  # results since the floor
     big, small = [], []
     for i, (shape, shape_rows) in enumerate(by_shape.items()):
         shape_rows.sort(key=lambda r: r["sparsity"])
@@ -105,14 +106,14 @@ def plot_linear(payload: dict, out: str) -> str:
                 label=f"{label} f+b")
         ax.plot(xs, [r["fwd_speedup"] for r in shape_rows], "--x", color=color, alpha=0.7,
                 label=f"{label} fwd")
-        if all("floor_fwdbwd_speedup" in r for r in shape_rows):  # results since the floor
+        if has_floor:
             ax.plot(xs, [r["floor_fwdbwd_speedup"] for r in shape_rows], ":", color=color,
                     linewidth=1)
         for s in xs:
             target = _targets.linear_fb_target(shape, s)
             if target is not None and target.value > 1:
                 (big if shape in _targets.LINEAR_BIG_SHAPES else small).append((s, target.value))
-    if all("floor_fwdbwd_speedup" in r for r in rows):  # one legend entry for all floor lines
+    if has_floor:  # one legend entry for all the floor lines
         ax.plot([], [], ":", color="0.3", linewidth=1, label="traffic floor (bound on f+b)")
     _ideal(ax, rows)
     _targets_points(ax, sorted(set(big)), "f+b target, 3 big shapes", "black")
