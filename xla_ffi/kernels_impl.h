@@ -221,8 +221,9 @@ static void spmm_indexed(const int32_t* indptr, const int32_t* indices, const fl
 }
 
 // acc[e] += g[0 : length] * x[e][0 : length] lane-wise for e < G; the last
-// length % kWidth products go to tail[e].
-template <int G>
+// length % kWidth products go to tail[e]. `kWholeVectors`: the caller knows
+// that length is a multiple of kWidth, so there is no tail to handle.
+template <int G, bool kWholeVectors = false>
 static inline void sddmm_group(const float* g, const float* const* x, int64_t length,
                                vfloat* acc, float* tail) {
   int64_t l = 0;
@@ -230,8 +231,9 @@ static inline void sddmm_group(const float* g, const float* const* x, int64_t le
     const vfloat gv = load(g + l);
     for (int e = 0; e < G; ++e) acc[e] += gv * load(x[e] + l);
   }
-  for (; l < length; ++l)
-    for (int e = 0; e < G; ++e) tail[e] += g[l] * x[e][l];
+  if constexpr (!kWholeVectors)
+    for (; l < length; ++l)
+      for (int e = 0; e < G; ++e) tail[e] += g[l] * x[e][l];
 }
 
 #if SPARSEPROP_SIMD_WIDTH > 1
@@ -396,7 +398,7 @@ struct TiledDot {
     // length and fixed strides, then the narrower last one. Recomputing each
     // tile's offsets through BatchTiles measured 15-20% slower (kernel_bench).
     for (int64_t t = 0; t < full; ++t) {
-      sddmm_group<G>(g, x, kBatchTile, acc, tail);
+      sddmm_group<G, /*kWholeVectors=*/kBatchTile % kWidth == 0>(g, x, kBatchTile, acc, tail);
       g += kBatchTile * n_rows;
       for (int e = 0; e < G; ++e) x[e] += kBatchTile * n_in;
     }
