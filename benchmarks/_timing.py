@@ -4,8 +4,10 @@ Timing model: every case is a jitted function plus its arguments. A case is
 compiled and warmed up first (`Case.warm`), which also estimates its run time;
 `run_interleaved` then takes each case's samples in one merged, evenly spread
 schedule, so slow drifts of the machine (another process, frequency changes)
-hit all cases alike. Each sample is one call timed with `time.perf_counter`
-up to `jax.block_until_ready`. Report medians; nothing here asserts on speed.
+hit all cases alike; `run_rounds` does that for several groups of cases in
+rounds, so each group's samples also spread over the whole run. Each sample
+is one call timed with `time.perf_counter` up to `jax.block_until_ready`.
+Report medians; nothing here asserts on speed.
 
 jax is imported lazily (when a case is made, or machine info is read), so the
 scripts that only read results (plot.py, thread_scaling.py) can use the table
@@ -98,6 +100,29 @@ def run_interleaved(cases: Sequence[Case], *, min_time: float = 0.5, min_repeats
         if gc_was_enabled:
             gc.enable()
     return samples
+
+
+def run_rounds(case_lists: Sequence[Sequence[Case]], *, rounds: int = 1, min_time: float = 0.5,
+               min_repeats: int = 5, max_repeats: int = 10000) -> list[dict[str, list[float]]]:
+    """Samples each list of cases interleaved (`run_interleaved`), list after list, in rounds.
+
+    Returns each list's samples, by case name. Each of the `rounds` rounds runs
+    every list once and takes 1/rounds of its samples (about min_time / rounds
+    seconds, at least min_repeats / rounds samples), so a list's samples come
+    from `rounds` moments spread over the whole run: a burst of load on the
+    host that lasts about one list's measurement moves a part of its samples,
+    not its median.
+    """
+    if rounds < 1:
+        raise ValueError(f"run_rounds: rounds must be >= 1, got {rounds}")
+    per_round = {"min_time": min_time / rounds, "min_repeats": -(-min_repeats // rounds),
+                 "max_repeats": max(1, max_repeats // rounds)}
+    merged: list[dict[str, list[float]]] = [{c.name: [] for c in cases} for cases in case_lists]
+    for _ in range(rounds):
+        for cases, into in zip(case_lists, merged):
+            for name, samples in run_interleaved(cases, **per_round).items():
+                into[name].extend(samples)
+    return merged
 
 
 def summarize(samples: Sequence[float]) -> dict[str, float]:
@@ -272,6 +297,11 @@ def add_common_arguments(parser, quick_help: str, default_sparsities) -> None:
                         help="target seconds per measurement (default 0.4; 0.02 with --quick)")
     parser.add_argument("--max-repeats", type=int, default=10000,
                         help="maximum samples per measurement")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="take each measurement's samples in this many rounds over all "
+                             "sparsities of a shape or layer, so that a burst of load on the "
+                             "host moves a part of them, not the median (default 3; 2 with "
+                             "--quick)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write the results and machine info to this JSON file (default: "
                              "benchmarks/results/<name>.json, with a -1thread / -Nthreads "

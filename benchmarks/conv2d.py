@@ -23,7 +23,8 @@ backward product; the table also repeats the full fwd+bwd.
 
 Dense and sparse samples are interleaved; dense samples are pooled per layer
 as in `linear.py` (a dense-only block at the start, the samples taken
-alongside every sparsity, a dense-only block at the end).
+alongside every sparsity, a dense-only block at the end), and a layer's
+sparsities are measured in rounds (`--rounds`), as there.
 
 After the table, a summary per sparsity gives the geometric mean over the
 layers of the auto f+b speedup and the slowest layer, with the targets (see
@@ -207,11 +208,13 @@ def make_inputs(layer: Layer, batch: int, key):
     return x, kernel, ct, kw
 
 
-def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, opts,
+def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, rounds: int, opts,
                 table: _timing.TablePrinter, evaluate: bool) -> list[dict]:
     """Times one layer at every sparsity; prints and returns a row per sparsity.
 
-    `evaluate`: whether the targets apply (a run on 2 threads).
+    `rounds`: the sparsities' samples are taken in this many rounds
+    (`_timing.run_rounds`). `evaluate`: whether the targets apply (a run on 2
+    threads).
     """
     x, kernel, ct, kw = make_inputs(layer, batch, key)
     dense = dense_fns(layer.stride)
@@ -228,7 +231,7 @@ def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, opts,
     add_dense(_timing.run_interleaved(dense_cases, **timing))
     chosen = auto_variant(layer, batch)
 
-    measured = []
+    configs = []
     for sparsity, k in zip(sparsities, jax.random.split(kw, len(sparsities))):
         label = f"{layer.label} sparsity {sparsity}"
         weight = SparseWeight.random(layer.kernel_shape, sparsity, k)
@@ -239,7 +242,11 @@ def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, opts,
             cases.append(_timing.Case(f"{kern}_fb", fns["fb"], x, weight.values, weight, ct))
             if opts.fwd and kern != "auto":
                 cases.append(_timing.Case(f"{kern}_fwd", fns["fwd"], x, weight))
-        samples = _timing.run_interleaved(cases, **timing)
+        configs.append((sparsity, weight, errors, cases))
+    # Every sparsity's cases, with the dense ones, interleaved; the sparsities in rounds.
+    all_samples = _timing.run_rounds([cases for *_, cases in configs], rounds=rounds, **timing)
+    measured = []
+    for (sparsity, weight, errors, cases), samples in zip(configs, all_samples):
         add_dense(samples)
         measured.append((sparsity, weight, errors, samples, cases))
 
@@ -416,8 +423,10 @@ def main(argv=None) -> int:
                                                        else DEFAULT_BATCH)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.4)
-    if repeats < 1 or args.max_repeats < repeats or min_time < 0 or batch < 1:
-        parser.error("need 1 <= --repeats <= --max-repeats, --min-time >= 0, --batch >= 1")
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    if repeats < 1 or args.max_repeats < repeats or min_time < 0 or batch < 1 or rounds < 1:
+        parser.error("need 1 <= --repeats <= --max-repeats, --min-time >= 0, --batch >= 1, "
+                     "--rounds >= 1")
     default_run = not args.quick and not any(
         (args.layers, args.sparsities, args.batch is not None, not args.fwd, args.simd,
          args.tasks_per_call is not None))
@@ -428,7 +437,8 @@ def main(argv=None) -> int:
     info = _timing.machine_info()
     print(f"# sparse_conv2d vs dense XLA conv: {_timing.machine_summary(info)}")
     print(f"# 3x3 NHWC/HWIO, padding SAME, batch {batch}; medians of >= {repeats} samples "
-          f"(~{min_time:g} s per measurement)")
+          f"(~{min_time:g} s per measurement, in {rounds} round{'' if rounds == 1 else 's'} "
+          f"over a layer's sparsities)")
     print("# f+b = jit(value_and_grad(loss)) w.r.t. x and weight, loss = vdot(y, ct): the "
           "forward and both backward products; fwd = jit(f)")
     print("# speedup (x) = dense / sparse; best = faster of batch/width; auto eff = auto x x "
@@ -450,7 +460,8 @@ def main(argv=None) -> int:
     layer_keys = jax.random.split(key, len(layers))
     results = []
     for layer, k in zip(layers, layer_keys):
-        results.extend(bench_layer(layer, sparsities, batch, k, timing, args, table, evaluate))
+        results.extend(bench_layer(layer, sparsities, batch, k, timing, rounds, args, table,
+                                   evaluate))
     elapsed = time.perf_counter() - start
     print(f"# {len(results)} configurations in {elapsed:.1f} s (times in ms)", flush=True)
     summary = summarize_sparsities(results, layers, batch, sparsities, evaluate)
@@ -488,7 +499,7 @@ def main(argv=None) -> int:
                    "padding": "SAME", "quick": args.quick, "seed": args.seed,
                    "threads": threads, "threads_requested": args.threads,
                    "fwd": args.fwd, "fwdbwd": "value_and_grad",
-                   "rtol": RTOL, "atol_scale": ATOL_SCALE, **timing},
+                   "rtol": RTOL, "atol_scale": ATOL_SCALE, "rounds": rounds, **timing},
         "elapsed_s": elapsed,
         "results": results,
         "summary": summary,

@@ -28,7 +28,10 @@ is never timed.
 Dense and sparse samples are interleaved. The dense functions do not depend on
 the sparsity, so their samples are pooled per shape: a dense-only block at
 the start, the dense samples taken alongside every sparsity, and a dense-only
-block at the end; the reported dense time is the median of all of them.
+block at the end; the reported dense time is the median of all of them. A
+shape's sparsities are measured in rounds (`--rounds`), each taking a part of
+every sparsity's samples, so that a burst of load on the host that lasts about
+one measurement cannot move a whole median.
 
 Each row shows the f+b target of its shape and sparsity and whether it is met
 (see `_targets.py`; targets are for 2 threads, `--threads 2`). Run
@@ -182,11 +185,13 @@ COLUMNS = [
 ]
 
 
-def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinter,
-                evaluate: bool) -> list[dict]:
+def bench_shape(shape, sparsities, key, timing: dict, rounds: int,
+                table: _timing.TablePrinter, evaluate: bool) -> list[dict]:
     """Times one shape at every sparsity; prints and returns a row per sparsity.
 
-    `evaluate`: whether the targets apply (a run on 2 threads).
+    `rounds`: the sparsities' samples are taken in this many rounds
+    (`_timing.run_rounds`). `evaluate`: whether the targets apply (a run on 2
+    threads).
     """
     batch, n_in, n_out = shape
     kx, kk, kc, kw = jax.random.split(key, 4)
@@ -205,7 +210,7 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
 
     add_dense(_timing.run_interleaved([d_fwd, d_fb], **timing))
 
-    measured = []
+    configs = []
     for sparsity, k in zip(sparsities, jax.random.split(kw, len(sparsities))):
         label = f"{shape_label(shape)} sparsity {sparsity}"
         weight = SparseWeight.random((n_in, n_out), sparsity, k)
@@ -215,7 +220,14 @@ def bench_shape(shape, sparsities, key, timing: dict, table: _timing.TablePrinte
         s_fb = _timing.Case("sparse_fwdbwd", sparse_fwdbwd, x, weight.values, weight, ct)
         b_fwd = _timing.Case("bcsr_fwd", bcsr_fwd, x, bcsr)
         f_fb = _timing.Case("floor_fwdbwd", floor_fwdbwd, x, weight.values, ct)
-        samples = _timing.run_interleaved([d_fwd, s_fwd, b_fwd, d_fb, s_fb, f_fb], **timing)
+        configs.append((sparsity, weight, bcsr, errors, s_fwd, s_fb, b_fwd, f_fb))
+    # Every sparsity's cases, with the dense ones, interleaved; the sparsities in rounds.
+    all_samples = _timing.run_rounds(
+        [[d_fwd, s_fwd, b_fwd, d_fb, s_fb, f_fb] for *_, s_fwd, s_fb, b_fwd, f_fb in configs],
+        rounds=rounds, **timing)
+    measured = []
+    for (sparsity, weight, bcsr, errors, s_fwd, s_fb, b_fwd, _), samples in zip(configs,
+                                                                               all_samples):
         add_dense(samples)
         measured.append((sparsity, weight, bcsr, errors, samples, s_fwd, s_fb, b_fwd))
 
@@ -313,8 +325,9 @@ def main(argv=None) -> int:
     sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else DEFAULT_SPARSITIES)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.4)
-    if repeats < 1 or args.max_repeats < repeats or min_time < 0:
-        parser.error("need 1 <= --repeats <= --max-repeats and --min-time >= 0")
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    if repeats < 1 or args.max_repeats < repeats or min_time < 0 or rounds < 1:
+        parser.error("need 1 <= --repeats <= --max-repeats, --min-time >= 0, --rounds >= 1")
     default_run = not args.quick and not any(
         (args.shapes, args.sparsities, args.simd, args.tasks_per_call is not None))
     threads, json_path = _timing.prepare_run(parser, args, "linear", default_run)
@@ -323,7 +336,8 @@ def main(argv=None) -> int:
 
     info = _timing.machine_info()
     print(f"# sparse_linear vs dense XLA: {_timing.machine_summary(info)}")
-    print(f"# medians of >= {repeats} samples (~{min_time:g} s per measurement); "
+    print(f"# medians of >= {repeats} samples (~{min_time:g} s per measurement, in {rounds} "
+          f"round{'' if rounds == 1 else 's'} over a shape's sparsities); "
           f"fwd = jit(f); efficiency = f+b speedup x density")
     print("# f+b = jit(value_and_grad(loss)) w.r.t. x and weight, loss = vdot(y, ct): "
           "the forward and both backward products")
@@ -340,7 +354,7 @@ def main(argv=None) -> int:
     key = jax.random.key(args.seed)
     results = []
     for shape, k in zip(shapes, jax.random.split(key, len(shapes))):
-        results.extend(bench_shape(shape, sparsities, k, timing, table, evaluate))
+        results.extend(bench_shape(shape, sparsities, k, timing, rounds, table, evaluate))
     elapsed = time.perf_counter() - start
     print(f"# {len(results)} configurations in {elapsed:.1f} s", flush=True)
     print_summary(results)
@@ -353,7 +367,7 @@ def main(argv=None) -> int:
         "config": {"shapes": [list(s) for s in shapes], "sparsities": list(sparsities),
                    "quick": args.quick, "seed": args.seed, "threads": threads,
                    "threads_requested": args.threads,
-                   "rtol": RTOL, "atol_scale": ATOL_SCALE, **timing},
+                   "rtol": RTOL, "atol_scale": ATOL_SCALE, "rounds": rounds, **timing},
         "elapsed_s": elapsed,
         "results": results,
     })
