@@ -245,16 +245,14 @@ def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, rounds:
         configs.append((sparsity, weight, errors, cases))
     # Every sparsity's cases, with the dense ones, interleaved; the sparsities in rounds.
     all_samples = _timing.run_rounds([cases for *_, cases in configs], rounds=rounds, **timing)
-    measured = []
-    for (sparsity, weight, errors, cases), samples in zip(configs, all_samples):
+    for samples in all_samples:
         add_dense(samples)
-        measured.append((sparsity, weight, errors, samples, cases))
 
     add_dense(_timing.run_interleaved(dense_cases, **timing))
     dense_stats = {name: _timing.summarize(s) for name, s in pooled.items()}
 
     results = []
-    for sparsity, weight, errors, samples, cases in measured:
+    for (sparsity, weight, errors, cases), samples in zip(configs, all_samples):
         stats = {name: _timing.summarize(s) for name, s in samples.items()}
         med = {name: s["median_ms"] for name, s in stats.items()}
         dfb = dense_stats["dense_fb"]["median_ms"]
@@ -421,9 +419,7 @@ def main(argv=None) -> int:
     sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else DEFAULT_SPARSITIES)
     batch = args.batch if args.batch is not None else (QUICK_BATCH if args.quick
                                                        else DEFAULT_BATCH)
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
-    min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.4)
-    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    repeats, min_time, rounds = _timing.sampling(args)
     if repeats < 1 or args.max_repeats < repeats or min_time < 0 or batch < 1 or rounds < 1:
         parser.error("need 1 <= --repeats <= --max-repeats, --min-time >= 0, --batch >= 1, "
                      "--rounds >= 1")

@@ -225,17 +225,15 @@ def bench_shape(shape, sparsities, key, timing: dict, rounds: int,
     all_samples = _timing.run_rounds(
         [[d_fwd, s_fwd, b_fwd, d_fb, s_fb, f_fb] for *_, s_fwd, s_fb, b_fwd, f_fb in configs],
         rounds=rounds, **timing)
-    measured = []
-    for (sparsity, weight, bcsr, errors, s_fwd, s_fb, b_fwd, _), samples in zip(configs,
-                                                                               all_samples):
+    for samples in all_samples:
         add_dense(samples)
-        measured.append((sparsity, weight, bcsr, errors, samples, s_fwd, s_fb, b_fwd))
 
     add_dense(_timing.run_interleaved([d_fwd, d_fb], **timing))
     dense = {name: _timing.summarize(s) for name, s in pooled.items()}
 
     results = []
-    for sparsity, weight, bcsr, errors, samples, s_fwd, s_fb, b_fwd in measured:
+    for (sparsity, weight, bcsr, errors, s_fwd, s_fb, b_fwd, _), samples in zip(configs,
+                                                                               all_samples):
         stats = {name: _timing.summarize(s) for name, s in samples.items()}
         dfwd = dense["dense_fwd"]["median_ms"]
         dfb = dense["dense_fwdbwd"]["median_ms"]
@@ -323,9 +321,7 @@ def main(argv=None) -> int:
 
     shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else DEFAULT_SPARSITIES)
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
-    min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.4)
-    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    repeats, min_time, rounds = _timing.sampling(args)
     if repeats < 1 or args.max_repeats < repeats or min_time < 0 or rounds < 1:
         parser.error("need 1 <= --repeats <= --max-repeats, --min-time >= 0, --rounds >= 1")
     default_run = not args.quick and not any(
