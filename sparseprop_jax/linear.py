@@ -3,7 +3,8 @@
 Forward, input gradient and weight gradient each cost O(batch x nnz). The
 kernels want the batch as the minor dimension; the C++ handlers transpose the
 activations themselves, tile by tile of the batch. The residual for the weight
-gradient is the input itself, which the backward transposes again.
+gradient is the input itself; with both gradients wanted, one pass over the
+kernel's columns computes both, reading x a block at a time.
 """
 
 from __future__ import annotations

@@ -419,6 +419,128 @@ static void sddmm_indexed(const int32_t* indptr, const int32_t* indices, const f
   sddmm_row_groups(indptr, row_begin, row_end, out_values, accumulate, dot);
 }
 
+// The linear layer's two backward products in one pass over the entries by
+// column of W (the transposed pattern: its row m holds the entries (n, m)).
+// Both products read the same run of dy per entry: the input gradient adds
+// value * dy_n to dx_m, the weight gradient takes <dy_n, x_m>. Run apart,
+// each loads every run, and a load per multiply-add is what bounds both
+// loops; here each run is loaded once and used twice, with x_m and dx_m held
+// in registers for the whole row.
+
+// v, kept in a register: without this, the compiler folds the load that
+// made v into each multiply-add that uses it, loading the run twice.
+static inline vfloat in_register(vfloat v) {
+#if SPARSEPROP_SIMD_WIDTH > 1
+  __asm__("" : "+v"(v));
+#endif
+  return v;
+}
+
+// Entries [p, p + G) of a row on one chunk of V vectors: acc (dx_m) += each
+// value times its run, and sums[p + e] (+)= <run, xv>.
+template <int G, int V>
+static inline void spmm_sddmm_group(int64_t p, int64_t hi, ScaledIndex offset,
+                                    const float* values, const float* dy, const vfloat* xv,
+                                    vfloat* acc, float* sums, bool accumulate) {
+  vfloat dot[G];
+  for (int e = 0; e < G; ++e) dot[e] = vfloat{};
+  // Unrolled, so that the sums stay in registers and each run is loaded once.
+#pragma GCC unroll 16
+  for (int e = 0; e < G; ++e) {
+    if (p + e + kPrefetchDistance < hi) prefetch_run(dy + offset(p + e + kPrefetchDistance));
+    const float* src = dy + offset(p + e);
+    const vfloat w = broadcast(values[p + e]);
+    for (int v = 0; v < V; ++v) {
+      const vfloat d = in_register(load(src + v * kWidth));
+      acc[v] += w * d;
+      dot[e] += d * xv[v];
+    }
+  }
+  const float no_tail[G] = {};
+  finish_sums<G>(dot, no_tail, sums + p, accumulate);
+}
+
+// The last entries of a row, fewer than G: in groups of G / 2, G / 4, ..., 1,
+// so each entry's sum depends only on its row.
+template <int G, int V>
+static inline void spmm_sddmm_rest(int64_t p, int64_t hi, ScaledIndex offset,
+                                   const float* values, const float* dy, const vfloat* xv,
+                                   vfloat* acc, float* sums, bool accumulate) {
+  if constexpr (G > 1) {
+    constexpr int half = G / 2;
+    if (hi - p >= half) {
+      spmm_sddmm_group<half, V>(p, hi, offset, values, dy, xv, acc, sums, accumulate);
+      p += half;
+    }
+    spmm_sddmm_rest<half, V>(p, hi, offset, values, dy, xv, acc, sums, accumulate);
+  }
+}
+
+// Entries the one-pass backward takes together: as many as the registers
+// hold next to x_m, dx_m and a run (AVX2 has 16 registers, AVX-512 32).
+constexpr int kBackwardGroup = kWidth >= 16 ? 8 : 4;
+
+// One row's entries [lo, hi) on V vectors of the runs: dx[0 : V * kWidth]
+// is written, sums[p] (+)= <dy run of p, x[0 : V * kWidth]>.
+template <int V>
+static inline void spmm_sddmm_tile(int64_t lo, int64_t hi, ScaledIndex offset,
+                                   const float* values, const float* dy, const float* x,
+                                   float* dx, float* sums, bool accumulate) {
+  vfloat xv[V], acc[V];
+  for (int v = 0; v < V; ++v) {
+    xv[v] = load(x + v * kWidth);
+    acc[v] = vfloat{};
+  }
+  int64_t p = lo;
+  for (; p + kBackwardGroup <= hi; p += kBackwardGroup)
+    spmm_sddmm_group<kBackwardGroup, V>(p, hi, offset, values, dy, xv, acc, sums, accumulate);
+  spmm_sddmm_rest<kBackwardGroup, V>(p, hi, offset, values, dy, xv, acc, sums, accumulate);
+  for (int v = 0; v < V; ++v) store(dx + v * kWidth, acc[v]);
+}
+
+// One row over runs of `length` floats: in chunks of at most kMaxVectors
+// vectors (each a pass over the row's entries), then the last lanes one by
+// one. The first chunk writes the sums unless `accumulate`, the rest add.
+static inline void spmm_sddmm_row(int64_t lo, int64_t hi, ScaledIndex offset,
+                                  const float* values, const float* dy, const float* x,
+                                  float* dx, float* sums, int64_t length, bool accumulate) {
+  int64_t l = 0;
+  for (; l + kMaxVectors * kWidth <= length; l += kMaxVectors * kWidth, accumulate = true)
+    spmm_sddmm_tile<kMaxVectors>(lo, hi, offset, values, dy + l, x + l, dx + l, sums,
+                                 accumulate);
+  const auto tile = [&](auto vectors) {
+    spmm_sddmm_tile<decltype(vectors)::value>(lo, hi, offset, values, dy + l, x + l, dx + l,
+                                              sums, accumulate);
+    l += decltype(vectors)::value * kWidth;
+    accumulate = true;
+  };
+  switch ((length - l) / kWidth) {
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    case 1: tile(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+  for (; l < length; ++l, accumulate = true) {
+    float a = 0.0f;
+    for (int64_t p = lo; p < hi; ++p) {
+      const float d = dy[offset(p) + l];
+      a += values[p] * d;
+      sums[p] = (accumulate ? sums[p] : 0.0f) + d * x[l];
+    }
+    dx[l] = a;
+  }
+}
+
+static void spmm_sddmm_indexed(const int32_t* indptr, const int32_t* indices,
+                               const float* values, const float* dy, const float* x, float* dx,
+                               float* sums, int64_t length, int64_t row_begin, int64_t row_end,
+                               bool accumulate) {
+  const ScaledIndex offset{indices, length};
+  for (int64_t r = row_begin; r < row_end; ++r)
+    spmm_sddmm_row(indptr[r], indptr[r + 1], offset, values, dy, x + r * length,
+                   dx + r * length, sums, length, accumulate);
+}
+
 #if SPARSEPROP_SIMD_WIDTH >= 8
 typedef float vfloat8 __attribute__((vector_size(32)));
 
@@ -594,4 +716,5 @@ static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_d
 #endif
 }
 
-const KernelTable kKernels = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &transpose};
+const KernelTable kKernels = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
+                              &transpose};

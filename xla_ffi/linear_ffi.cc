@@ -40,29 +40,51 @@ constexpr int64_t kRowsPerBlock = 16384 / kBatchTile;
 // values are gathered a block at a time into a buffer that stays in cache
 // (once per tile: see linear_backward for when the caller gathers instead).
 // `stream`: write `out` with streaming stores (streams_past_cache).
+// With `x` (batch-major like `out`: the linear layer's input when the rows
+// are its input features), the weight gradient in the same pass
+// (spmm_sddmm_indexed): sums[p] = sum_b in_t[idx[p], b] * x[b, r] for the
+// entries p of row r, in the rows' order; x is transposed a block at a time
+// next to the output block, so it never needs a transposed copy in memory.
 void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int32_t* idx,
                       const float* vals, const int32_t* perm, const float* in_t,
                       int64_t in_rows, int64_t batch, float* out, int64_t ld_out, int64_t begin,
-                      int64_t end, bool stream) {
+                      int64_t end, bool stream, const float* x = nullptr,
+                      float* sums = nullptr) {
   const BatchTiles tiles{batch};
   std::vector<float> buffer(kRowsPerBlock * kBatchTile);
+  std::vector<float> x_block(x != nullptr ? kRowsPerBlock * kBatchTile : 0);
   std::vector<int32_t> block_ptr(kRowsPerBlock + 1);
   std::vector<float> block_vals;
+  if (sums != nullptr && tiles.count() == 0)  // an empty batch: every sum is 0
+    std::fill(sums + indptr[begin], sums + indptr[end], 0.0f);
   for (int64_t t = 0; t < tiles.count(); ++t) {
     const int64_t width = tiles.width(t);
     const float* in_tile = in_t + tiles.first(t) * in_rows;
     float* out_tile = out + tiles.first(t) * ld_out;
     for (int64_t r0 = begin; r0 < end; r0 += kRowsPerBlock) {
       const int64_t n = std::min(kRowsPerBlock, end - r0);
+      // Rows [0, n) of the block, entries from ptr[0] on, sums from `block_sums` on.
+      const auto product = [&](const int32_t* ptr, const int32_t* block_idx,
+                               const float* block_values, float* block_sums) {
+        if (x == nullptr) {
+          k.spmm_indexed(ptr, block_idx, block_values, in_tile, buffer.data(), width, width, 0,
+                         n);
+          return;
+        }
+        k.transpose(x + tiles.first(t) * ld_out + r0, ld_out, x_block.data(), width, width, 0,
+                    n, false);
+        k.spmm_sddmm_indexed(ptr, block_idx, block_values, in_tile, x_block.data(),
+                             buffer.data(), block_sums, width, 0, n, /*accumulate=*/t > 0);
+      };
       if (perm == nullptr) {
-        k.spmm_indexed(indptr + r0, idx, vals, in_tile, buffer.data(), width, width, 0, n);
+        product(indptr + r0, idx, vals, sums);
       } else {
         const int32_t lo = indptr[r0];
         for (int64_t i = 0; i <= n; ++i) block_ptr[i] = indptr[r0 + i] - lo;
         block_vals.resize(std::max<int32_t>(1, block_ptr[n]));
         for (int32_t p = 0; p < block_ptr[n]; ++p) block_vals[p] = vals[perm[lo + p]];
-        k.spmm_indexed(block_ptr.data(), idx + lo, block_vals.data(), in_tile, buffer.data(),
-                       width, width, 0, n);
+        product(block_ptr.data(), idx + lo, block_vals.data(),
+                sums != nullptr ? sums + lo : nullptr);
       }
       k.transpose(buffer.data(), width, out_tile + r0, ld_out, n, 0, width, stream);
     }
@@ -186,10 +208,14 @@ struct Backward {
 
 // dx = dy W (iterating W by columns, the transposed pattern, so each row of
 // dx^T accumulates in registers) and dvalues[p] = <dy^T[n, :], x^T[m, :]> for
-// every nonzero (n, m) of W. A first phase transposes dy (both read it) and
-// x, and, with several tiles, gathers the values into the transposed
-// pattern's order, so the input gradient reads them in sequence tile after
-// tile.
+// every nonzero (n, m) of W. A first phase transposes dy (both read it) and,
+// with several tiles, gathers the values into the transposed pattern's order,
+// so the input gradient reads them in sequence tile after tile.
+// With both gradients, one pass over W by columns computes both
+// (spmm_batch_major with x): the weight gradient's sums come out in the
+// transposed pattern's order, which each task scatters into dvalues through
+// the permutation at the end. The weight gradient alone runs over W by rows
+// on x^T, transposed in the first phase.
 ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, const Backward& b,
                             const char* op) {
   Stack dys;
@@ -249,8 +275,11 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   std::vector<Phase> layout;
   auto dyt = scratch<float>(dys.count * n_out * batch);
   layout.push_back(transpose_phase(k, dy.typed_data(), dys, dyt.get(), dys.count, parts));
-  std::shared_ptr<float[]> xt, gathered;
-  if (want_dw) {
+  std::shared_ptr<float[]> xt, gathered, sums;
+  const bool one_pass = want_dx && want_dw;
+  if (one_pass) {
+    sums = scratch<float>(total * nnz);
+  } else if (want_dw) {
     xt = scratch<float>(xs.count * n_in * batch);
     layout.push_back(transpose_phase(k, b.x->typed_data(), xs, xt.get(), xs.count, parts));
   }
@@ -281,9 +310,12 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   }
 
   // Phase 2: the input-gradient tasks over the rows of the transposed
-  // pattern and the weight-gradient tasks over the rows of the pattern.
+  // pattern (with the weight gradient's sums, one_pass) or the
+  // weight-gradient tasks over the rows of the pattern.
   std::vector<Phase> products;
   const int64_t dx_slice = dxs.slice(), dw_slice = ds.slice();
+  const float* x = want_dw ? b.x->typed_data() : nullptr;
+  float* dw = want_dw ? (*b.dvalues)->typed_data() : nullptr;
   if (want_dx) {
     Phase igrad;
     for (int64_t v = 0; v < total; ++v) split_rows(tpat.row_ptr(v), n_in, v, parts, &igrad.tasks);
@@ -303,18 +335,28 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
         if (error.success())
           error = check_permutation(perm_v, lo, hi, nnz, op, "transposed permutation");
       }
+      // one_pass reads no pattern indices, but they are this call's operand
+      // as well: each task checks the same range of entries of both patterns.
+      if (one_pass && error.success())
+        error = check_indices(pat.col_idx(t.slice), lo, hi, pat.cols, op, "pattern");
       if (error.failure()) return error;
+      float* sums_v = one_pass ? sums.get() + t.slice * nnz : nullptr;
       spmm_batch_major(k, tpat.row_ptr(t.slice), tpat.col_idx(t.slice), vals, perm_v,
                        dyt.get() + slice_offset(dys, t.slice), n_out, batch,
-                       dx + t.slice * dx_slice, n_in, t.begin, t.end, stream_dx);
+                       dx + t.slice * dx_slice, n_in, t.begin, t.end, stream_dx,
+                       one_pass ? x + slice_offset(xs, t.slice) : nullptr, sums_v);
+      if (one_pass) {  // the permutation was checked above or in the gather
+        const int32_t* to = perm + slice_offset(ps, t.slice);
+        float* dw_v = dw + t.slice * dw_slice;
+        for (int64_t p = lo; p < hi; ++p) dw_v[to[p]] = sums_v[p];
+      }
       return ffi::Error::Success();
     };
     products.push_back(std::move(igrad));
   }
-  if (want_dw) {
+  if (want_dw && !one_pass) {
     Phase wgrad;
     for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), n_out, v, parts, &wgrad.tasks);
-    float* dw = (*b.dvalues)->typed_data();
     const bool per_tile = batch > kBatchTile && pat.nnz >= kPerTileMinEntriesPerRow * n_out;
     wgrad.fn = [=, &k](const Task& t) -> ffi::Error {
       int64_t lo, hi;

@@ -84,6 +84,19 @@ struct KernelTable {
                         int64_t n_rows, const float* in, int64_t n_in, float* out_values,
                         int64_t batch, int64_t row_begin, int64_t row_end, bool accumulate);
 
+  // Both backward products of the linear layer in one pass, over one tile of
+  // `length` batch columns, for the rows m in [row_begin, row_end) of the
+  // transposed pattern (indptr/indices: W by columns, values in that order):
+  //   dx[m * length + l] = sum_p values[p] * dy[indices[p] * length + l]
+  //   sums[p] (+)= sum_l dy[indices[p] * length + l] * x[m * length + l]
+  // with the sums in the transposed pattern's order, added to if
+  // `accumulate` (the tiles after the first), else written. Each sum's order
+  // depends only on its row and `length`.
+  void (*spmm_sddmm_indexed)(const int32_t* indptr, const int32_t* indices,
+                             const float* values, const float* dy, const float* x, float* dx,
+                             float* sums, int64_t length, int64_t row_begin, int64_t row_end,
+                             bool accumulate);
+
   // Out-of-place transpose of the columns [col_begin, col_end) of a
   // rows x cols matrix: dst[c * ld_dst + r] = src[r * ld_src + c]. `stream`
   // asks for stores past the caches where the SIMD path can write whole
