@@ -716,5 +716,13 @@ static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_d
 #endif
 }
 
+// Where the one-pass backward pays: on AVX-512 it measured 1.4-1.8x faster
+// than the two passes apart (kernel_bench, Zen 4); on AVX2 about even with
+// them, and the scatter of its sums then made the whole backward slower
+// (64 x 4096 -> 4096 at 95%: 5.0-7.2 against 4.2-4.6 ms). The scalar path
+// runs it, so that on every machine the tests hold the one-pass handler code
+// against the dense reference.
+constexpr bool kOnePassBackward = kWidth != 8;
+
 const KernelTable kKernels = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
-                              &transpose};
+                              &transpose, kOnePassBackward};

@@ -211,11 +211,12 @@ struct Backward {
 // every nonzero (n, m) of W. A first phase transposes dy (both read it) and,
 // with several tiles, gathers the values into the transposed pattern's order,
 // so the input gradient reads them in sequence tile after tile.
-// With both gradients, one pass over W by columns computes both
+// With both gradients, and where the kernels' path gains by it
+// (one_pass_backward), one pass over W by columns computes both
 // (spmm_batch_major with x): the weight gradient's sums come out in the
 // transposed pattern's order, which each task scatters into dvalues through
-// the permutation at the end. The weight gradient alone runs over W by rows
-// on x^T, transposed in the first phase.
+// the permutation at the end. Otherwise the weight gradient runs over W by
+// rows on x^T, transposed in the first phase.
 ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, const Backward& b,
                             const char* op) {
   Stack dys;
@@ -276,7 +277,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   auto dyt = scratch<float>(dys.count * n_out * batch);
   layout.push_back(transpose_phase(k, dy.typed_data(), dys, dyt.get(), dys.count, parts));
   std::shared_ptr<float[]> xt, gathered, sums;
-  const bool one_pass = want_dx && want_dw;
+  const bool one_pass = want_dx && want_dw && k.one_pass_backward;
   if (one_pass) {
     sums = scratch<float>(total * nnz);
   } else if (want_dw) {

@@ -103,6 +103,10 @@ struct KernelTable {
   // destination lines (see streams_past_cache in ffi_common.h).
   void (*transpose)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
                     int64_t rows, int64_t col_begin, int64_t col_end, bool stream);
+
+  // Whether the linear backward runs spmm_sddmm_indexed when it wants both
+  // gradients, rather than spmm_indexed and sddmm_indexed apart.
+  bool one_pass_backward;
 };
 
 // One table per instruction set, each compiled in its own translation unit
