@@ -153,7 +153,9 @@ def test_vmap_over_values(rng):
 @pytest.mark.parametrize("sparsity", [0.9, 0.99])  # the weight gradient per tile, and not
 def test_results_do_not_depend_on_task_split(sparsity, rng):
     weight = sp.SparseWeight.from_dense(random_kernel(rng, 300, 200, sparsity))
-    x = rng.standard_normal((150, 300)).astype(np.float32)  # three tiles of the batch
+    # Three tiles of the batch: with 1 or 2 tasks the forward splits them over
+    # the tasks, with 3 or more (too uneven) it splits the rows.
+    x = rng.standard_normal((150, 300)).astype(np.float32)
     step = jax.jit(jax.grad(lambda x, v: jnp.sum(jnp.sin(
         sp.sparse_linear(x, weight.with_values(v)))), argnums=(0, 1)))
     reference = step(x, weight.values)
@@ -164,6 +166,20 @@ def test_results_do_not_depend_on_task_split(sparsity, rng):
                 np.testing.assert_array_equal(got, want)
     finally:
         sp.set_tasks_per_call(0)
+
+
+def test_vmapped_forward_split_by_tiles(rng):
+    # Each vmap slice has its own x, and its tiles go to the tasks.
+    kernel = random_kernel(rng, 300, 200, 0.9)
+    weight = sp.SparseWeight.from_dense(kernel)
+    xs = rng.standard_normal((3, 150, 300)).astype(np.float32)
+    try:
+        sp.set_tasks_per_call(2)
+        ys = jax.vmap(lambda x: sp.sparse_linear(x, weight))(xs)
+    finally:
+        sp.set_tasks_per_call(0)
+    for x, y in zip(xs, ys):
+        assert_close(y, x @ kernel, 300)
 
 
 @pytest.mark.parametrize("wrt", ["x", "values"])

@@ -147,6 +147,20 @@ Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_s
   return phase;
 }
 
+// Whether split_even shares the tiles out over `parts` tasks within 25% of
+// an even split of the batch.
+bool tiles_share_evenly(const BatchTiles& tiles, int parts) {
+  const int64_t n = tiles.count();
+  if (n < parts) return false;
+  int64_t most = 0;
+  for (int64_t i = 0; i < parts; ++i) {
+    int64_t width = 0;
+    for (int64_t t = n * i / parts; t < n * (i + 1) / parts; ++t) width += tiles.width(t);
+    most = std::max(most, width);
+  }
+  return 4 * most * parts <= 5 * tiles.batch;
+}
+
 // The forward, y = x W^T.
 ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
@@ -173,6 +187,38 @@ ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* out = y->typed_data();
   const bool stream_y = streams_past_cache(total * ys.slice());
 
+  // Whole batch tiles per task, where they share out evenly over the parts
+  // (within 25% of an even split of the batch) and each slice has its own x:
+  // a task transposes a tile of x and runs every row on it while the tile is
+  // in its core's L2, in a single phase. Split over rows instead, every core
+  // reads all of x^T, half of it written by the other core. A task reads all
+  // of its slice's pattern, so it checks all of it.
+  const BatchTiles tiles{batch};
+  const bool by_tiles = xs.count == total && tiles_share_evenly(tiles, parts);
+  if (by_tiles) {
+    Phase products;
+    for (int64_t v = 0; v < total; ++v) split_even(tiles.count(), v, 0, parts, &products.tasks);
+    const float* x_data = x.typed_data();
+    products.fn = [=, &k](const Task& t) -> ffi::Error {
+      int64_t lo, hi;
+      ffi::Error error =
+          check_task_indices(pat, Task{t.slice, 0, pat.rows}, op, "pattern", &lo, &hi);
+      if (error.failure()) return error;
+      const float* x_v = x_data + slice_offset(xs, t.slice);
+      float* xt_v = xt.get() + slice_offset(xs, t.slice);
+      float* y_v = out + t.slice * ys.slice();
+      for (int64_t tile = t.begin; tile < t.end; ++tile) {
+        const int64_t first = tiles.first(tile), width = tiles.width(tile);
+        k.transpose(x_v + first * n_in, n_in, xt_v + first * n_in, width, width, 0, n_in,
+                    false);
+        spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
+                         w + slice_offset(vs, t.slice), nullptr, xt_v + first * n_in, n_in,
+                         width, y_v + first * pat.rows, pat.rows, 0, pat.rows, stream_y);
+      }
+      return ffi::Error::Success();
+    };
+    return run_phases(pool, parts, {std::move(products)});
+  }
   std::vector<Phase> phases;
   phases.push_back(transpose_phase(k, x.typed_data(), xs, xt.get(), xs.count, parts));
   Phase products;
