@@ -70,19 +70,30 @@ static inline void spmm_tile(int64_t lo, int64_t hi, Offset offset, const float*
   for (int v = 0; v < V; ++v) store(out + v * kWidth, acc[v]);
 }
 
+// Cuts a run of `length` floats into chunks of kMaxVectors vectors, then one
+// of 3, 2 or 1 for what is left, calling chunk(std::integral_constant<int,
+// V>{}, l) for the chunk of V vectors at l, in order. Returns where the last
+// length % kWidth lanes start, which the caller finishes one by one.
+template <typename Chunk>
+static inline int64_t in_vector_chunks(int64_t length, Chunk&& chunk) {
+  int64_t l = 0;
+  for (; l + kMaxVectors * kWidth <= length; l += kMaxVectors * kWidth)
+    chunk(std::integral_constant<int, kMaxVectors>{}, l);
+  switch ((length - l) / kWidth) {
+    case 3: chunk(std::integral_constant<int, 3>{}, l); return l + 3 * kWidth;
+    case 2: chunk(std::integral_constant<int, 2>{}, l); return l + 2 * kWidth;
+    case 1: chunk(std::integral_constant<int, 1>{}, l); return l + kWidth;
+    default: return l;
+  }
+}
+
 // One sparse row times its runs, for a run of `length` floats.
 template <typename Offset>
 static inline void spmm_row(int64_t lo, int64_t hi, Offset offset, const float* values,
                             const float* in, float* out, int64_t length) {
-  int64_t l = 0;
-  for (; l + kMaxVectors * kWidth <= length; l += kMaxVectors * kWidth)
-    spmm_tile<kMaxVectors>(lo, hi, offset, values, in + l, out + l);
-  switch ((length - l) / kWidth) {
-    case 3: spmm_tile<3>(lo, hi, offset, values, in + l, out + l); l += 3 * kWidth; break;
-    case 2: spmm_tile<2>(lo, hi, offset, values, in + l, out + l); l += 2 * kWidth; break;
-    case 1: spmm_tile<1>(lo, hi, offset, values, in + l, out + l); l += kWidth; break;
-    default: break;
-  }
+  int64_t l = in_vector_chunks(length, [&](auto vectors, int64_t at) {
+    spmm_tile<decltype(vectors)::value>(lo, hi, offset, values, in + at, out + at);
+  });
   for (; l < length; ++l) {
     float a = 0.0f;
     for (int64_t p = lo; p < hi; ++p) a += values[p] * in[offset(p) + l];
@@ -504,22 +515,11 @@ static inline void spmm_sddmm_tile(int64_t lo, int64_t hi, ScaledIndex offset,
 static inline void spmm_sddmm_row(int64_t lo, int64_t hi, ScaledIndex offset,
                                   const float* values, const float* dy, const float* x,
                                   float* dx, float* sums, int64_t length, bool accumulate) {
-  int64_t l = 0;
-  for (; l + kMaxVectors * kWidth <= length; l += kMaxVectors * kWidth, accumulate = true)
-    spmm_sddmm_tile<kMaxVectors>(lo, hi, offset, values, dy + l, x + l, dx + l, sums,
-                                 accumulate);
-  const auto tile = [&](auto vectors) {
-    spmm_sddmm_tile<decltype(vectors)::value>(lo, hi, offset, values, dy + l, x + l, dx + l,
+  int64_t l = in_vector_chunks(length, [&](auto vectors, int64_t at) {
+    spmm_sddmm_tile<decltype(vectors)::value>(lo, hi, offset, values, dy + at, x + at, dx + at,
                                               sums, accumulate);
-    l += decltype(vectors)::value * kWidth;
     accumulate = true;
-  };
-  switch ((length - l) / kWidth) {
-    case 3: tile(std::integral_constant<int, 3>{}); break;
-    case 2: tile(std::integral_constant<int, 2>{}); break;
-    case 1: tile(std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+  });
   for (; l < length; ++l, accumulate = true) {
     float a = 0.0f;
     for (int64_t p = lo; p < hi; ++p) {
