@@ -324,12 +324,17 @@ def add_common_arguments(parser, quick_help: str, default_sparsities) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def sampling(args) -> tuple[int, float, int]:
-    """(repeats, min_time, rounds): the options of `add_common_arguments` or their defaults."""
+def sampling(parser, args) -> tuple[int, float, int]:
+    """(repeats, min_time, rounds): the options of `add_common_arguments` or their defaults.
+
+    Exits through `parser.error` where they are out of range.
+    """
     quick = args.quick
     repeats = args.repeats if args.repeats is not None else (3 if quick else 5)
     min_time = args.min_time if args.min_time is not None else (0.02 if quick else 0.4)
     rounds = args.rounds if args.rounds is not None else (2 if quick else 3)
+    if repeats < 1 or args.max_repeats < repeats or min_time < 0 or rounds < 1:
+        parser.error("need 1 <= --repeats <= --max-repeats, --min-time >= 0, --rounds >= 1")
     return repeats, min_time, rounds
 
 

@@ -419,10 +419,9 @@ def main(argv=None) -> int:
     sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else DEFAULT_SPARSITIES)
     batch = args.batch if args.batch is not None else (QUICK_BATCH if args.quick
                                                        else DEFAULT_BATCH)
-    repeats, min_time, rounds = _timing.sampling(args)
-    if repeats < 1 or args.max_repeats < repeats or min_time < 0 or batch < 1 or rounds < 1:
-        parser.error("need 1 <= --repeats <= --max-repeats, --min-time >= 0, --batch >= 1, "
-                     "--rounds >= 1")
+    repeats, min_time, rounds = _timing.sampling(parser, args)
+    if batch < 1:
+        parser.error("need --batch >= 1")
     default_run = not args.quick and not any(
         (args.layers, args.sparsities, args.batch is not None, not args.fwd, args.simd,
          args.tasks_per_call is not None))

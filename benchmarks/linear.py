@@ -321,9 +321,7 @@ def main(argv=None) -> int:
 
     shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else DEFAULT_SPARSITIES)
-    repeats, min_time, rounds = _timing.sampling(args)
-    if repeats < 1 or args.max_repeats < repeats or min_time < 0 or rounds < 1:
-        parser.error("need 1 <= --repeats <= --max-repeats, --min-time >= 0, --rounds >= 1")
+    repeats, min_time, rounds = _timing.sampling(parser, args)
     default_run = not args.quick and not any(
         (args.shapes, args.sparsities, args.simd, args.tasks_per_call is not None))
     threads, json_path = _timing.prepare_run(parser, args, "linear", default_run)
