@@ -151,15 +151,15 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
     const double fwd = min_seconds([&] {
       per_tile(batch, [&](int64_t first, int64_t width) {
         k.spmm_indexed(w.indptr.data(), w.indices.data(), w.values.data(),
-                       xt.data() + first * n_in, yt.data() + first * n_out, width, width, 0,
-                       n_out);
+                       xt.data() + first * n_in, width, yt.data() + first * n_out, width, width,
+                       0, n_out);
       });
     }, repeats);
     const double igrad = min_seconds([&] {
       per_tile(batch, [&](int64_t first, int64_t width) {
         k.spmm_indexed(wt.indptr.data(), wt.indices.data(), wt.values.data(),
-                       dyt.data() + first * n_out, dxt.data() + first * n_in, width, width, 0,
-                       n_in);
+                       dyt.data() + first * n_out, width, dxt.data() + first * n_in, width,
+                       width, 0, n_in);
       });
     }, repeats);
     const double wgrad = min_seconds([&] {
@@ -181,7 +181,7 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
     const double fused = min_seconds([&] {
       per_tile(batch, [&](int64_t first, int64_t width) {
         k.spmm_sddmm_indexed(wt.indptr.data(), wt.indices.data(), wt.values.data(),
-                             dyt.data() + first * n_out, xt.data() + first * n_in,
+                             dyt.data() + first * n_out, xt.data() + first * n_in, width,
                              dxt_fused.data() + first * n_in, sums.data(), width, 0, n_in,
                              first > 0);
       });

@@ -36,6 +36,7 @@ for _name, _capsule in _ext.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
 
 LINEAR_FORWARD = "sparseprop_linear_forward"
+LINEAR_FORWARD_AND_XT = "sparseprop_linear_forward_and_xt"
 LINEAR_BACKWARD = "sparseprop_linear_backward"
 LINEAR_INPUT_GRAD = "sparseprop_linear_input_grad"
 LINEAR_WEIGHT_GRAD = "sparseprop_linear_weight_grad"
@@ -76,12 +77,14 @@ def _batch_dims(target: str, attrs) -> Optional[tuple[tuple[Dim, ...], tuple[Dim
     """
     if target == LINEAR_FORWARD:  # x[B, in], values, indptr, indices -> y[B, out]
         return (0, None, None, None), (0,)
-    if target == LINEAR_BACKWARD:  # dy[B, out], x[B, in], values, 5 pattern -> dx, dvalues
-        return (0, 0) + (None,) * 6, (0, SUM)
+    if target == LINEAR_FORWARD_AND_XT:  # the same -> y[B, out], x^T[in, B]
+        return (0, None, None, None), (0, 1)
+    if target == LINEAR_BACKWARD:  # dy[B, out], x^T[in, B], values, 5 pattern -> dx, dvalues
+        return (0, 1) + (None,) * 6, (0, SUM)
     if target == LINEAR_INPUT_GRAD:  # dy[B, out], values, 3 pattern -> dx[B, in]
         return (0,) + (None,) * 4, (0,)
-    if target == LINEAR_WEIGHT_GRAD:  # dy[B, out], x[B, in], indptr, indices -> dvalues
-        return (0, 0, None, None), (SUM,)
+    if target == LINEAR_WEIGHT_GRAD:  # dy[B, out], x^T[in, B], indptr, indices -> dvalues
+        return (0, 1, None, None), (SUM,)
     b = _conv_batch_dim(attrs)
     if target == CONV_FORWARD:  # x, values, indptr, indices -> y
         return (b, None, None, None), (b,)

@@ -3,8 +3,10 @@
 Forward, input gradient and weight gradient each cost O(batch x nnz). The
 kernels want the batch as the minor dimension; the C++ handlers transpose the
 activations themselves, tile by tile of the batch. The residual for the weight
-gradient is the input itself; with both gradients wanted, one pass over the
-kernel's columns computes both, reading x a block at a time.
+gradient is x^T, `[in_features, batch]`: the forward transposes x into it
+rather than into scratch, so the backward reads x batch-minor without
+transposing it again. With both gradients wanted, one pass over the kernel's
+columns computes both.
 """
 
 from __future__ import annotations
@@ -33,27 +35,32 @@ def _linear_2d_fwd(shape, x, values, indptr, indices, t_indptr, t_indices, t_per
     want_dx, want_dw = x.perturbed, values.perturbed
     x, values = x.value, values.value
     pattern = tuple(a.value for a in (indptr, indices, t_indptr, t_indices, t_perm))
-    y = _ffi.call(_ffi.LINEAR_FORWARD, (x.shape[0], shape[1]), x, values, *pattern[:2])
-    return y, (x if want_dw else None, values if want_dx else None, pattern)
+    y_shape = (x.shape[0], shape[1])
+    if not want_dw:
+        y = _ffi.call(_ffi.LINEAR_FORWARD, y_shape, x, values, *pattern[:2])
+        return y, (None, values if want_dx else None, pattern)
+    y, xt = _ffi.call(_ffi.LINEAR_FORWARD_AND_XT, (y_shape, x.shape[::-1]), x, values,
+                      *pattern[:2])
+    return y, (xt, values if want_dx else None, pattern)
 
 
 def _linear_2d_bwd(shape, residuals, dy):
-    x, values, (indptr, indices, t_indptr, t_indices, t_perm) = residuals
+    xt, values, (indptr, indices, t_indptr, t_indices, t_perm) = residuals
     # The pattern is integer data: no cotangent. None is a zero cotangent.
     none = (None,) * 5
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         return (None, None) + none
     batch = dy.shape[0]
-    if x is not None and values is not None:
+    if xt is not None and values is not None:
         dx, dvalues = _ffi.call(_ffi.LINEAR_BACKWARD, ((batch, shape[0]), (indices.shape[0],)),
-                                dy, x, values, indptr, indices, t_indptr, t_indices, t_perm)
+                                dy, xt, values, indptr, indices, t_indptr, t_indices, t_perm)
         return (dx, dvalues) + none
     if values is not None:
         dx = _ffi.call(_ffi.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, t_indptr, t_indices,
                        t_perm)
         return (dx, None) + none
-    if x is not None:
-        dvalues = _ffi.call(_ffi.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, x, indptr, indices)
+    if xt is not None:
+        dvalues = _ffi.call(_ffi.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, xt, indptr, indices)
         return (None, dvalues) + none
     return (None, None) + none
 

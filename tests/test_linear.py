@@ -150,6 +150,30 @@ def test_vmap_over_values(rng):
     np.testing.assert_allclose(per_values_grad, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("tasks", [2, 3])  # the forward split by tiles, and by rows
+def test_vmap_over_values_with_shared_x_over_tiles(tasks, simd_path, rng):
+    # One x for every slice of the values, three batch tiles: each slice's
+    # saved x^T is copied from the same tiles of x.
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 90, 40, 0.8))
+    stacked = np.stack([np.asarray(weight.values) * s for s in (1.0, -2.0)])
+    x = rng.standard_normal((150, 90)).astype(np.float32)
+
+    def loss(v, x):
+        return jnp.sum(jnp.sin(sp.sparse_linear(x, weight.with_values(v))))
+
+    try:
+        sp.set_tasks_per_call(tasks)
+        got = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None)))(stacked, x)
+    finally:
+        sp.set_tasks_per_call(0)
+    for v, dv, dx in zip(stacked, *got):
+        kernel = np.asarray(weight.with_values(v).to_dense())
+        dy = np.cos(x @ kernel)
+        _, dx_ref, dk_ref, _ = dense_reference(x, kernel, None, dy)
+        assert_close(dx, dx_ref, 40)
+        assert_close(weight.with_values(dv).to_dense(), dk_ref * (kernel != 0), 150)
+
+
 @pytest.mark.parametrize("sparsity", [0.9, 0.99])  # the weight gradient per tile, and not
 def test_results_do_not_depend_on_task_split(sparsity, rng):
     weight = sp.SparseWeight.from_dense(random_kernel(rng, 300, 200, sparsity))

@@ -224,9 +224,9 @@ static void spmm(const int32_t* indptr, const int64_t* offsets, const float* val
 }
 
 static void spmm_indexed(const int32_t* indptr, const int32_t* indices, const float* values,
-                         const float* in, float* out, int64_t ld_row, int64_t length,
-                         int64_t row_begin, int64_t row_end) {
-  const ScaledIndex offset{indices, length};
+                         const float* in, int64_t ld_in, float* out, int64_t ld_row,
+                         int64_t length, int64_t row_begin, int64_t row_end) {
+  const ScaledIndex offset{indices, ld_in};
   for (int64_t r = row_begin; r < row_end; ++r)
     spmm_row(indptr[r], indptr[r + 1], offset, values, in, out + r * ld_row, length);
 }
@@ -532,12 +532,12 @@ static inline void spmm_sddmm_row(int64_t lo, int64_t hi, ScaledIndex offset,
 }
 
 static void spmm_sddmm_indexed(const int32_t* indptr, const int32_t* indices,
-                               const float* values, const float* dy, const float* x, float* dx,
-                               float* sums, int64_t length, int64_t row_begin, int64_t row_end,
-                               bool accumulate) {
+                               const float* values, const float* dy, const float* x,
+                               int64_t ld_x, float* dx, float* sums, int64_t length,
+                               int64_t row_begin, int64_t row_end, bool accumulate) {
   const ScaledIndex offset{indices, length};
   for (int64_t r = row_begin; r < row_end; ++r)
-    spmm_sddmm_row(indptr[r], indptr[r + 1], offset, values, dy, x + r * length,
+    spmm_sddmm_row(indptr[r], indptr[r + 1], offset, values, dy, x + r * ld_x,
                    dx + r * length, sums, length, accumulate);
 }
 

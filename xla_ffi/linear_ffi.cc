@@ -11,7 +11,17 @@
 //
 // The transposed operands are cut into tiles of the batch (kBatchTile in
 // sparse_kernels.h), and the products run one tile after another, so the rows
-// they read at random stay in the core's L2 cache.
+// they read at random stay in the core's L2 cache: tile t of a [batch,
+// features] operand holds its rows [first(t), first(t) + width(t)) transposed,
+// [features, width(t)], at row first(t).
+//
+// Where the weight gradient will be wanted, the forward transposes x into
+// x^T, [in, batch], a result (LinearForwardAndXt), instead of into tiles in
+// scratch, and the backward reads it in place of x: x is then transposed once
+// per step, not once in each direction. Untiled, x^T splits along the batch
+// like x (a shard of it is its shard's x^T), so any split of the batch that
+// XLA makes between the forward and the backward reads it correctly; the
+// tasks still read it one tile's columns at a time.
 //
 // The weight W (out x in, i.e. the transpose of Flax's (in, out) kernel) is
 // stored in compressed rows, one row per output feature; the input gradient
@@ -36,45 +46,44 @@ constexpr int64_t kRowsPerBlock = 16384 / kBatchTile;
 // out[b, r] = sum_p value(p) * in_t[idx[p], b] over the entries p of rows r
 // in [begin, end), written batch-major (row stride ld_out) through a
 // feature-major block buffer; `in_t` is tiled (BatchTiles) with `in_rows`
-// features. value(p) = vals[perm[p]] if perm, else vals[p]: the permuted
+// features, or, with `in_ld`, untiled: [in_rows, batch] with rows in_ld
+// apart. value(p) = vals[perm[p]] if perm, else vals[p]: the permuted
 // values are gathered a block at a time into a buffer that stays in cache
 // (once per tile: see linear_backward for when the caller gathers instead).
 // `stream`: write `out` with streaming stores (streams_past_cache).
-// With `x` (batch-major like `out`: the linear layer's input when the rows
-// are its input features), the weight gradient in the same pass
+// With `xt` (the linear layer's input x transposed, [ld_out, batch]: the rows
+// here are its input features), the weight gradient in the same pass
 // (spmm_sddmm_indexed): sums[p] = sum_b in_t[idx[p], b] * x[b, r] for the
-// entries p of row r, in the rows' order; x is transposed a block at a time
-// next to the output block, so it never needs a transposed copy in memory.
+// entries p of row r, in the rows' order.
 void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int32_t* idx,
                       const float* vals, const int32_t* perm, const float* in_t,
                       int64_t in_rows, int64_t batch, float* out, int64_t ld_out, int64_t begin,
-                      int64_t end, bool stream, const float* x = nullptr,
-                      float* sums = nullptr) {
+                      int64_t end, bool stream, const float* xt = nullptr,
+                      float* sums = nullptr, int64_t in_ld = 0) {
   const BatchTiles tiles{batch};
   std::vector<float> buffer(kRowsPerBlock * kBatchTile);
-  std::vector<float> x_block(x != nullptr ? kRowsPerBlock * kBatchTile : 0);
   std::vector<int32_t> block_ptr(kRowsPerBlock + 1);
   std::vector<float> block_vals;
   if (sums != nullptr && tiles.count() == 0)  // an empty batch: every sum is 0
     std::fill(sums + indptr[begin], sums + indptr[end], 0.0f);
   for (int64_t t = 0; t < tiles.count(); ++t) {
     const int64_t width = tiles.width(t);
-    const float* in_tile = in_t + tiles.first(t) * in_rows;
+    const float* in_tile = in_ld ? in_t + tiles.first(t) : in_t + tiles.first(t) * in_rows;
+    const int64_t ld_in = in_ld ? in_ld : width;
     float* out_tile = out + tiles.first(t) * ld_out;
     for (int64_t r0 = begin; r0 < end; r0 += kRowsPerBlock) {
       const int64_t n = std::min(kRowsPerBlock, end - r0);
       // Rows [0, n) of the block, entries from ptr[0] on, sums from `block_sums` on.
       const auto product = [&](const int32_t* ptr, const int32_t* block_idx,
                                const float* block_values, float* block_sums) {
-        if (x == nullptr) {
-          k.spmm_indexed(ptr, block_idx, block_values, in_tile, buffer.data(), width, width, 0,
-                         n);
+        if (xt == nullptr) {
+          k.spmm_indexed(ptr, block_idx, block_values, in_tile, ld_in, buffer.data(), width,
+                         width, 0, n);
           return;
         }
-        k.transpose(x + tiles.first(t) * ld_out + r0, ld_out, x_block.data(), width, width, 0,
-                    n, false);
-        k.spmm_sddmm_indexed(ptr, block_idx, block_values, in_tile, x_block.data(),
-                             buffer.data(), block_sums, width, 0, n, /*accumulate=*/t > 0);
+        k.spmm_sddmm_indexed(ptr, block_idx, block_values, in_tile,
+                             xt + r0 * batch + tiles.first(t), batch, buffer.data(),
+                             block_sums, width, 0, n, /*accumulate=*/t > 0);
       };
       if (perm == nullptr) {
         product(indptr + r0, idx, vals, sums);
@@ -126,10 +135,19 @@ ffi::Error check_task_indices(const Pattern& pat, const Task& t, const char* op,
   return check_indices(pat.col_idx(t.slice), *lo, *hi, pat.cols, op, name);
 }
 
+// dst[r * ld_dst + c] = src[r * ld_src + c] for r < rows, c < cols: a block
+// of rows between x^T and one of its batch tiles.
+void copy_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
+               int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
+}
+
 // Tasks transposing each of `count` slices of a batch x features matrix at
-// `src` into the batch-tiled layout at `dst`, split over the features.
+// `src` into the batch-tiled layout at `dst` (or, `untiled`, into [features,
+// batch]), split over the features.
 Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_stack,
-                      float* dst, int64_t count, int parts) {
+                      float* dst, int64_t count, int parts, bool untiled = false) {
   const int64_t batch = src_stack.dims[0], features = src_stack.dims[1];
   const bool stream = streams_past_cache(count * batch * features);
   Phase phase;
@@ -140,7 +158,12 @@ Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_s
     float* dst_v = dst + t.slice * batch * features;
     for (int64_t tile = 0; tile < tiles.count(); ++tile) {
       const int64_t width = tiles.width(tile), first = tiles.first(tile) * features;
-      k.transpose(src_v + first, features, dst_v + first, width, width, t.begin, t.end, stream);
+      if (untiled)
+        k.transpose(src_v + first, features, dst_v + tiles.first(tile), batch, width, t.begin,
+                    t.end, stream);
+      else
+        k.transpose(src_v + first, features, dst_v + first, width, width, t.begin, t.end,
+                    stream);
     }
     return ffi::Error::Success();
   };
@@ -161,10 +184,15 @@ bool tiles_share_evenly(const BatchTiles& tiles, int parts) {
   return 4 * most * parts <= 5 * tiles.batch;
 }
 
-// The forward, y = x W^T.
-ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                          ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y) {
+// The forward, y = x W^T. With `xt_result` it also writes x^T, [in, batch],
+// one slice per slice of y (a shared x repeated), for the backward, and the
+// products read that instead of the batch-tiled scratch copy: x^T is laid out
+// untiled so that it splits along the batch like x, but each task still
+// reads one tile's columns of it.
+ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                           ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                           ffi::Result<ffi::Buffer<ffi::F32>>* xt_result) {
   constexpr const char* op = "sparse_linear forward";
   Stack ys, xs, vs;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(y->dimensions(), 2, op, "output", &ys));
@@ -173,6 +201,13 @@ ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[0], batch, op, "x batch size"));
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
   const int64_t n_in = xs.dims[1];
+  if (xt_result != nullptr) {
+    Stack ss;
+    SPARSEPROP_RETURN_IF_ERROR(decode_stack((*xt_result)->dimensions(), 2, op, "x^T output", &ss));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(ss.count, total, op, "x^T output stack"));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(ss.dims[0], n_in, op, "x^T output features"));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(ss.dims[1], batch, op, "x^T output batch size"));
+  }
   Pattern pat;
   SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, ys.dims[1], n_in, total, op,
                                             "pattern", &pat, /*indices_checked_by_tasks=*/true));
@@ -181,67 +216,90 @@ ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const KernelTable& k = active_kernels();
   const int parts =
       parallel_parts(pool, total * batch * (pat.nnz + kFlopsPerMovedFloat * (n_in + pat.rows)));
-  // x^T, one per slice of x (a shared x is transposed once).
-  std::shared_ptr<float[]> xt = scratch<float>(xs.count * n_in * batch);
+  // x^T: the result (untiled, one slice per slice of y), or scratch (tiled,
+  // one per slice of x; a shared x is transposed once).
+  const bool saving = xt_result != nullptr;
+  const int64_t xt_count = saving ? total : xs.count;
+  std::shared_ptr<float[]> scratch_xt;
+  if (!saving) scratch_xt = scratch<float>(xs.count * n_in * batch);
+  float* xt = saving ? (*xt_result)->typed_data() : scratch_xt.get();
+  const int64_t xt_ld = saving ? batch : 0;  // spmm_batch_major's in_ld: 0 for tiled
   const float* w = values.typed_data();
   float* out = y->typed_data();
   const bool stream_y = streams_past_cache(total * ys.slice());
 
   // Whole batch tiles per task, where they share out evenly over the parts
-  // (within 25% of an even split of the batch) and each slice has its own x:
+  // (within 25% of an even split of the batch) and each slice has its own x^T:
   // a task transposes a tile of x and runs every row on it while the tile is
   // in its core's L2, in a single phase. Split over rows instead, every core
   // reads all of x^T, half of it written by the other core. A task reads all
   // of its slice's pattern, so it checks all of it.
   const BatchTiles tiles{batch};
-  const bool by_tiles = xs.count == total && tiles_share_evenly(tiles, parts);
+  const bool by_tiles = xt_count == total && tiles_share_evenly(tiles, parts);
   if (by_tiles) {
     Phase products;
     for (int64_t v = 0; v < total; ++v) split_even(tiles.count(), v, 0, parts, &products.tasks);
     const float* x_data = x.typed_data();
-    products.fn = [=, &k](const Task& t) -> ffi::Error {
+    products.fn = [=, keep = scratch_xt, &k](const Task& t) -> ffi::Error {
       int64_t lo, hi;
       ffi::Error error =
           check_task_indices(pat, Task{t.slice, 0, pat.rows}, op, "pattern", &lo, &hi);
       if (error.failure()) return error;
       const float* x_v = x_data + slice_offset(xs, t.slice);
-      float* xt_v = xt.get() + slice_offset(xs, t.slice);
+      float* xt_v = xt + t.slice * n_in * batch;
       float* y_v = out + t.slice * ys.slice();
       for (int64_t tile = t.begin; tile < t.end; ++tile) {
         const int64_t first = tiles.first(tile), width = tiles.width(tile);
-        k.transpose(x_v + first * n_in, n_in, xt_v + first * n_in, width, width, 0, n_in,
+        // The tile at column `first` of x^T (untiled) or at row `first` (tiled).
+        float* xt_tile = xt_v + (saving ? first : first * n_in);
+        k.transpose(x_v + first * n_in, n_in, xt_tile, saving ? batch : width, width, 0, n_in,
                     false);
         spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
-                         w + slice_offset(vs, t.slice), nullptr, xt_v + first * n_in, n_in,
-                         width, y_v + first * pat.rows, pat.rows, 0, pat.rows, stream_y);
+                         w + slice_offset(vs, t.slice), nullptr, xt_tile, n_in, width,
+                         y_v + first * pat.rows, pat.rows, 0, pat.rows, stream_y, nullptr,
+                         nullptr, xt_ld);
       }
       return ffi::Error::Success();
     };
     return run_phases(pool, parts, {std::move(products)});
   }
   std::vector<Phase> phases;
-  phases.push_back(transpose_phase(k, x.typed_data(), xs, xt.get(), xs.count, parts));
+  phases.push_back(transpose_phase(k, x.typed_data(), xs, xt, xt_count, parts, saving));
   Phase products;
   for (int64_t v = 0; v < total; ++v)
     split_rows(pat.row_ptr(v), pat.rows, v, parts, &products.tasks);
-  products.fn = [=, &k](const Task& t) -> ffi::Error {
+  products.fn = [=, keep = scratch_xt, &k](const Task& t) -> ffi::Error {
     int64_t lo, hi;
     ffi::Error error = check_task_indices(pat, t, op, "pattern", &lo, &hi);
     if (error.failure()) return error;
     spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), w + slice_offset(vs, t.slice),
-                     nullptr, xt.get() + slice_offset(xs, t.slice), n_in, batch,
-                     out + t.slice * ys.slice(), pat.rows, t.begin, t.end, stream_y);
+                     nullptr, xt + (xt_count == 1 ? 0 : t.slice) * n_in * batch, n_in, batch,
+                     out + t.slice * ys.slice(), pat.rows, t.begin, t.end, stream_y, nullptr,
+                     nullptr, xt_ld);
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));
   return run_phases(pool, parts, std::move(phases));
 }
 
+ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                          ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y) {
+  return linear_forward(pool, x, values, indptr, indices, y, nullptr);
+}
+
+ffi::Future LinearForwardAndXt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                               ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
+                               ffi::ResultBuffer<ffi::F32> xt) {
+  return linear_forward(pool, x, values, indptr, indices, y, &xt);
+}
+
 // What one backward call computes; the handlers below fill the parts they
 // have. The input gradient needs the values and the transposed pattern, the
-// weight gradient x and the pattern.
+// weight gradient x^T (batch-tiled, as the forward returns it) and the pattern.
 struct Backward {
-  ffi::Buffer<ffi::F32>* x = nullptr;
+  ffi::Buffer<ffi::F32>* xt = nullptr;
   ffi::Buffer<ffi::F32>* values = nullptr;
   ffi::Buffer<ffi::S32>* indptr = nullptr;
   ffi::Buffer<ffi::S32>* indices = nullptr;
@@ -259,10 +317,10 @@ struct Backward {
 // so the input gradient reads them in sequence tile after tile.
 // With both gradients, and where the kernels' path gains by it
 // (one_pass_backward), one pass over W by columns computes both
-// (spmm_batch_major with x): the weight gradient's sums come out in the
+// (spmm_batch_major with x^T): the weight gradient's sums come out in the
 // transposed pattern's order, which each task scatters into dvalues through
 // the permutation at the end. Otherwise the weight gradient runs over W by
-// rows on x^T, transposed in the first phase.
+// rows.
 ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, const Backward& b,
                             const char* op) {
   Stack dys;
@@ -282,11 +340,11 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
     if (b.dx != nullptr)
       SPARSEPROP_RETURN_IF_ERROR(check_size(ds.count, total, op, "dvalues output stack"));
     total = ds.count;
-    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.x->dimensions(), 2, total, op, "x", &xs));
-    SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[0], batch, op, "x batch size"));
+    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.xt->dimensions(), 2, total, op, "x^T", &xs));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], batch, op, "x^T batch size"));
     if (b.dx != nullptr)
-      SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], n_in, op, "x features"));
-    n_in = xs.dims[1];
+      SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[0], n_in, op, "x^T features"));
+    n_in = xs.dims[0];
   }
   SPARSEPROP_RETURN_IF_ERROR(check_stack_count(dys, total, op, "dy"));
   Pattern pat, tpat;
@@ -312,30 +370,44 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   const KernelTable& k = active_kernels();
   const bool want_dx = b.dx != nullptr, want_dw = b.dvalues != nullptr;
   const int64_t nnz = want_dx ? tpat.nnz : pat.nnz;
-  // dy^T in; dx out; x^T in.
-  const int64_t moved = n_out + (want_dx ? n_in : 0) + (want_dw ? n_in : 0);
+  // dy^T in; dx out.
+  const int64_t moved = n_out + (want_dx ? n_in : 0);
   const int parts = parallel_parts(
       pool, total * batch * ((want_dx + want_dw) * nnz + kFlopsPerMovedFloat * moved));
 
-  // Phase 1: the layout work. dy^T (and x^T) have one slice per slice of dy
-  // (of x); the gathered values one per slice of the values or permutation.
+  // Phase 1: the layout work. dy^T has one slice per slice of dy; the
+  // gathered values one per slice of the values or permutation.
   std::vector<Phase> layout;
   auto dyt = scratch<float>(dys.count * n_out * batch);
   layout.push_back(transpose_phase(k, dy.typed_data(), dys, dyt.get(), dys.count, parts));
-  std::shared_ptr<float[]> xt, gathered, sums;
+  std::shared_ptr<float[]> gathered, sums, xt_tiles;
   const bool one_pass = want_dx && want_dw && k.one_pass_backward;
-  if (one_pass) {
-    sums = scratch<float>(total * nnz);
-  } else if (want_dw) {
-    xt = scratch<float>(xs.count * n_in * batch);
-    layout.push_back(transpose_phase(k, b.x->typed_data(), xs, xt.get(), xs.count, parts));
+  if (one_pass) sums = scratch<float>(total * nnz);
+  // The weight gradient over W by rows reads x^T tile by tile: with several
+  // tiles, copied into the tiled layout.
+  const BatchTiles tiles{batch};
+  const float* xt = want_dw ? b.xt->typed_data() : nullptr;
+  if (want_dw && !one_pass && tiles.count() > 1) {
+    xt_tiles = scratch<float>(xs.count * xs.slice());
+    Phase copies;
+    for (int64_t v = 0; v < xs.count; ++v) split_even(n_in, v, 0, parts, &copies.tasks);
+    copies.fn = [=, to = xt_tiles.get()](const Task& t) {
+      for (int64_t tile = 0; tile < tiles.count(); ++tile) {
+        const int64_t first = tiles.first(tile), width = tiles.width(tile);
+        copy_rows(xt + t.slice * xs.slice() + t.begin * batch + first, batch,
+                  to + t.slice * xs.slice() + first * n_in + t.begin * width, width,
+                  t.end - t.begin, width);
+      }
+      return ffi::Error::Success();
+    };
+    layout.push_back(std::move(copies));
   }
   // With several tiles, the values are gathered into the transposed
   // pattern's order once, here, rather than once per tile; with one, a block
   // at a time in the products (a gathered copy of them all costs a write and
   // a read of nnz floats through memory, which only pays where it saves the
   // gathers of the later tiles).
-  const bool gather_first = want_dx && BatchTiles{batch}.count() > 1;
+  const bool gather_first = want_dx && tiles.count() > 1;
   const int64_t gathered_slices = std::max(vs.count, ps.count);
   const float* w = want_dx ? b.values->typed_data() : nullptr;
   const int32_t* perm = want_dx ? b.t_perm->typed_data() : nullptr;
@@ -361,7 +433,6 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   // weight-gradient tasks over the rows of the pattern.
   std::vector<Phase> products;
   const int64_t dx_slice = dxs.slice(), dw_slice = ds.slice();
-  const float* x = want_dw ? b.x->typed_data() : nullptr;
   float* dw = want_dw ? (*b.dvalues)->typed_data() : nullptr;
   if (want_dx) {
     Phase igrad;
@@ -391,7 +462,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
       spmm_batch_major(k, tpat.row_ptr(t.slice), tpat.col_idx(t.slice), vals, perm_v,
                        dyt.get() + slice_offset(dys, t.slice), n_out, batch,
                        dx + t.slice * dx_slice, n_in, t.begin, t.end, stream_dx,
-                       one_pass ? x + slice_offset(xs, t.slice) : nullptr, sums_v);
+                       one_pass ? xt + slice_offset(xs, t.slice) : nullptr, sums_v);
       if (one_pass) {  // the permutation was checked above or in the gather
         const int32_t* to = perm + slice_offset(ps, t.slice);
         float* dw_v = dw + t.slice * dw_slice;
@@ -411,7 +482,8 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
       if (error.failure()) return error;
       weight_gradient(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
                       dyt.get() + slice_offset(dys, t.slice), n_out,
-                      xt.get() + slice_offset(xs, t.slice), n_in, batch, per_tile,
+                      (xt_tiles ? xt_tiles.get() : xt) + slice_offset(xs, t.slice), n_in,
+                      batch, per_tile,
                       dw + t.slice * dw_slice, t.begin, t.end);
       return ffi::Error::Success();
     };
@@ -437,10 +509,10 @@ ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
 }
 
 ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                             ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> indptr,
+                             ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::S32> indptr,
                              ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> dvalues) {
   Backward b;
-  b.x = &x;
+  b.xt = &xt;
   b.indptr = &indptr;
   b.indices = &indices;
   b.dvalues = &dvalues;
@@ -448,12 +520,12 @@ ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
 }
 
 ffi::Future LinearBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                           ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> values,
+                           ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> values,
                            ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
                            ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
                            ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<ffi::F32> dx,
                            ffi::ResultBuffer<ffi::F32> dvalues) {
-  Backward b{&x, &values, &indptr, &indices, &t_indptr, &t_indices, &t_perm, &dx, &dvalues};
+  Backward b{&xt, &values, &indptr, &indices, &t_indptr, &t_indices, &t_perm, &dx, &dvalues};
   return linear_backward(pool, dy, b, "sparse_linear backward");
 }
 
@@ -461,6 +533,11 @@ ffi::Future LinearBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForward, LinearForward,
                               (bind_operands<2, 2>())
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForwardAndXt, LinearForwardAndXt,
+                              (bind_operands<2, 2>())
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearInputGrad, LinearInputGrad,

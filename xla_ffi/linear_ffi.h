@@ -5,6 +5,7 @@
 
 namespace sparseprop {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearForward);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearForwardAndXt);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearBackward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearInputGrad);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearWeightGrad);

@@ -27,6 +27,7 @@ NB_MODULE(_sparseprop_jax_ffi, m) {
   m.def("registrations", []() {
     nb::dict targets;
     targets["sparseprop_linear_forward"] = capsule(sparseprop::kLinearForward);
+    targets["sparseprop_linear_forward_and_xt"] = capsule(sparseprop::kLinearForwardAndXt);
     targets["sparseprop_linear_backward"] = capsule(sparseprop::kLinearBackward);
     targets["sparseprop_linear_input_grad"] = capsule(sparseprop::kLinearInputGrad);
     targets["sparseprop_linear_weight_grad"] = capsule(sparseprop::kLinearWeightGrad);

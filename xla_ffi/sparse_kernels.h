@@ -78,8 +78,8 @@ struct KernelTable {
   //   at a time, with accumulate for the tiles after the first, it reads
   //   `in` from one tile at a time.)
   void (*spmm_indexed)(const int32_t* indptr, const int32_t* indices, const float* values,
-                       const float* in, float* out, int64_t ld_row, int64_t length,
-                       int64_t row_begin, int64_t row_end);
+                       const float* in, int64_t ld_in, float* out, int64_t ld_row,
+                       int64_t length, int64_t row_begin, int64_t row_end);
   void (*sddmm_indexed)(const int32_t* indptr, const int32_t* indices, const float* rows,
                         int64_t n_rows, const float* in, int64_t n_in, float* out_values,
                         int64_t batch, int64_t row_begin, int64_t row_end, bool accumulate);
@@ -88,14 +88,14 @@ struct KernelTable {
   // `length` batch columns, for the rows m in [row_begin, row_end) of the
   // transposed pattern (indptr/indices: W by columns, values in that order):
   //   dx[m * length + l] = sum_p values[p] * dy[indices[p] * length + l]
-  //   sums[p] (+)= sum_l dy[indices[p] * length + l] * x[m * length + l]
+  //   sums[p] (+)= sum_l dy[indices[p] * length + l] * x[m * ld_x + l]
   // with the sums in the transposed pattern's order, added to if
   // `accumulate` (the tiles after the first), else written. Each sum's order
   // depends only on its row and `length`.
   void (*spmm_sddmm_indexed)(const int32_t* indptr, const int32_t* indices,
-                             const float* values, const float* dy, const float* x, float* dx,
-                             float* sums, int64_t length, int64_t row_begin, int64_t row_end,
-                             bool accumulate);
+                             const float* values, const float* dy, const float* x,
+                             int64_t ld_x, float* dx, float* sums, int64_t length,
+                             int64_t row_begin, int64_t row_end, bool accumulate);
 
   // Out-of-place transpose of the columns [col_begin, col_end) of a
   // rows x cols matrix: dst[c * ld_dst + r] = src[r * ld_src + c]. `stream`
