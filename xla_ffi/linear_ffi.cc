@@ -297,7 +297,7 @@ ffi::Future LinearForwardAndXt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // What one backward call computes; the handlers below fill the parts they
 // have. The input gradient needs the values and the transposed pattern, the
-// weight gradient x^T (batch-tiled, as the forward returns it) and the pattern.
+// weight gradient x^T ([in, batch], as the forward returns it) and the pattern.
 struct Backward {
   ffi::Buffer<ffi::F32>* xt = nullptr;
   ffi::Buffer<ffi::F32>* values = nullptr;
