@@ -213,16 +213,16 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
     if (ref_y.empty()) {
       ref_y = yt, ref_dx = dxt, ref_dv = dv;
     }
-    std::printf("  %-7s fwd %8.3f ms %6.1f GF/s (x^T untiled %8.3f ms) | igrad %8.3f ms %6.1f GF/s | wgrad %8.3f ms "
-                "%6.1f GF/s, per tile %8.3f ms %6.1f GF/s | both in one pass %8.3f ms "
-                "(%.2fx igrad + wgrad) | y^T->y %6.3f ms, back %6.3f ms%s | "
-                "max diff vs first path %.1e %.1e %.1e %.1e, one pass %.1e %.1e, untiled fwd "
-                "%.1e\n",
-                path.c_str(), fwd * 1e3, gflop / fwd, fwd_untiled * 1e3, igrad * 1e3, gflop / igrad, wgrad * 1e3,
-                gflop / wgrad, wgrad_tiles * 1e3, gflop / wgrad_tiles, fused * 1e3,
-                (igrad + std::min(wgrad, wgrad_tiles)) / fused, transpose * 1e3,
-                transpose_in * 1e3, transposed ? "" : " WRONG", max_abs_diff(yt, ref_y),
-                max_abs_diff(dxt, ref_dx), max_abs_diff(dv, ref_dv),
+    std::printf("  %-7s fwd %8.3f ms %6.1f GF/s (x^T untiled %8.3f ms) | igrad %8.3f ms "
+                "%6.1f GF/s | wgrad %8.3f ms %6.1f GF/s, per tile %8.3f ms %6.1f GF/s | "
+                "both in one pass %8.3f ms (%.2fx igrad + wgrad) | y^T->y %6.3f ms, "
+                "back %6.3f ms%s | max diff vs first path %.1e %.1e %.1e %.1e, one pass "
+                "%.1e %.1e, untiled fwd %.1e\n",
+                path.c_str(), fwd * 1e3, gflop / fwd, fwd_untiled * 1e3, igrad * 1e3,
+                gflop / igrad, wgrad * 1e3, gflop / wgrad, wgrad_tiles * 1e3,
+                gflop / wgrad_tiles, fused * 1e3, (igrad + std::min(wgrad, wgrad_tiles)) / fused,
+                transpose * 1e3, transpose_in * 1e3, transposed ? "" : " WRONG",
+                max_abs_diff(yt, ref_y), max_abs_diff(dxt, ref_dx), max_abs_diff(dv, ref_dv),
                 max_abs_diff(dv_tiles, ref_dv), max_abs_diff(dxt_fused, ref_dx),
                 max_abs_diff(dv_fused, ref_dv), max_abs_diff(yt_untiled, yt));
   }

@@ -143,6 +143,18 @@ void copy_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
     std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
 }
 
+// Where tile t of a transposed operand with `features` rows starts, and how
+// far apart its rows are: in the batch-tiled layout at row first(t) *
+// features, rows width(t) apart; untiled ([features, batch], x^T as the
+// forward saves it) at column first(t), rows batch apart.
+struct TileAt {
+  int64_t offset, ld;
+};
+TileAt tile_at(const BatchTiles& tiles, int64_t t, int64_t features, bool untiled) {
+  if (untiled) return {tiles.first(t), tiles.batch};
+  return {tiles.first(t) * features, tiles.width(t)};
+}
+
 // Tasks transposing each of `count` slices of a batch x features matrix at
 // `src` into the batch-tiled layout at `dst` (or, `untiled`, into [features,
 // batch]), split over the features.
@@ -157,13 +169,9 @@ Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_s
     const float* src_v = src + slice_offset(src_stack, t.slice);
     float* dst_v = dst + t.slice * batch * features;
     for (int64_t tile = 0; tile < tiles.count(); ++tile) {
-      const int64_t width = tiles.width(tile), first = tiles.first(tile) * features;
-      if (untiled)
-        k.transpose(src_v + first, features, dst_v + tiles.first(tile), batch, width, t.begin,
-                    t.end, stream);
-      else
-        k.transpose(src_v + first, features, dst_v + first, width, width, t.begin, t.end,
-                    stream);
+      const TileAt to = tile_at(tiles, tile, features, untiled);
+      k.transpose(src_v + tiles.first(tile) * features, features, dst_v + to.offset, to.ld,
+                  tiles.width(tile), t.begin, t.end, stream);
     }
     return ffi::Error::Success();
   };
@@ -224,6 +232,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (!saving) scratch_xt = scratch<float>(xs.count * n_in * batch);
   float* xt = saving ? (*xt_result)->typed_data() : scratch_xt.get();
   const int64_t xt_ld = saving ? batch : 0;  // spmm_batch_major's in_ld: 0 for tiled
+  const auto xt_of = [=](int64_t v) { return xt + (xt_count == 1 ? 0 : v) * n_in * batch; };
   const float* w = values.typed_data();
   float* out = y->typed_data();
   const bool stream_y = streams_past_cache(total * ys.slice());
@@ -246,14 +255,13 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           check_task_indices(pat, Task{t.slice, 0, pat.rows}, op, "pattern", &lo, &hi);
       if (error.failure()) return error;
       const float* x_v = x_data + slice_offset(xs, t.slice);
-      float* xt_v = xt + t.slice * n_in * batch;
+      float* xt_v = xt_of(t.slice);
       float* y_v = out + t.slice * ys.slice();
       for (int64_t tile = t.begin; tile < t.end; ++tile) {
         const int64_t first = tiles.first(tile), width = tiles.width(tile);
-        // The tile at column `first` of x^T (untiled) or at row `first` (tiled).
-        float* xt_tile = xt_v + (saving ? first : first * n_in);
-        k.transpose(x_v + first * n_in, n_in, xt_tile, saving ? batch : width, width, 0, n_in,
-                    false);
+        const TileAt at = tile_at(tiles, tile, n_in, saving);
+        float* xt_tile = xt_v + at.offset;
+        k.transpose(x_v + first * n_in, n_in, xt_tile, at.ld, width, 0, n_in, false);
         spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
                          w + slice_offset(vs, t.slice), nullptr, xt_tile, n_in, width,
                          y_v + first * pat.rows, pat.rows, 0, pat.rows, stream_y, nullptr,
@@ -273,7 +281,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     ffi::Error error = check_task_indices(pat, t, op, "pattern", &lo, &hi);
     if (error.failure()) return error;
     spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), w + slice_offset(vs, t.slice),
-                     nullptr, xt + (xt_count == 1 ? 0 : t.slice) * n_in * batch, n_in, batch,
+                     nullptr, xt_of(t.slice), n_in, batch,
                      out + t.slice * ys.slice(), pat.rows, t.begin, t.end, stream_y, nullptr,
                      nullptr, xt_ld);
     return ffi::Error::Success();
@@ -391,12 +399,13 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
     xt_tiles = scratch<float>(xs.count * xs.slice());
     Phase copies;
     for (int64_t v = 0; v < xs.count; ++v) split_even(n_in, v, 0, parts, &copies.tasks);
-    copies.fn = [=, to = xt_tiles.get()](const Task& t) {
+    copies.fn = [=, tiled = xt_tiles.get()](const Task& t) {
       for (int64_t tile = 0; tile < tiles.count(); ++tile) {
-        const int64_t first = tiles.first(tile), width = tiles.width(tile);
-        copy_rows(xt + t.slice * xs.slice() + t.begin * batch + first, batch,
-                  to + t.slice * xs.slice() + first * n_in + t.begin * width, width,
-                  t.end - t.begin, width);
+        const TileAt from = tile_at(tiles, tile, n_in, /*untiled=*/true);
+        const TileAt to = tile_at(tiles, tile, n_in, /*untiled=*/false);
+        copy_rows(xt + t.slice * xs.slice() + from.offset + t.begin * from.ld, from.ld,
+                  tiled + t.slice * xs.slice() + to.offset + t.begin * to.ld, to.ld,
+                  t.end - t.begin, tiles.width(tile));
       }
       return ffi::Error::Success();
     };

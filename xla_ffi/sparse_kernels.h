@@ -69,8 +69,9 @@ struct KernelTable {
   // The linear layer's forms, over operands transposed so that the batch is
   // minor and cut into tiles (kBatchTile):
   //   spmm_indexed, on one tile of `length` columns, where entry p's run
-  //   starts at indices[p] * length (no offset table needed):
-  //     out[r * ld_row + l] = sum_p values[p] * in[indices[p] * length + l];
+  //   starts at indices[p] * ld_in (no offset table needed; ld_in is
+  //   `length` in a tile, the whole batch in the untiled x^T):
+  //     out[r * ld_row + l] = sum_p values[p] * in[indices[p] * ld_in + l];
   //   sddmm_indexed, on tiled operands of `batch` columns, `rows` with
   //   n_rows rows and `in` with n_in rows:
   //     out_values[p] (+)= sum_b rows[r, b] * in[indices[p], b],
