@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 import sparseprop_jax as sp
+
+
+@contextlib.contextmanager
+def tasks_per_call(n: int):
+    """Runs the body with every kernel call split into `n` tasks (`sp.set_tasks_per_call`).
+
+    Block on the body's results inside it: dispatch is asynchronous, and a
+    call still queued when the body ends runs with the setting restored.
+    """
+    previous = sp.tasks_per_call()
+    sp.set_tasks_per_call(n)
+    try:
+        yield
+    finally:
+        sp.set_tasks_per_call(previous)
 
 
 def random_kernel(rng: np.random.Generator, n_in: int, n_out: int, sparsity: float) -> np.ndarray:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import sparseprop_jax as sp
-from conftest import random_kernel
+from conftest import random_kernel, tasks_per_call
+from sparseprop_jax import _ffi
 
 
 @pytest.fixture
@@ -140,8 +141,6 @@ def test_cpp_handlers_reject_corrupt_patterns(weight, case, message):
 def test_cpp_handlers_check_the_saved_xt_layout(weight):
     # x^T, which the forward saves for the backward, is [in, batch]: the
     # handlers reject it, as a result or an operand, in any other shape.
-    from sparseprop_jax import _ffi
-
     p = weight.pattern
     x = jnp.ones((4, 8))
     with pytest.raises(Exception, match="x\\^T output features"):
@@ -154,12 +153,10 @@ def test_cpp_handlers_check_the_saved_xt_layout(weight):
             p.indptr, p.indices, p.t_indptr, p.t_indices, p.t_perm))
     # Over three batch tiles, split by tiles (1 task) and by rows (3 tasks).
     x = np.random.default_rng(0).standard_normal((150, 8)).astype(np.float32)
-    try:
-        for tasks in (1, 3):
-            sp.set_tasks_per_call(tasks)
-            y, xt = _ffi.call(_ffi.LINEAR_FORWARD_AND_XT, ((150, 5), (8, 150)), x,
-                              weight.values, p.indptr, p.indices)
-            np.testing.assert_array_equal(xt, x.T)
-            np.testing.assert_array_equal(y, sp.sparse_linear(x, weight))
-    finally:
-        sp.set_tasks_per_call(0)
+    for tasks in (1, 3):
+        with tasks_per_call(tasks):
+            y, xt = jax.block_until_ready(_ffi.call(
+                _ffi.LINEAR_FORWARD_AND_XT, ((150, 5), (8, 150)), x, weight.values, p.indptr,
+                p.indices))
+        np.testing.assert_array_equal(xt, x.T)
+        np.testing.assert_array_equal(y, sp.sparse_linear(x, weight))

@@ -11,7 +11,7 @@ import pytest
 from jax import lax
 
 import sparseprop_jax as sp
-from conftest import assert_close, random_kernel
+from conftest import assert_close, random_kernel, tasks_per_call
 
 VARIANTS = ["batch", "width", "auto"]
 
@@ -115,11 +115,8 @@ def test_weight_gradient_is_deterministic(rng):
             x, weight.with_values(v), strides=2, kernel=variant))), argnums=(0, 1)))
         first = step(x, weight.values)
         for tasks in (0, 0, 3):
-            sp.set_tasks_per_call(tasks)
-            try:
+            with tasks_per_call(tasks):
                 again = jax.block_until_ready(step(x, weight.values))  # before the reset
-            finally:
-                sp.set_tasks_per_call(0)
             for a, b in zip(first, again):
                 np.testing.assert_array_equal(a, b)
 

@@ -9,7 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import sparseprop_jax as sp
-from conftest import assert_close, dense_reference, random_kernel
+from conftest import assert_close, dense_reference, random_kernel, tasks_per_call
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (33, 33), (4096, 7), (7, 4096)]
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
@@ -153,7 +153,7 @@ def test_vmap_over_values(rng):
 @pytest.mark.parametrize("tasks", [2, 3])  # the forward split by tiles, and by rows
 def test_vmap_over_values_with_shared_x_over_tiles(tasks, simd_path, rng):
     # One x for every slice of the values, three batch tiles: each slice's
-    # saved x^T is copied from the same tiles of x.
+    # saved x^T is transposed from the same x.
     weight = sp.SparseWeight.from_dense(random_kernel(rng, 90, 40, 0.8))
     stacked = np.stack([np.asarray(weight.values) * s for s in (1.0, -2.0)])
     x = rng.standard_normal((150, 90)).astype(np.float32)
@@ -161,11 +161,9 @@ def test_vmap_over_values_with_shared_x_over_tiles(tasks, simd_path, rng):
     def loss(v, x):
         return jnp.sum(jnp.sin(sp.sparse_linear(x, weight.with_values(v))))
 
-    try:
-        sp.set_tasks_per_call(tasks)
-        got = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None)))(stacked, x)
-    finally:
-        sp.set_tasks_per_call(0)
+    with tasks_per_call(tasks):
+        got = jax.block_until_ready(
+            jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None)))(stacked, x))
     for v, dv, dx in zip(stacked, *got):
         kernel = np.asarray(weight.with_values(v).to_dense())
         dy = np.cos(x @ kernel)
@@ -183,13 +181,10 @@ def test_results_do_not_depend_on_task_split(sparsity, rng):
     step = jax.jit(jax.grad(lambda x, v: jnp.sum(jnp.sin(
         sp.sparse_linear(x, weight.with_values(v)))), argnums=(0, 1)))
     reference = step(x, weight.values)
-    try:
-        for tasks in (1, 2, 3, 7, 64):
-            sp.set_tasks_per_call(tasks)
+    for tasks in (1, 2, 3, 7, 64):
+        with tasks_per_call(tasks):
             for got, want in zip(step(x, weight.values), reference):
                 np.testing.assert_array_equal(got, want)
-    finally:
-        sp.set_tasks_per_call(0)
 
 
 def test_vmapped_forward_split_by_tiles(rng):
@@ -197,11 +192,8 @@ def test_vmapped_forward_split_by_tiles(rng):
     kernel = random_kernel(rng, 300, 200, 0.9)
     weight = sp.SparseWeight.from_dense(kernel)
     xs = rng.standard_normal((3, 150, 300)).astype(np.float32)
-    try:
-        sp.set_tasks_per_call(2)
-        ys = jax.vmap(lambda x: sp.sparse_linear(x, weight))(xs)
-    finally:
-        sp.set_tasks_per_call(0)
+    with tasks_per_call(2):
+        ys = jax.block_until_ready(jax.vmap(lambda x: sp.sparse_linear(x, weight))(xs))
     for x, y in zip(xs, ys):
         assert_close(y, x @ kernel, 300)
 
