@@ -33,6 +33,7 @@
 
 #include "ffi_common.h"
 #include "linear_ffi.h"
+#include "permute.h"
 #include "simd_dispatch.h"
 
 namespace sparseprop {
@@ -91,7 +92,7 @@ void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int32_t
         const int32_t lo = indptr[r0];
         for (int64_t i = 0; i <= n; ++i) block_ptr[i] = indptr[r0 + i] - lo;
         block_vals.resize(std::max<int32_t>(1, block_ptr[n]));
-        for (int32_t p = 0; p < block_ptr[n]; ++p) block_vals[p] = vals[perm[lo + p]];
+        gather(vals, perm + lo, 0, block_ptr[n], block_vals.data());
         product(block_ptr.data(), idx + lo, block_vals.data(),
                 sums != nullptr ? sums + lo : nullptr);
       }
@@ -422,19 +423,19 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   const int32_t* perm = want_dx ? b.t_perm->typed_data() : nullptr;
   if (gather_first) {
     gathered = scratch<float>(gathered_slices * nnz);
-    Phase gather;
-    for (int64_t v = 0; v < gathered_slices; ++v) split_even(nnz, v, 0, parts, &gather.tasks);
-    gather.fn = [=](const Task& t) -> ffi::Error {
+    Phase gathering;
+    for (int64_t v = 0; v < gathered_slices; ++v) split_even(nnz, v, 0, parts, &gathering.tasks);
+    gathering.fn = [=](const Task& t) -> ffi::Error {
       const float* w_v = w + slice_offset(vs, t.slice);
       const int32_t* perm_v = perm + slice_offset(ps, t.slice);
       ffi::Error error = check_permutation(perm_v, t.begin, t.end, nnz, op,
                                            "transposed permutation");
       if (error.failure()) return error;
       float* out_v = gathered.get() + t.slice * nnz;
-      for (int64_t p = t.begin; p < t.end; ++p) out_v[p] = w_v[perm_v[p]];
+      gather(w_v, perm_v, t.begin, t.end, out_v);
       return ffi::Error::Success();
     };
-    layout.push_back(std::move(gather));
+    layout.push_back(std::move(gathering));
   }
 
   // Phase 2: the input-gradient tasks over the rows of the transposed
@@ -473,9 +474,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
                        dx + t.slice * dx_slice, n_in, t.begin, t.end, stream_dx,
                        one_pass ? xt + slice_offset(xs, t.slice) : nullptr, sums_v);
       if (one_pass) {  // the permutation was checked above or in the gather
-        const int32_t* to = perm + slice_offset(ps, t.slice);
-        float* dw_v = dw + t.slice * dw_slice;
-        for (int64_t p = lo; p < hi; ++p) dw_v[to[p]] = sums_v[p];
+        scatter(sums_v, perm + slice_offset(ps, t.slice), lo, hi, dw + t.slice * dw_slice);
       }
       return ffi::Error::Success();
     };
