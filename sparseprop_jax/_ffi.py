@@ -61,14 +61,7 @@ SUM = "sum"
 Dim = Union[int, str, None]
 
 
-def _conv_batch_dim(attrs) -> int:
-    # The CONV_FORWARD/INPUT_GRAD/WEIGHT_GRAD layouts: variant 1 ("width", the one
-    # conv.py issues them for) has the batch first, (N, C, H, s, W); variant 0
-    # ("batch", which conv.py runs with the NHWC calls instead) has it last, (H, W, C, N).
-    return -1 if int(attrs.get("variant", 0)) == 0 else 0
-
-
-def _batch_dims(target: str, attrs) -> Optional[tuple[tuple[Dim, ...], tuple[Dim, ...]]]:
+def _batch_dims(target: str) -> Optional[tuple[tuple[Dim, ...], tuple[Dim, ...]]]:
     """(operand dims, result dims): each operand's and result's batch dim.
 
     None for a dim means the array does not depend on the batch (the weight
@@ -85,13 +78,13 @@ def _batch_dims(target: str, attrs) -> Optional[tuple[tuple[Dim, ...], tuple[Dim
         return (0,) + (None,) * 4, (0,)
     if target == LINEAR_WEIGHT_GRAD:  # dy[B, out], x^T[in, B], indptr, indices -> dvalues
         return (0, 1, None, None), (SUM,)
-    b = _conv_batch_dim(attrs)
+    # The width variant's layouts have the batch first: x (N, C, H, s, W), y (N, C, H, W).
     if target == CONV_FORWARD:  # x, values, indptr, indices -> y
-        return (b, None, None, None), (b,)
+        return (0, None, None, None), (0,)
     if target == CONV_INPUT_GRAD:  # padded dy, values, 3 pattern -> dx
-        return (b,) + (None,) * 4, (b,)
+        return (0,) + (None,) * 4, (0,)
     if target == CONV_WEIGHT_GRAD:  # dy, x, indptr, indices -> dvalues
-        return (b, b, None, None), (SUM,)
+        return (0, 0, None, None), (SUM,)
     if target == CONV_NHWC_FORWARD:  # x[N, H, W, C], values, indptr, indices -> y[N, ...]
         return (0, None, None, None), (0,)
     if target == CONV_NHWC_BACKWARD:  # x, dy (NHWC), values, 5 pattern -> dx[N, ...], dvalues
@@ -136,7 +129,7 @@ def call(target: str, shapes, *operands: jax.Array, **attrs):
     shapes = tuple(tuple(s) for s in shapes) if multiple else (tuple(shapes),)
     avals = [jax.typeof(op) for op in operands]
     varying = frozenset().union(*(a.mat.varying for a in avals))
-    dims = _batch_dims(target, attrs)
+    dims = _batch_dims(target)
     if varying:
         # Inside shard_map: the results vary over every manual axis an operand
         # varies over. Operands are made varying alike (jax needs them to match).

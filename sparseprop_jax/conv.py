@@ -37,7 +37,6 @@ Padding = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
 ConvPadding = Union[str, tuple[tuple[int, int], tuple[int, int]]]
 
 KERNELS = ("auto", "measure", "batch", "width")
-_VARIANT = {"batch": 0, "width": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +82,8 @@ class _Geometry:
 
     @property
     def attrs(self) -> dict[str, np.int64]:
-        return dict(variant=np.int64(_VARIANT[self.variant]), stride=np.int64(self.stride),
-                    kh=np.int64(self.kh), kw=np.int64(self.kw))
+        """Attributes of the width variant's calls, which take its own layouts."""
+        return dict(stride=np.int64(self.stride), kh=np.int64(self.kh), kw=np.int64(self.kw))
 
     @property
     def nhwc_attrs(self) -> dict[str, np.int64]:

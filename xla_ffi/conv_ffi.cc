@@ -3,19 +3,18 @@
 //
 // The pattern is that of the HWIO kernel flattened to (kh * kw * cin, cout):
 // one compressed row per output channel, entry index (ky * kw + kx) * cin + ci.
-// The kernels read the padded input in one of two layouts:
-//   batch-minor (vectorised over the batch, for small images):
-//     x (Hp, Wp, Cin, N)         y (Ho, Wo, Cout, N)
-//   width-minor (vectorised over the output width, for large images): the
-//   padded width is split into `stride` phases, so strided windows are runs:
+// sparse_conv2d's two variants run on two sets of handlers:
+//   width (vectorised over the output width, for large images):
+//   ConvForward, ConvWeightGrad and ConvInputGrad, on operands that Python
+//   lays out. The padded width is split into `stride` phases, so strided
+//   windows are runs:
 //     x (N, Cin, Hp, s, Wq)      y (N, Cout, Ho, Wo)
-// where x[.., s_phase, q] is padded column q * s + s_phase. Each nonzero then
-// reads one contiguous run per output position: the kernels' entry offsets.
-// For these handlers (ConvForward, ConvWeightGrad, ConvInputGrad), Python lays
-// the operands out; sparse_conv2d issues them for the width-minor variant only.
-// Its batch variant runs on the ConvNhwc* handlers (below), which take the
-// caller's NHWC arrays and lay them out themselves, in a third layout that
-// combines both: rows of (channel, width x batch) runs (RowRuns).
+//   where x[.., s_phase, q] is padded column q * s + s_phase. Each nonzero
+//   then reads one contiguous run per output position: the kernels' entry
+//   offsets.
+//   batch (vectorised over the batch): the ConvNhwc* handlers (below), which
+//   take the caller's NHWC arrays and lay them out themselves, in rows of
+//   (channel, width x batch) runs (RowRuns).
 //
 // The input gradient is split into s x s stride phases: the input positions
 // (j * s + a, i * s + b) receive only taps ky = a (mod s), kx = b (mod s), so
@@ -32,25 +31,21 @@
 namespace sparseprop {
 namespace {
 
-enum Variant : int64_t { kBatchMinor = 0, kWidthMinor = 1 };
-
 struct Geometry {
-  int64_t variant, stride, kh, kw;
+  int64_t stride, kh, kw;
 };
 
-// Sizes of the padded input x and output y in either layout; `wx` is Wp
-// (batch-minor) or Wq (width-minor).
+// Sizes of the padded input x and output y in the width variant's layout.
 struct Shapes {
-  int64_t n, cin, hp, wx, cout, ho, wo;
+  int64_t n, cin, hp, wq, cout, ho, wo;
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return a <= 0 ? 0 : (a + b - 1) / b; }
 
 ffi::Error check_geometry(const Geometry& g, const char* op) {
-  if ((g.variant != kBatchMinor && g.variant != kWidthMinor) || g.stride < 1 || g.kh < 1 ||
-      g.kw < 1)
+  if (g.stride < 1 || g.kh < 1 || g.kw < 1)
     return ffi::Error::InvalidArgument(std::string("sparseprop_jax ") + op +
-                                       ": bad attributes (variant 0 or 1, stride, kh, kw >= 1)");
+                                       ": bad attributes (stride, kh, kw >= 1)");
   return ffi::Error::Success();
 }
 
@@ -59,31 +54,23 @@ ffi::Error decode_shapes(const Geometry& g, ffi::Span<const int64_t> x_dims,
                          ffi::Span<const int64_t> y_dims, int64_t total, const char* op,
                          const char* x_name, const char* y_name, bool y_is_result, Stack* xs,
                          Stack* ys, Shapes* sh) {
-  const bool bm = g.variant == kBatchMinor;
   ffi::Error e = y_is_result ? decode_stack(y_dims, 4, op, y_name, ys)
                              : decode_operand(y_dims, 4, total, op, y_name, ys);
   if (e.failure()) return e;
-  e = decode_operand(x_dims, bm ? 4 : 5, y_is_result ? ys->count : total, op, x_name, xs);
+  e = decode_operand(x_dims, 5, y_is_result ? ys->count : total, op, x_name, xs);
   if (e.failure()) return e;
   const int64_t* x = xs->dims;
   const int64_t* y = ys->dims;
-  if (bm) {
-    *sh = {x[3], x[2], x[0], x[1], y[2], y[0], y[1]};
-    e = check_size(y[3], sh->n, op, "output batch size");
-  } else {
-    *sh = {x[0], x[1], x[2], x[4], y[1], y[2], y[3]};
-    e = check_size(y[0], sh->n, op, "output batch size");
-    if (e.success()) e = check_size(x[3], g.stride, op, "input stride phases");
-  }
+  *sh = {x[0], x[1], x[2], x[4], y[1], y[2], y[3]};
+  e = check_size(y[0], sh->n, op, "output batch size");
+  if (e.success()) e = check_size(x[3], g.stride, op, "input stride phases");
   return e;
 }
 
 // Every window of the forward pass lies inside the padded input.
 ffi::Error check_windows(const Geometry& g, const Shapes& sh, const char* op) {
   const bool rows_ok = sh.ho == 0 || (sh.ho - 1) * g.stride + g.kh <= sh.hp;
-  const bool cols_ok = sh.wo == 0 || (g.variant == kBatchMinor
-                                          ? (sh.wo - 1) * g.stride + g.kw <= sh.wx
-                                          : sh.wo - 1 + (g.kw - 1) / g.stride < sh.wx);
+  const bool cols_ok = sh.wo == 0 || sh.wo - 1 + (g.kw - 1) / g.stride < sh.wq;
   if (rows_ok && cols_ok) return ffi::Error::Success();
   return ffi::Error::InvalidArgument(std::string("sparseprop_jax ") + op +
                                      ": the output's windows do not fit in the padded input");
@@ -124,28 +111,16 @@ Tap tap_of(int32_t r, int64_t cin, int64_t kw) {
 
 WindowPlan window_plan(const Geometry& g, const Shapes& sh) {
   const int64_t s = g.stride, kw = g.kw, cin = sh.cin;
+  const int64_t wq = sh.wq, row = s * wq, plane = sh.hp * row;
   WindowPlan plan;
-  if (g.variant == kBatchMinor) {
-    const int64_t pixel = cin * sh.n, wp = sh.wx, n = sh.n;
-    plan.grid = {sh.ho, sh.wo, s * wp * pixel, s * pixel, sh.wo * sh.cout * n, sh.cout * n};
-    plan.ld_row = n;
-    plan.length = n;
-    plan.offset = [=](int32_t r) -> int64_t {
-      const Tap t = tap_of(r, cin, kw);
-      return (t.ky * wp + t.kx) * pixel + t.ci * n;
-    };
-    plan.block = block_positions(4 * g.kh * kw * pixel, 4 * g.kh * s * pixel, 4 * sh.cout * n);
-  } else {
-    const int64_t wq = sh.wx, row = s * wq, plane = sh.hp * row;
-    plan.grid = {sh.n, sh.ho, cin * plane, s * row, sh.cout * sh.ho * sh.wo, sh.wo};
-    plan.ld_row = sh.ho * sh.wo;
-    plan.length = sh.wo;
-    plan.offset = [=](int32_t r) -> int64_t {
-      const Tap t = tap_of(r, cin, kw);
-      return t.ci * plane + t.ky * row + (t.kx % s) * wq + t.kx / s;
-    };
-    plan.block = block_positions(4 * cin * g.kh * row, 4 * cin * s * row, 4 * sh.cout * sh.wo);
-  }
+  plan.grid = {sh.n, sh.ho, cin * plane, s * row, sh.cout * sh.ho * sh.wo, sh.wo};
+  plan.ld_row = sh.ho * sh.wo;
+  plan.length = sh.wo;
+  plan.offset = [=](int32_t r) -> int64_t {
+    const Tap t = tap_of(r, cin, kw);
+    return t.ci * plane + t.ky * row + (t.kx % s) * wq + t.kx / s;
+  };
+  plan.block = block_positions(4 * cin * g.kh * row, 4 * cin * s * row, 4 * sh.cout * sh.wo);
   return plan;
 }
 
@@ -170,9 +145,9 @@ void weight_gradient_blocks(const KernelTable& k, const int32_t* indptr, const i
 ffi::Future ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
                         ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
-                        int64_t variant, int64_t stride, int64_t kh, int64_t kw) {
+                        int64_t stride, int64_t kh, int64_t kw) {
   constexpr const char* op = "sparse_conv2d forward";
-  const Geometry g{variant, stride, kh, kw};
+  const Geometry g{stride, kh, kw};
   SPARSEPROP_RETURN_IF_ERROR(check_geometry(g, op));
   Stack xs, ys, vs;
   Shapes sh;
@@ -206,9 +181,9 @@ ffi::Future ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Future ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                            ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> indptr,
                            ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> dvalues,
-                           int64_t variant, int64_t stride, int64_t kh, int64_t kw) {
+                           int64_t stride, int64_t kh, int64_t kw) {
   constexpr const char* op = "sparse_conv2d weight gradient";
-  const Geometry g{variant, stride, kh, kw};
+  const Geometry g{stride, kh, kw};
   SPARSEPROP_RETURN_IF_ERROR(check_geometry(g, op));
   Stack ds, xs, ys;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(dvalues->dimensions(), 1, op, "output", &ds));
@@ -293,29 +268,26 @@ ffi::Error phase_matrices(const Pattern& pat, ffi::Buffer<ffi::F32> values, cons
 ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
                           ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
-                          ffi::ResultBuffer<ffi::F32> dx, int64_t variant, int64_t stride,
-                          int64_t kh, int64_t kw) {
+                          ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t kh,
+                          int64_t kw) {
   constexpr const char* op = "sparse_conv2d input gradient";
-  const Geometry g{variant, stride, kh, kw};
-  SPARSEPROP_RETURN_IF_ERROR(check_geometry(g, op));
-  const bool bm = variant == kBatchMinor;
+  SPARSEPROP_RETURN_IF_ERROR(check_geometry(Geometry{stride, kh, kw}, op));
   Stack dxs, dys, vs, ps;
   // dx has the padded input's layout; dyp is the output gradient padded by
   // (P, Q) = (ceil(kh / s) - 1, ceil(kw / s) - 1) on top and left and with
   // zeros below and right, in the output's layout.
-  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dx->dimensions(), bm ? 4 : 5, op, "output", &dxs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dx->dimensions(), 5, op, "output", &dxs));
   const int64_t total = dxs.count;
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(dyp.dimensions(), 4, total, op, "padded dy", &dys));
   const int64_t* xd = dxs.dims;
   const int64_t* yd = dys.dims;
   const int64_t s = stride;
-  const int64_t n = bm ? xd[3] : xd[0], cin = bm ? xd[2] : xd[1], hp = bm ? xd[0] : xd[2];
-  const int64_t wx = bm ? xd[1] : xd[4];
-  const int64_t cout = bm ? yd[2] : yd[1], hd = bm ? yd[0] : yd[2], wd = bm ? yd[1] : yd[3];
+  const int64_t n = xd[0], cin = xd[1], hp = xd[2], wq = xd[4];
+  const int64_t cout = yd[1], hd = yd[2], wd = yd[3];
   const int64_t P = ceil_div(kh, s) - 1, Q = ceil_div(kw, s) - 1;
-  SPARSEPROP_RETURN_IF_ERROR(check_size(bm ? yd[3] : yd[0], n, op, "padded dy batch size"));
-  if (!bm) SPARSEPROP_RETURN_IF_ERROR(check_size(xd[3], s, op, "output stride phases"));
-  if (hd < ceil_div(hp, s) + P || wd < (bm ? ceil_div(wx, s) : wx) + Q)
+  SPARSEPROP_RETURN_IF_ERROR(check_size(yd[0], n, op, "padded dy batch size"));
+  SPARSEPROP_RETURN_IF_ERROR(check_size(xd[3], s, op, "output stride phases"));
+  if (hd < ceil_div(hp, s) + P || wd < wq + Q)
     return failed(ffi::Error::InvalidArgument(std::string("sparseprop_jax ") + op +
                                               ": padded dy is too small for the input size"));
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
@@ -330,8 +302,7 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
 
   // Offset of output-gradient channel co at tap (t, u) of a phase.
   auto dy_offset = [=](int64_t t, int64_t u, int64_t co) -> int64_t {
-    return bm ? ((P - t) * wd + (Q - u)) * cout * n + co * n
-              : co * hd * wd + (P - t) * wd + (Q - u);
+    return co * hd * wd + (P - t) * wd + (Q - u);
   };
   std::shared_ptr<std::vector<PhaseMatrix>> phases;
   SPARSEPROP_RETURN_IF_ERROR(phase_matrices(pat, values, vs, t_perm, ps, s, kh, kw, cin, dy_offset,
@@ -344,17 +315,11 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
   for (int64_t a = 0; a < s; ++a)
     for (int64_t b = 0; b < s; ++b) {
       const int64_t ph = a * s + b;
-      if (bm) {
-        grids[ph] = {ceil_div(hp - a, s), ceil_div(wx - b, s), wd * cout * n, cout * n,
-                     s * wx * cin * n, s * cin * n};
-        origins[ph] = (a * wx + b) * cin * n;
-      } else {
-        grids[ph] = {n, ceil_div(hp - a, s), cout * hd * wd, wd, cin * hp * s * wx, s * s * wx};
-        origins[ph] = (a * s + b) * wx;
-      }
+      grids[ph] = {n, ceil_div(hp - a, s), cout * hd * wd, wd, cin * hp * s * wq, s * s * wq};
+      origins[ph] = (a * s + b) * wq;
       positions += grids[ph].size();
     }
-  const int64_t ld_row = bm ? n : hp * s * wx, length = bm ? n : wx;
+  const int64_t ld_row = hp * s * wq, length = wq;
   const int parts = parallel_parts(pool, total * positions * length * nnz / (s * s));
   std::vector<Task> tasks;
   for (int64_t v = 0; v < total; ++v)
@@ -682,10 +647,9 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 }  // namespace
 
-#define SPARSEPROP_CONV_ATTRS            \
-  .Attr<int64_t>("variant")              \
-      .Attr<int64_t>("stride")           \
-      .Attr<int64_t>("kh")               \
+#define SPARSEPROP_CONV_ATTRS \
+  .Attr<int64_t>("stride")    \
+      .Attr<int64_t>("kh")    \
       .Attr<int64_t>("kw")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvForward, ConvForward,
