@@ -191,7 +191,10 @@ def _git_commit() -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # The results folder is left out: the README's `| tee benchmarks/results/X.txt`
+        # rewrites a tracked file there before the run reads this.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":/", ":(top,exclude)benchmarks/results"],
                                cwd=here, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
