@@ -44,6 +44,18 @@ namespace {
 // when it is transposed.
 constexpr int64_t kRowsPerBlock = 16384 / kBatchTile;
 
+// Where tile t of a transposed operand with `features` rows starts, and how
+// far apart its rows are: in the batch-tiled layout (`untiled_ld` 0) at row
+// first(t) * features, rows width(t) apart; untiled ([features, batch] with
+// rows untiled_ld apart: x^T as the forward saves it) at column first(t).
+struct TileAt {
+  int64_t offset, ld;
+};
+TileAt tile_at(const BatchTiles& tiles, int64_t t, int64_t features, int64_t untiled_ld) {
+  if (untiled_ld != 0) return {tiles.first(t), untiled_ld};
+  return {tiles.first(t) * features, tiles.width(t)};
+}
+
 // out[b, r] = sum_p value(p) * in_t[idx[p], b] over the entries p of rows r
 // in [begin, end), written batch-major (row stride ld_out) through a
 // feature-major block buffer; `in_t` is tiled (BatchTiles) with `in_rows`
@@ -144,18 +156,6 @@ void copy_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
     std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
 }
 
-// Where tile t of a transposed operand with `features` rows starts, and how
-// far apart its rows are: in the batch-tiled layout at row first(t) *
-// features, rows width(t) apart; untiled ([features, batch], x^T as the
-// forward saves it) at column first(t), rows batch apart.
-struct TileAt {
-  int64_t offset, ld;
-};
-TileAt tile_at(const BatchTiles& tiles, int64_t t, int64_t features, bool untiled) {
-  if (untiled) return {tiles.first(t), tiles.batch};
-  return {tiles.first(t) * features, tiles.width(t)};
-}
-
 // Tasks transposing each of `count` slices of a batch x features matrix at
 // `src` into the batch-tiled layout at `dst` (or, `untiled`, into [features,
 // batch]), split over the features.
@@ -170,7 +170,7 @@ Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_s
     const float* src_v = src + slice_offset(src_stack, t.slice);
     float* dst_v = dst + t.slice * batch * features;
     for (int64_t tile = 0; tile < tiles.count(); ++tile) {
-      const TileAt to = tile_at(tiles, tile, features, untiled);
+      const TileAt to = tile_at(tiles, tile, features, untiled ? batch : 0);
       k.transpose(src_v + tiles.first(tile) * features, features, dst_v + to.offset, to.ld,
                   tiles.width(tile), t.begin, t.end, stream);
     }
@@ -260,7 +260,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       float* y_v = out + t.slice * ys.slice();
       for (int64_t tile = t.begin; tile < t.end; ++tile) {
         const int64_t first = tiles.first(tile), width = tiles.width(tile);
-        const TileAt at = tile_at(tiles, tile, n_in, saving);
+        const TileAt at = tile_at(tiles, tile, n_in, xt_ld);
         float* xt_tile = xt_v + at.offset;
         k.transpose(x_v + first * n_in, n_in, xt_tile, at.ld, width, 0, n_in, false);
         spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
@@ -402,8 +402,8 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
     for (int64_t v = 0; v < xs.count; ++v) split_even(n_in, v, 0, parts, &copies.tasks);
     copies.fn = [=, tiled = xt_tiles.get()](const Task& t) {
       for (int64_t tile = 0; tile < tiles.count(); ++tile) {
-        const TileAt from = tile_at(tiles, tile, n_in, /*untiled=*/true);
-        const TileAt to = tile_at(tiles, tile, n_in, /*untiled=*/false);
+        const TileAt from = tile_at(tiles, tile, n_in, /*untiled_ld=*/batch);
+        const TileAt to = tile_at(tiles, tile, n_in, /*untiled_ld=*/0);
         copy_rows(xt + t.slice * xs.slice() + from.offset + t.begin * from.ld, from.ld,
                   tiled + t.slice * xs.slice() + to.offset + t.begin * to.ld, to.ld,
                   t.end - t.begin, tiles.width(tile));
