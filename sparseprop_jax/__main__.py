@@ -1,4 +1,4 @@
-"""Demo: `python -m sparseprop_jax` trains a sparse and a dense MLP on digits.
+"""Demo: `sparseprop-jax-demo` (or `python -m sparseprop_jax`) trains a sparse and a dense MLP.
 
 Both models are 64 -> 256 -> 256 -> 10 MLPs trained with Adam on the same
 batches of scikit-learn's bundled 8x8 digits (no download); in the sparse one
@@ -101,7 +101,7 @@ def train(name: str, model: nnx.Module, data, epochs: int, seed: int) -> tuple[f
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, tuple[float, float]]:
     """Runs the demo; returns {model name: (test accuracy, ms per step)}."""
-    parser = argparse.ArgumentParser(prog="python -m sparseprop_jax", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sparseprop-jax-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     parser.add_argument("--sparsity", type=float, default=0.9,
@@ -133,5 +133,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, tuple[float, float]]
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `sparseprop-jax-demo` command: the demo on the command line's arguments.
+
+    A console script imports the installed package wherever it is run; `python
+    -m sparseprop_jax` from the source checkout's root would import the source
+    tree instead, which has no compiled extension.
+    """
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,15 +1,17 @@
-"""The `python -m sparseprop_jax` demo runs and reports both models."""
+"""The demo (`sparseprop-jax-demo`, `python -m sparseprop_jax`) runs and reports both models."""
 
 from __future__ import annotations
 
 import re
+import sys
+from importlib import metadata
 
 import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
-from sparseprop_jax.__main__ import main  # noqa: E402
+from sparseprop_jax.__main__ import cli, main  # noqa: E402
 
 
 def test_demo_prints_both_accuracies(capsys):
@@ -26,4 +28,14 @@ def test_demo_prints_both_accuracies(capsys):
 def test_demo_rejects_bad_sparsity(capsys):
     with pytest.raises(SystemExit):
         main(["--sparsity", "1.5"])
+    assert "--sparsity must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_demo_command_runs_the_demo_on_the_command_line(monkeypatch, capsys):
+    # The installed console script points at cli, which reads sys.argv.
+    (script,) = metadata.entry_points(group="console_scripts", name="sparseprop-jax-demo")
+    assert script.load() is cli
+    monkeypatch.setattr(sys, "argv", ["sparseprop-jax-demo", "--sparsity", "1.5"])
+    with pytest.raises(SystemExit):
+        cli()
     assert "--sparsity must be in [0, 1]" in capsys.readouterr().err
