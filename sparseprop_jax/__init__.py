@@ -5,6 +5,8 @@ O(batch x nnz), run by C++ kernels registered as XLA FFI custom calls.
 """
 
 from sparseprop_jax.kernels import (
+    cached_memory_bytes,
+    release_cached_memory,
     set_simd_path,
     set_tasks_per_call,
     tasks_per_call,
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SparseWeight",
     "SparsityPattern",
+    "cached_memory_bytes",
+    "release_cached_memory",
     "set_simd_path",
     "simd_path",
     "sparse_conv2d",

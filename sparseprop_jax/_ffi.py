@@ -74,15 +74,15 @@ def _batch_dims(target: str) -> Optional[tuple[tuple[Dim, ...], tuple[Dim, ...]]
         return (0, None, None, None), (0, 1)
     if target == LINEAR_BACKWARD:  # dy[B, out], x^T[in, B], values, 5 pattern -> dx, dvalues
         return (0, 1) + (None,) * 6, (0, SUM)
-    if target == LINEAR_INPUT_GRAD:  # dy[B, out], values, 3 pattern -> dx[B, in]
-        return (0,) + (None,) * 4, (0,)
+    if target == LINEAR_INPUT_GRAD:  # dy[B, out], values, 5 pattern -> dx[B, in]
+        return (0,) + (None,) * 6, (0,)
     if target == LINEAR_WEIGHT_GRAD:  # dy[B, out], x^T[in, B], indptr, indices -> dvalues
         return (0, 1, None, None), (SUM,)
     # The width variant's layouts have the batch first: x (N, C, H, s, W), y (N, C, H, W).
     if target == CONV_FORWARD:  # x, values, indptr, indices -> y
         return (0, None, None, None), (0,)
-    if target == CONV_INPUT_GRAD:  # padded dy, values, 3 pattern -> dx
-        return (0,) + (None,) * 4, (0,)
+    if target == CONV_INPUT_GRAD:  # padded dy, values, 5 pattern -> dx
+        return (0,) + (None,) * 6, (0,)
     if target == CONV_WEIGHT_GRAD:  # dy, x, indptr, indices -> dvalues
         return (0, 0, None, None), (SUM,)
     if target == CONV_NHWC_FORWARD:  # x[N, H, W, C], values, indptr, indices -> y[N, ...]

@@ -108,7 +108,8 @@ class _Geometry:
     def input_from_layout(self, xl: Array) -> Array:
         """Padded kernel layout -> NHWC, padding cropped."""
         (pt, _), (pl, _) = self.pads
-        xp = xl.transpose(0, 2, 4, 3, 1).reshape(self.n, self.hp, self.stride * self.wq, -1)
+        xp = xl.transpose(0, 2, 4, 3, 1).reshape(self.n, self.hp, self.stride * self.wq,
+                                                  self.kernel_shape[2])
         return xp[:, pt:pt + self.h, pl:pl + self.w, :]
 
     def output_shape(self) -> tuple[int, ...]:
@@ -159,7 +160,7 @@ def _conv_bwd(geometry, residuals, dy):
     dvalues = _ffi.call(_ffi.CONV_WEIGHT_GRAD, values.shape, dyl, xl, indptr, indices,
                         **geometry.attrs)
     dxl = _ffi.call(_ffi.CONV_INPUT_GRAD, xl.shape, geometry.padded_output_grad(dyl),
-                    values, t_indptr, t_indices, t_perm, **geometry.attrs)
+                    values, indptr, indices, t_indptr, t_indices, t_perm, **geometry.attrs)
     return geometry.input_from_layout(dxl), dvalues, None, None, None, None, None
 
 

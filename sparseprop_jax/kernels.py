@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+from sparseprop_jax._checks import is_int
 from sparseprop_jax._ffi import _ext
 
 
@@ -59,13 +60,43 @@ def tasks_per_call() -> int:
     return _ext.tasks_per_call()
 
 
+#: The most tasks a call may be split into (the extension counts them in a C int).
+MAX_TASKS_PER_CALL = 2**31 - 1
+
+
 def set_tasks_per_call(n: int) -> None:
     """Splits every kernel call into exactly `n` tasks on XLA's pool (0: automatic).
 
     `n=1` runs each call on one thread, which is how the benchmarks measure
     single-thread speed. Results do not depend on `n`. Like `set_simd_path`,
     it applies to the calls that run after it (dispatch is asynchronous).
+
+    Raises:
+      ValueError: `n` is not an int in [0, MAX_TASKS_PER_CALL].
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"set_tasks_per_call: n must be a non-negative int, got {n!r}")
-    _ext.set_tasks_per_call(n)
+    if not is_int(n) or not 0 <= n <= MAX_TASKS_PER_CALL:
+        raise ValueError(f"set_tasks_per_call: n must be an int in [0, {MAX_TASKS_PER_CALL}], "
+                         f"got {n!r}")
+    _ext.set_tasks_per_call(int(n))
+
+
+def cached_memory_bytes() -> int:
+    """Bytes of scratch memory the kernels keep between calls for reuse.
+
+    The kernels lay activations out in scratch buffers; freeing and mapping
+    them anew on every call would cost more than the sparse products. Kept
+    buffers are bounded (512 MiB at most, and a buffer no call has reused for
+    10 seconds is freed at the next call); `release_cached_memory` frees them
+    now.
+    """
+    return _ext.cached_scratch_bytes()
+
+
+def release_cached_memory() -> None:
+    """Frees the scratch memory the kernels keep for reuse (see `cached_memory_bytes`).
+
+    Buffers in use by a running call are freed when it ends. Later calls
+    allocate again, so this is for the end of a phase of work (after
+    training, before a long evaluation with other shapes), not for every step.
+    """
+    _ext.release_scratch()

@@ -56,8 +56,8 @@ def _linear_2d_bwd(shape, residuals, dy):
                                 dy, xt, values, indptr, indices, t_indptr, t_indices, t_perm)
         return (dx, dvalues) + none
     if values is not None:
-        dx = _ffi.call(_ffi.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, t_indptr, t_indices,
-                       t_perm)
+        dx = _ffi.call(_ffi.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, indptr, indices,
+                       t_indptr, t_indices, t_perm)
         return (dx, None) + none
     if xt is not None:
         dvalues = _ffi.call(_ffi.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, xt, indptr, indices)

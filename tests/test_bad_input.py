@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,81 @@ def test_cpp_handlers_check_the_saved_xt_layout(weight):
                 p.indices))
         np.testing.assert_array_equal(xt, x.T)
         np.testing.assert_array_equal(y, sp.sparse_linear(x, weight))
+
+
+# -- every corruption of a pattern leaf --------------------------------------------
+def _corruptions(pattern):
+    """(leaf name, SparseWeight pattern) for every in-range change of one entry of one leaf."""
+    bounds = {"indptr": pattern.nnz + 1, "indices": pattern.in_features,
+              "t_indptr": pattern.nnz + 1, "t_indices": pattern.out_features,
+              "t_perm": pattern.nnz}
+    for name in pattern.FIELDS:
+        leaf = np.asarray(getattr(pattern, name))
+        for i in range(leaf.size):
+            for value in range(bounds[name]):
+                if value == leaf[i]:
+                    continue
+                bad = leaf.copy()
+                bad[i] = value
+                fields = {f: getattr(pattern, f) for f in pattern.FIELDS}
+                fields[name] = jnp.asarray(bad)
+                yield name, sp.SparsityPattern(**fields, shape=pattern.shape)
+
+
+def _linear_reference(x, kernel):
+    return x @ kernel
+
+
+def _conv_reference(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
+
+
+LAYERS = {
+    # (op, dense reference, kernel shape, x shape); the linear layer at two
+    # batch sizes: one tile of the batch (values gathered per block), and
+    # several (gathered in a phase of their own).
+    "linear": (sp.sparse_linear, _linear_reference, (5, 4), (3, 5)),
+    "linear-tiles": (sp.sparse_linear, _linear_reference, (5, 4), (70, 5)),
+    "conv-batch": (functools.partial(sp.sparse_conv2d, kernel="batch"), _conv_reference,
+                   (2, 2, 2, 3), (2, 4, 4, 2)),
+    "conv-width": (functools.partial(sp.sparse_conv2d, kernel="width"), _conv_reference,
+                   (2, 2, 2, 3), (2, 4, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_every_corrupted_pattern_leaf_fails_or_matches_to_dense(layer, simd_path, rng):
+    # The pattern's arrays are pytree leaves that any tree map can change. For
+    # every in-range change of one entry of one leaf, each call (the forward
+    # alone, the gradient with respect to x, the values, or both) either
+    # raises or gives exactly what the corrupted weight's to_dense() gives.
+    op, reference, kernel_shape, x_shape = LAYERS[layer]
+    kernel = random_kernel(rng, int(np.prod(kernel_shape[:-1])), kernel_shape[-1], 0.5)
+    weight = sp.SparseWeight.from_dense(kernel.reshape(kernel_shape))
+    x = rng.standard_normal(x_shape).astype(np.float32)
+
+    def loss(x, values, pattern, dense):
+        w = sp.SparseWeight(values, pattern)
+        y = reference(x, w.to_dense()) if dense else op(x, w)
+        return jnp.sum(jnp.sin(y))
+
+    wrts = {"forward": None, "x": 0, "values": 1, "both": (0, 1)}
+    calls = {wrt: jax.jit(jax.value_and_grad(loss, argnums=a) if a is not None else loss,
+                          static_argnums=3) for wrt, a in wrts.items()}
+    counts = {"error": 0, "match": 0}
+    for name, pattern in _corruptions(weight.pattern):
+        for wrt, call in calls.items():
+            try:
+                got = jax.block_until_ready(call(x, weight.values, pattern, False))
+            except Exception as err:  # noqa: BLE001 - any clear error is what we want
+                assert "sparseprop_jax" in str(err), (name, wrt, err)
+                counts["error"] += 1
+                continue
+            want = call(x, weight.values, pattern, True)
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"{name} {wrt}")
+            counts["match"] += 1
+    assert counts["error"] > 0 and sum(counts.values()) > 100, counts
+

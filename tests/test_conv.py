@@ -233,3 +233,42 @@ def test_cpp_nhwc_handlers_check_shapes_and_attributes(conv_weight):
         jax.block_until_ready(backward((x.shape, conv_weight.values.shape), x, dy[:, :, :7],
                                        conv_weight.values, *(getattr(p, f) for f in p.FIELDS),
                                        **attrs))
+
+
+@pytest.mark.parametrize("variant", ["batch", "width"])
+def test_nested_vmap_with_operands_batched_at_different_levels(variant, rng):
+    kernel = _random_conv_kernel(rng, 3, 2, 3, 4, 0.5)
+    weight = sp.SparseWeight.from_dense(kernel)
+    xs = rng.standard_normal((2, 3, 6, 5, 3)).astype(np.float32)
+    stacked = np.stack([np.asarray(weight.values) * s for s in (1.0, -2.0, 0.5)])
+
+    def value_and_grads(x, values, op):
+        def loss(x, values):
+            w = weight.with_values(values)
+            y = (sp.sparse_conv2d(x, w, strides=2, kernel=variant) if op == "sparse"
+                 else _dense_conv(x, w.to_dense(), 2, "SAME"))
+            return jnp.sum(jnp.sin(y))
+        return jax.value_and_grad(loss, argnums=(0, 1))(x, values)
+
+    def nested(op):
+        return jax.jit(jax.vmap(jax.vmap(functools.partial(value_and_grads, op=op),
+                                         in_axes=(None, 0)), in_axes=(0, None)))
+
+    got = jax.block_until_ready(nested("sparse")(xs, stacked))
+    want = nested("dense")(xs, stacked)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == w.shape
+        assert_close(g, w, 3 * 2 * 4 * 30)
+
+
+@pytest.mark.parametrize("variant", ["batch", "width"])
+def test_empty_batch(variant, conv_weight):
+    x = np.zeros((0, 5, 5, 4), np.float32)
+    assert sp.sparse_conv2d(x, conv_weight, kernel=variant).shape == (0, 5, 5, 5)
+
+    def loss(x, values):
+        return jnp.sum(sp.sparse_conv2d(x, conv_weight.with_values(values), kernel=variant))
+
+    dx, dvalues = jax.grad(loss, argnums=(0, 1))(x, conv_weight.values)
+    assert dx.shape == x.shape
+    np.testing.assert_array_equal(dvalues, np.zeros(conv_weight.nnz))

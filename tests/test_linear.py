@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +232,55 @@ def test_cotangent_of_unused_output_is_zero(rng):
     dx, dvalues = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, weight.values)
     np.testing.assert_array_equal(dx, np.ones_like(x))
     np.testing.assert_array_equal(dvalues, np.ones_like(weight.values))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nested_vmap_with_operands_batched_at_different_levels(jit, simd_path, rng):
+    # Per-example gradients of an ensemble: x batched by the outer vmap, the
+    # values by the inner one. The FFI call gets x as [2, 1, ...] and the
+    # values as [1, 3, ...], which broadcast like jnp operands to [2, 3, ...].
+    kernel = random_kernel(rng, 30, 20, 0.7)
+    weight = sp.SparseWeight.from_dense(kernel)
+    xs = rng.standard_normal((2, 70, 30)).astype(np.float32)  # two batch tiles each
+    stacked = np.stack([np.asarray(weight.values) * s for s in (1.0, -2.0, 0.5)])
+
+    def value_and_grads(x, values, op):
+        def loss(x, values):
+            w = weight.with_values(values)
+            y = sp.sparse_linear(x, w) if op == "sparse" else x @ w.to_dense()
+            return jnp.sum(jnp.sin(y))
+        return jax.value_and_grad(loss, argnums=(0, 1))(x, values)
+
+    def nested(op):
+        f = jax.vmap(jax.vmap(functools.partial(value_and_grads, op=op), in_axes=(None, 0)),
+                     in_axes=(0, None))
+        return jax.jit(f) if jit else f
+
+    got = jax.block_until_ready(nested("sparse")(xs, stacked))
+    want = nested("dense")(xs, stacked)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == w.shape
+        assert_close(g, w, 70)
+    # Three levels, with the middle one unbatched for both operands.
+    triple = jax.vmap(jax.vmap(jax.vmap(lambda x, v: sp.sparse_linear(x, weight.with_values(v)),
+                                        in_axes=(None, 0)), in_axes=(None, None), axis_size=2),
+                      in_axes=(0, None))
+    y = triple(xs[:, :5], stacked)
+    assert y.shape == (2, 2, 3, 5, 20)
+    for i in range(2):
+        for k in range(3):
+            assert_close(y[i, 1, k], xs[i, :5] @ np.asarray(weight.with_values(stacked[k])
+                                                            .to_dense()), 30)
+
+
+def test_stacks_that_do_not_broadcast_are_refused(rng):
+    # The handlers check the leading dims against the result's themselves.
+    from sparseprop_jax import _ffi
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 6, 4, 0.5))
+    p = weight.pattern
+    x = jnp.ones((2, 3, 5, 6))
+    values = jnp.ones((3, 2, weight.nnz))  # [3, 2] against the result's [2, 3]
+    with pytest.raises(Exception, match=r"values has leading \(vmap\) dims \[3, 2\], which do "
+                                        r"not broadcast to the result's \[2, 3\]"):
+        jax.block_until_ready(_ffi.call(_ffi.LINEAR_FORWARD, (2, 3, 5, 4), x, values, p.indptr,
+                                        p.indices))

@@ -48,3 +48,43 @@ def test_single_cpu_pool_matches_all_cpus(tmp_path):
         results[mode] = np.load(out)
     for key in ("y", "dx", "dv", "conv_b_dx", "conv_b_dv", "conv_w_dx", "conv_w_dv"):
         np.testing.assert_array_equal(results["one-cpu"][key], results["all-cpus"][key])
+
+
+def test_concurrent_calls_from_python_threads_give_the_same_results(rng):
+    # Several Python threads dispatch jitted sparse ops at once; each result
+    # must equal the one computed alone (the kernels' results do not depend
+    # on how calls interleave on XLA's pool).
+    import concurrent.futures
+
+    import jax
+    import jax.numpy as jnp
+
+    import sparseprop_jax as sp
+    from conftest import random_kernel
+
+    linear = sp.SparseWeight.from_dense(random_kernel(rng, 200, 150, 0.9))
+    conv = sp.SparseWeight.from_dense(random_kernel(rng, 3 * 3 * 8, 12, 0.8).reshape(3, 3, 8, 12))
+
+    @jax.jit
+    def step(x, cx, lv, cv):
+        def loss(x, cx, lv, cv):
+            return (jnp.sum(jnp.sin(sp.sparse_linear(x, linear.with_values(lv))))
+                    + jnp.sum(jnp.sin(sp.sparse_conv2d(cx, conv.with_values(cv), strides=2))))
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(x, cx, lv, cv)
+
+    inputs = [(rng.standard_normal((70, 200)).astype(np.float32),
+               rng.standard_normal((4, 9, 9, 8)).astype(np.float32),
+               np.asarray(linear.values) * (1 + k), np.asarray(conv.values) * (1 - k / 10))
+              for k in range(6)]
+    expected = [jax.block_until_ready(step(*args)) for args in inputs]
+
+    def worker(seed):
+        order = np.random.default_rng(seed).permutation(len(inputs) * 5) % len(inputs)
+        for k in order:
+            got = step(*inputs[k])
+            for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected[k])):
+                np.testing.assert_array_equal(g, e)
+        return len(order)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(worker, range(4))) == 4 * 5 * len(inputs)

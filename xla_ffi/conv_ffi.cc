@@ -26,6 +26,7 @@
 
 #include "conv_ffi.h"
 #include "ffi_common.h"
+#include "pattern.h"
 #include "simd_dispatch.h"
 
 namespace sparseprop {
@@ -49,15 +50,16 @@ ffi::Error check_geometry(const Geometry& g, const char* op) {
   return ffi::Error::Success();
 }
 
-// Reads the input-side (x or dx) and output-side (y or dy) shapes.
+// Reads the input-side (x or dx) and output-side (y or dy) shapes; y is the
+// call's result where `result` is null, else an operand stacked against it.
 ffi::Error decode_shapes(const Geometry& g, ffi::Span<const int64_t> x_dims,
-                         ffi::Span<const int64_t> y_dims, int64_t total, const char* op,
-                         const char* x_name, const char* y_name, bool y_is_result, Stack* xs,
-                         Stack* ys, Shapes* sh) {
-  ffi::Error e = y_is_result ? decode_stack(y_dims, 4, op, y_name, ys)
-                             : decode_operand(y_dims, 4, total, op, y_name, ys);
+                         ffi::Span<const int64_t> y_dims, const Stack* result, const char* op,
+                         const char* x_name, const char* y_name, Stack* xs, Stack* ys,
+                         Shapes* sh) {
+  ffi::Error e = result == nullptr ? decode_stack(y_dims, 4, op, y_name, ys)
+                                   : decode_operand(y_dims, 4, *result, op, y_name, ys);
   if (e.failure()) return e;
-  e = decode_operand(x_dims, 5, y_is_result ? ys->count : total, op, x_name, xs);
+  e = decode_operand(x_dims, 5, result == nullptr ? *ys : *result, op, x_name, xs);
   if (e.failure()) return e;
   const int64_t* x = xs->dims;
   const int64_t* y = ys->dims;
@@ -151,13 +153,13 @@ ffi::Future ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   SPARSEPROP_RETURN_IF_ERROR(check_geometry(g, op));
   Stack xs, ys, vs;
   Shapes sh;
-  SPARSEPROP_RETURN_IF_ERROR(decode_shapes(g, x.dimensions(), y->dimensions(), 0, op, "x",
-                                           "output", true, &xs, &ys, &sh));
+  SPARSEPROP_RETURN_IF_ERROR(decode_shapes(g, x.dimensions(), y->dimensions(), nullptr, op, "x",
+                                           "output", &xs, &ys, &sh));
   const int64_t total = ys.count;
   SPARSEPROP_RETURN_IF_ERROR(check_windows(g, sh, op));
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, ys, op, "values", &vs));
   Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, sh.cout, kh * kw * sh.cin, total,
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, sh.cout, kh * kw * sh.cin, ys,
                                             op, "pattern", &pat));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
@@ -189,11 +191,11 @@ ffi::Future ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(dvalues->dimensions(), 1, op, "output", &ds));
   const int64_t total = ds.count;
   Shapes sh;
-  SPARSEPROP_RETURN_IF_ERROR(decode_shapes(g, x.dimensions(), dy.dimensions(), total, op, "x",
-                                           "dy", false, &xs, &ys, &sh));
+  SPARSEPROP_RETURN_IF_ERROR(decode_shapes(g, x.dimensions(), dy.dimensions(), &ds, op, "x",
+                                           "dy", &xs, &ys, &sh));
   SPARSEPROP_RETURN_IF_ERROR(check_windows(g, sh, op));
   Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, sh.cout, kh * kw * sh.cin, total,
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, sh.cout, kh * kw * sh.cin, ds,
                                             op, "pattern", &pat));
   SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "output length"));
 
@@ -223,27 +225,36 @@ struct PhaseMatrix {
   std::vector<float> values;
 };
 
+// One PhaseMatrix per slice of the operands they are built from (`stack`).
+struct PhaseMatrices {
+  std::vector<PhaseMatrix> slices;
+  Stack stack;
+  const PhaseMatrix& of(int64_t v) const { return slices[stack.index(v)]; }
+};
+
 // The s x s phase sub-kernels of the input gradient for every distinct
-// slice of the transposed pattern (t_indptr, t_indices, t_perm) and values;
-// dy_offset(t, u, co) is the offset of output-gradient channel co at tap
-// (t, u) of a phase.
-ffi::Error phase_matrices(const Pattern& pat, ffi::Buffer<ffi::F32> values, const Stack& vs,
-                          ffi::Buffer<ffi::S32> t_perm, const Stack& ps, int64_t s, int64_t kh,
-                          int64_t kw, int64_t cin,
+// slice of the transposed pattern `tpat` with `t_perm` and the values, each
+// slice first checked against the pattern `pat`; dy_offset(t, u, co) is the
+// offset of output-gradient channel co at tap (t, u) of a phase.
+ffi::Error phase_matrices(const Pattern& pat, const Pattern& tpat, ffi::Buffer<ffi::F32> values,
+                          const Stack& vs, ffi::Buffer<ffi::S32> t_perm, const Stack& ps,
+                          int64_t s, int64_t kh, int64_t kw, int64_t cin,
                           const std::function<int64_t(int64_t, int64_t, int64_t)>& dy_offset,
-                          const char* op, std::shared_ptr<std::vector<PhaseMatrix>>* out) {
-  const int64_t nnz = pat.nnz;
-  const int64_t distinct = std::max({vs.count, ps.count, pat.indptr_stack.count,
-                                     pat.indices_stack.count});
-  auto phases = std::make_shared<std::vector<PhaseMatrix>>(distinct);
-  for (int64_t d = 0; d < distinct; ++d) {
-    const int32_t* perm = t_perm.typed_data() + slice_offset(ps, d);
-    ffi::Error error = check_permutation(perm, 0, nnz, nnz, op, "transposed permutation");
+                          const char* op, std::shared_ptr<PhaseMatrices>* out) {
+  const int64_t nnz = tpat.nnz;
+  auto phases = std::make_shared<PhaseMatrices>();
+  phases->stack = joint({&vs, &ps, &tpat.indptr_stack, &tpat.indices_stack, &pat.indptr_stack,
+                         &pat.indices_stack});
+  phases->slices.resize(phases->stack.count);
+  for (int64_t i = 0; i < phases->stack.count; ++i) {
+    const int64_t v = phases->stack.representative(i);
+    const int32_t* perm = t_perm.typed_data() + slice_offset(ps, v);
+    ffi::Error error = check_transposed_rows(tpat, perm, pat, v, 0, tpat.rows, op);
     if (error.failure()) return error;
-    const float* w = values.typed_data() + slice_offset(vs, d);
-    const int32_t* rp = pat.row_ptr(d);
-    const int32_t* co = pat.col_idx(d);
-    PhaseMatrix& m = (*phases)[d];
+    const float* w = values.typed_data() + slice_offset(vs, v);
+    const int32_t* rp = tpat.row_ptr(v);
+    const int32_t* co = tpat.col_idx(v);
+    PhaseMatrix& m = phases->slices[i];
     m.indptr.assign(1, 0);
     m.offsets.reserve(nnz);
     m.values.reserve(nnz);
@@ -266,7 +277,8 @@ ffi::Error phase_matrices(const Pattern& pat, ffi::Buffer<ffi::F32> values, cons
 }
 
 ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
-                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
+                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                          ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> t_indptr,
                           ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
                           ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t kh,
                           int64_t kw) {
@@ -278,7 +290,7 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
   // zeros below and right, in the output's layout.
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(dx->dimensions(), 5, op, "output", &dxs));
   const int64_t total = dxs.count;
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dyp.dimensions(), 4, total, op, "padded dy", &dys));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dyp.dimensions(), 4, dxs, op, "padded dy", &dys));
   const int64_t* xd = dxs.dims;
   const int64_t* yd = dys.dims;
   const int64_t s = stride;
@@ -290,13 +302,16 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
   if (hd < ceil_div(hp, s) + P || wd < wq + Q)
     return failed(ffi::Error::InvalidArgument(std::string("sparseprop_jax ") + op +
                                               ": padded dy is too small for the input size"));
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, dxs, op, "values", &vs));
   SPARSEPROP_RETURN_IF_ERROR(
-      decode_operand(t_perm.dimensions(), 1, total, op, "transposed permutation", &ps));
-  Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, kh * kw * cin, cout, total, op,
-                                            "transposed pattern", &pat));
-  const int64_t nnz = pat.nnz;
+      decode_operand(t_perm.dimensions(), 1, dxs, op, "transposed permutation", &ps));
+  Pattern pat, tpat;
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, cout, kh * kw * cin, dxs, op,
+                                            "pattern", &pat));
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, kh * kw * cin, cout, dxs, op,
+                                            "transposed pattern", &tpat));
+  const int64_t nnz = tpat.nnz;
+  SPARSEPROP_RETURN_IF_ERROR(check_size(nnz, pat.nnz, op, "transposed pattern nnz"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], nnz, op, "values length"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(ps.dims[0], nnz, op, "transposed permutation length"));
 
@@ -304,10 +319,9 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
   auto dy_offset = [=](int64_t t, int64_t u, int64_t co) -> int64_t {
     return co * hd * wd + (P - t) * wd + (Q - u);
   };
-  std::shared_ptr<std::vector<PhaseMatrix>> phases;
-  SPARSEPROP_RETURN_IF_ERROR(phase_matrices(pat, values, vs, t_perm, ps, s, kh, kw, cin, dy_offset,
-                                            op, &phases));
-  const int64_t distinct = static_cast<int64_t>(phases->size());
+  std::shared_ptr<PhaseMatrices> phases;
+  SPARSEPROP_RETURN_IF_ERROR(phase_matrices(pat, tpat, values, vs, t_perm, ps, s, kh, kw, cin,
+                                            dy_offset, op, &phases));
   // Phase (a, b) writes input positions (j * s + a, i * s + b).
   std::vector<Grid> grids(s * s);
   std::vector<int64_t> origins(s * s);
@@ -328,7 +342,7 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
   const float* dyd = dyp.typed_data();
   float* dxd = dx->typed_data();
   return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) {
-    const PhaseMatrix& m = (*phases)[distinct == 1 ? 0 : t.slice];
+    const PhaseMatrix& m = phases->of(t.slice);
     k.spmm(m.indptr.data() + t.group * cin, m.offsets.data(), m.values.data(),
            dyd + slice_offset(dys, t.slice), dxd + t.slice * dxs.slice() + origins[t.group],
            ld_row, length, grids[t.group], t.begin, t.end, 0, cin);
@@ -454,13 +468,12 @@ void row_product_to_nhwc(const KernelTable& k, const int32_t* indptr, const int6
                          int64_t cols, int64_t n, float* dst, int64_t pixel_step,
                          int64_t ld_dst, bool stream) {
   const int64_t run = cols * n, channels = end - begin;
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < channels * run) buffer.resize(channels * run);
+  const auto buffer = scratch<float>(channels * run);
   // indptr + begin: the range's rows as rows 0.. (the entries keep their
   // positions in offsets and values).
-  k.spmm(indptr + begin, offsets, values, in, buffer.data(), run, run, Grid{}, 0, 1, 0, channels);
+  k.spmm(indptr + begin, offsets, values, in, buffer.get(), run, run, Grid{}, 0, 1, 0, channels);
   for (int64_t i = 0; i < cols; ++i)
-    k.transpose(buffer.data() + i * n, run, dst + i * pixel_step, ld_dst, channels, 0, n, stream);
+    k.transpose(buffer.get() + i * n, run, dst + i * pixel_step, ld_dst, channels, 0, n, stream);
 }
 
 // Channel ranges per output row: enough tasks for every worker even when an
@@ -479,16 +492,16 @@ ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Stack ys, xs, vs;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(y->dimensions(), 4, op, "output", &ys));
   const int64_t total = ys.count;
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 4, total, op, "x", &xs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 4, ys, op, "x", &xs));
   NhwcGeometry g;
   SPARSEPROP_RETURN_IF_ERROR(decode_nhwc(xs, ys.dims[3], stride, kh, kw, pad_top, pad_bottom,
                                          pad_left, pad_right, op, &g));
   SPARSEPROP_RETURN_IF_ERROR(check_size(ys.dims[0], g.n, op, "output batch size"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(ys.dims[1], g.ho(), op, "output height"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(ys.dims[2], g.wo(), op, "output width"));
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, ys, op, "values", &vs));
   Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, g.cout, kh * kw * g.cin, total, op,
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, g.cout, kh * kw * g.cin, ys, op,
                                             "pattern", &pat));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
@@ -513,7 +526,7 @@ ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const bool stream_y = streams_past_cache(total * ys.slice());
   products.fn = [=, &k](const Task& t) {
     float* image = out + t.slice * ys.slice() + t.group * wo * cout + t.begin;
-    const float* in = xl.get() + (xs.count == 1 ? 0 : t.slice) * xr.size() + t.group * s * xr.row();
+    const float* in = xl.get() + xs.index(t.slice) * xr.size() + t.group * s * xr.row();
     row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice),
                         w + slice_offset(vs, t.slice), in, t.begin, t.end, wo, n, image, cout,
                         ho * wo * cout, stream_y);
@@ -539,9 +552,9 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(dx->dimensions(), 4, op, "input gradient", &dxs));
   const int64_t total = dxs.count;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(dvalues->dimensions(), 1, op, "weight gradient", &dws));
-  SPARSEPROP_RETURN_IF_ERROR(check_size(dws.count, total, op, "weight gradient stack"));
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 4, total, op, "x", &xs));
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dy.dimensions(), 4, total, op, "dy", &dys));
+  SPARSEPROP_RETURN_IF_ERROR(check_same_lead(dxs, dws, op, "weight gradient"));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 4, dxs, op, "x", &xs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dy.dimensions(), 4, dxs, op, "dy", &dys));
   NhwcGeometry g;
   SPARSEPROP_RETURN_IF_ERROR(decode_nhwc(xs, dys.dims[3], stride, kh, kw, pad_top, pad_bottom,
                                          pad_left, pad_right, op, &g));
@@ -550,14 +563,14 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[0], g.n, op, "dy batch size"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[1], g.ho(), op, "dy height"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(dys.dims[2], g.wo(), op, "dy width"));
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, dxs, op, "values", &vs));
   SPARSEPROP_RETURN_IF_ERROR(
-      decode_operand(t_perm.dimensions(), 1, total, op, "transposed permutation", &ps));
+      decode_operand(t_perm.dimensions(), 1, dxs, op, "transposed permutation", &ps));
   const int64_t cin = g.cin, cout = g.cout, n = g.n, s = g.s;
   Pattern pat, tpat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, cout, kh * kw * cin, total, op,
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, cout, kh * kw * cin, dxs, op,
                                             "pattern", &pat));
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, kh * kw * cin, cout, total, op,
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(t_indptr, t_indices, kh * kw * cin, cout, dxs, op,
                                             "transposed pattern", &tpat));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(tpat.nnz, pat.nnz, op, "transposed pattern length"));
@@ -571,10 +584,9 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto dy_offset = [=](int64_t t, int64_t u, int64_t co) -> int64_t {
     return dr.at(P - t, Q - u, co);
   };
-  std::shared_ptr<std::vector<PhaseMatrix>> phase_mats;
-  SPARSEPROP_RETURN_IF_ERROR(phase_matrices(tpat, values, vs, t_perm, ps, s, kh, kw, cin,
+  std::shared_ptr<PhaseMatrices> phase_mats;
+  SPARSEPROP_RETURN_IF_ERROR(phase_matrices(pat, tpat, values, vs, t_perm, ps, s, kh, kw, cin,
                                             dy_offset, op, &phase_mats));
-  const bool shared_phases = phase_mats->size() == 1;
 
   // The weight gradient: per output row, the run of wo pixels of each
   // channel of dy (inside the padded copy) against the forward's windows
@@ -626,15 +638,15 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t h = g.h, wdt = g.w, pt = g.pt, pl = g.pl;
   const bool stream_dx = streams_past_cache(total * dxs.slice());
   products.fn = [=, &k](const Task& t) {
-    const float* dyv = dyp.get() + (dys.count == 1 ? 0 : t.slice) * dr.size();
+    const float* dyv = dyp.get() + dys.index(t.slice) * dr.size();
     if (t.group == 0) {
       weight_gradient_blocks(k, pat.row_ptr(t.slice), offsets.of(t.slice), dyv + dr.at(P, Q, 0),
-                             xl.get() + (xs.count == 1 ? 0 : t.slice) * xr.size(),
+                             xl.get() + xs.index(t.slice) * xr.size(),
                              dwd + t.slice * pat.nnz, plan, t.begin, t.end);
       return ffi::Error::Success();
     }
     const InputRow& ir = in_rows[t.group - 1];
-    const PhaseMatrix& m = (*phase_mats)[shared_phases ? 0 : t.slice];
+    const PhaseMatrix& m = phase_mats->of(t.slice);
     float* pixel0 = dxd + t.slice * dxs.slice() +
                     (((ir.j * s + ir.a - pt) * wdt + ir.i0 * s + ir.b - pl) * cin) + t.begin;
     row_product_to_nhwc(k, m.indptr.data() + (ir.a * s + ir.b) * cin, m.offsets.data(),
@@ -652,16 +664,16 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       .Attr<int64_t>("kh")    \
       .Attr<int64_t>("kw")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvForward, ConvForward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvForward, Guarded<ConvForward>::Call,
                               (bind_operands<2, 2>())
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_ATTRS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWeightGrad, ConvWeightGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWeightGrad, Guarded<ConvWeightGrad>::Call,
                               (bind_operands<2, 2>())
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_ATTRS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvInputGrad, ConvInputGrad,
-                              (bind_operands<2, 3>())
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvInputGrad, Guarded<ConvInputGrad>::Call,
+                              (bind_operands<2, 5>())
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_ATTRS);
 
 }  // namespace sparseprop
@@ -677,11 +689,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvInputGrad, ConvInputGrad,
 
 namespace sparseprop {
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcForward, ConvNhwcForward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcForward, Guarded<ConvNhwcForward>::Call,
                               (bind_operands<2, 2>())
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_NHWC_ATTRS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcBackward, ConvNhwcBackward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvNhwcBackward, Guarded<ConvNhwcBackward>::Call,
                               (bind_operands<3, 5>())
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() SPARSEPROP_CONV_NHWC_ATTRS);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -24,15 +25,42 @@ constexpr int64_t kMinParallelFlops = 1 << 20;
 // Scratch buffers are kept for the next call instead of freed: a fresh
 // buffer of megabytes is mapped anew by the OS, and faulting in its zeroed
 // pages costs more than a sparse product at high sparsity. A buffer is reused
-// only for requests of at least half its size, and at most kScratchCacheBytes
-// are kept.
+// only for requests of at least half its size. What is kept is bounded: at
+// most kScratchCacheBytes, and a buffer no call has reused for
+// kScratchIdleSeconds is freed at the next acquire or release (a training
+// loop reuses its buffers every step; the buffers of shapes no longer run
+// go). release_scratch() frees them all at once.
 constexpr std::size_t kScratchCacheBytes = std::size_t(512) << 20;
+constexpr double kScratchIdleSeconds = 10.0;
 constexpr std::size_t kScratchAlign = 64;
+
+using Clock = std::chrono::steady_clock;
+
+struct FreeBuffer {
+  std::size_t capacity;
+  void* data;
+  Clock::time_point released;
+};
 
 struct ScratchCache {
   std::mutex mutex;
-  std::vector<std::pair<std::size_t, void*>> free;  // (capacity, data)
+  std::vector<FreeBuffer> free;  // oldest release first
   std::size_t bytes = 0;
+
+  // Frees the buffers released before `cutoff`, then the oldest ones while
+  // more than `limit` bytes are kept. The caller holds the mutex.
+  void trim(Clock::time_point cutoff, std::size_t limit) {
+    std::size_t kept = 0;
+    for (const FreeBuffer& b : free) {
+      if (b.released < cutoff || bytes > limit) {
+        std::free(b.data);
+        bytes -= b.capacity;
+      } else {
+        free[kept++] = b;
+      }
+    }
+    free.resize(kept);
+  }
 };
 
 ScratchCache& scratch_cache() {
@@ -44,6 +72,11 @@ std::size_t scratch_capacity(std::size_t bytes) {
   return (std::max<std::size_t>(bytes, 1) + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
 }
 
+Clock::time_point idle_cutoff() {
+  return Clock::now() - std::chrono::duration_cast<Clock::duration>(
+                            std::chrono::duration<double>(kScratchIdleSeconds));
+}
+
 }  // namespace
 
 void* scratch_acquire(std::size_t bytes, std::size_t* capacity) {
@@ -51,15 +84,16 @@ void* scratch_acquire(std::size_t bytes, std::size_t* capacity) {
   ScratchCache& cache = scratch_cache();
   {
     std::lock_guard<std::mutex> lock(cache.mutex);
+    cache.trim(idle_cutoff(), kScratchCacheBytes);
     auto best = cache.free.end();
     for (auto it = cache.free.begin(); it != cache.free.end(); ++it)
-      if (it->first >= want && it->first / 2 <= want &&
-          (best == cache.free.end() || it->first < best->first))
+      if (it->capacity >= want && it->capacity / 2 <= want &&
+          (best == cache.free.end() || it->capacity < best->capacity))
         best = it;
     if (best != cache.free.end()) {
-      void* data = best->second;
-      *capacity = best->first;
-      cache.bytes -= best->first;
+      void* data = best->data;
+      *capacity = best->capacity;
+      cache.bytes -= best->capacity;
       cache.free.erase(best);
       return data;
     }
@@ -73,161 +107,138 @@ void* scratch_acquire(std::size_t bytes, std::size_t* capacity) {
 void scratch_release(void* data, std::size_t capacity) {
   ScratchCache& cache = scratch_cache();
   std::lock_guard<std::mutex> lock(cache.mutex);
-  cache.free.emplace_back(capacity, data);
+  cache.free.push_back({capacity, data, Clock::now()});
   cache.bytes += capacity;
-  while (cache.bytes > kScratchCacheBytes) {  // drop the oldest
-    std::free(cache.free.front().second);
-    cache.bytes -= cache.free.front().first;
-    cache.free.erase(cache.free.begin());
-  }
+  cache.trim(idle_cutoff(), kScratchCacheBytes);
 }
 
-ffi::Error decode_stack(ffi::Span<const int64_t> dims, int rank, const char* op,
-                        const char* name, Stack* out) {
+std::size_t cached_scratch_bytes() {
+  ScratchCache& cache = scratch_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return cache.bytes;
+}
+
+void release_scratch() {
+  ScratchCache& cache = scratch_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.trim(Clock::time_point::max(), 0);
+}
+
+int64_t Stack::index(int64_t v) const {
+  if (count == 1) return 0;
+  if (count == result.size()) return v;  // varies along every leading dim
+  int64_t i = 0, step = 1;
+  for (int d = result.rank - 1; d >= 0; --d) {
+    const int64_t coord = v % result.dims[d];
+    v /= result.dims[d];
+    const int own = d - (result.rank - lead.rank);
+    if (own >= 0 && lead.dims[own] > 1) {
+      i += coord * step;
+      step *= lead.dims[own];
+    }
+  }
+  return i;
+}
+
+int64_t Stack::representative(int64_t i) const {
+  int64_t v = 0, step = 1;
+  for (int d = result.rank - 1; d >= 0; --d) {
+    const int own = d - (result.rank - lead.rank);
+    if (own >= 0 && lead.dims[own] > 1) {
+      v += (i % lead.dims[own]) * step;
+      i /= lead.dims[own];
+    }
+    step *= result.dims[d];
+  }
+  return v;
+}
+
+namespace {
+
+std::string dims_string(const Lead& lead) {
+  std::string s = "[";
+  for (int i = 0; i < lead.rank; ++i) s += (i ? ", " : "") + std::to_string(lead.dims[i]);
+  return s + "]";
+}
+
+// Splits `dims` into leading dims and the `rank` trailing dims of the op.
+ffi::Error split_dims(ffi::Span<const int64_t> dims, int rank, const char* op, const char* name,
+                      Stack* out) {
   const int64_t ndim = static_cast<int64_t>(dims.size());
   if (ndim < rank)
     return ffi::Error::InvalidArgument(prefix(op) + name + " must have at least " +
                                        std::to_string(rank) + " dims, got " +
                                        std::to_string(ndim));
+  if (ndim - rank > Lead::kMaxDims)
+    return ffi::Error::InvalidArgument(prefix(op) + name + " has " + std::to_string(ndim - rank) +
+                                       " leading (vmap) dims, at most " +
+                                       std::to_string(Lead::kMaxDims) + " are supported");
   Stack s;
   s.rank = rank;
-  for (int64_t i = 0; i < ndim - rank; ++i) s.count *= dims[i];
+  s.lead.rank = static_cast<int>(ndim - rank);
+  for (int i = 0; i < s.lead.rank; ++i) s.lead.dims[i] = dims[i];
   for (int i = 0; i < rank; ++i) s.dims[i] = dims[ndim - rank + i];
+  s.count = s.lead.size();
   *out = s;
   return ffi::Error::Success();
 }
 
-ffi::Error check_stack_count(const Stack& s, int64_t total, const char* op, const char* name) {
-  if (s.count == 1 || s.count == total) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(prefix(op) + name + " is stacked " +
-                                     std::to_string(s.count) +
-                                     " times, expected 1 or " + std::to_string(total));
+}  // namespace
+
+ffi::Error decode_stack(ffi::Span<const int64_t> dims, int rank, const char* op,
+                        const char* name, Stack* out) {
+  ffi::Error error = split_dims(dims, rank, op, name, out);
+  out->result = out->lead;
+  return error;
 }
 
-ffi::Error decode_operand(ffi::Span<const int64_t> dims, int rank, int64_t total,
+ffi::Error check_same_lead(const Stack& a, const Stack& b, const char* op, const char* name) {
+  bool same = a.lead.rank == b.lead.rank;
+  for (int i = 0; same && i < a.lead.rank; ++i) same = a.lead.dims[i] == b.lead.dims[i];
+  if (same) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(prefix(op) + name + " has leading dims " +
+                                     dims_string(b.lead) + ", expected " + dims_string(a.lead));
+}
+
+ffi::Error decode_operand(ffi::Span<const int64_t> dims, int rank, const Stack& result,
                           const char* op, const char* name, Stack* out) {
-  ffi::Error error = decode_stack(dims, rank, op, name, out);
+  ffi::Error error = split_dims(dims, rank, op, name, out);
   if (error.failure()) return error;
-  return check_stack_count(*out, total, op, name);
+  out->result = result.lead;
+  const Lead& own = out->lead;
+  bool fits = own.rank <= result.lead.rank;
+  for (int i = 0; fits && i < own.rank; ++i) {
+    const int64_t want = result.lead.dims[result.lead.rank - own.rank + i];
+    fits = own.dims[i] == 1 || own.dims[i] == want;
+  }
+  if (fits) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(prefix(op) + name + " has leading (vmap) dims " +
+                                     dims_string(own) + ", which do not broadcast to the "
+                                     "result's " + dims_string(result.lead));
 }
 
-ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
-                          int64_t rows, int64_t cols, int64_t total, const char* op,
-                          const char* name, Pattern* out, bool indices_checked_by_tasks) {
-  Pattern p;
-  const std::string ptr_name = std::string(name) + " indptr";
-  const std::string idx_name = std::string(name) + " indices";
-  ffi::Error error = decode_operand(indptr.dimensions(), 1, total, op, ptr_name.c_str(), &p.indptr_stack);
-  if (error.failure()) return error;
-  error = decode_operand(indices.dimensions(), 1, total, op, idx_name.c_str(), &p.indices_stack);
-  if (error.failure()) return error;
-  error = check_size(p.indptr_stack.dims[0], rows + 1, op, (ptr_name + " length").c_str());
-  if (error.failure()) return error;
-  p.indptr = indptr.typed_data();
-  p.indices = indices.typed_data();
-  p.rows = rows;
-  p.cols = cols;
-  p.nnz = p.indices_stack.dims[0];
-  const int64_t distinct = std::max(p.indptr_stack.count, p.indices_stack.count);
-  for (int64_t v = 0; v < distinct; ++v) {
-    error = indices_checked_by_tasks
-                ? validate_indptr(p.row_ptr(v), rows, p.nnz, op, name)
-                : validate_compressed(p.row_ptr(v), rows, p.col_idx(v), p.nnz, cols, op, name);
-    if (error.failure()) return error;
-  }
-  *out = p;
-  return ffi::Error::Success();
+Stack joint(std::initializer_list<const Stack*> stacks) {
+  Stack j;
+  j.result = (*stacks.begin())->result;
+  j.lead = j.result;
+  for (int d = 0; d < j.lead.rank; ++d) j.lead.dims[d] = 1;
+  for (const Stack* s : stacks)
+    for (int i = 0; i < s->lead.rank; ++i) {
+      int64_t& dim = j.lead.dims[j.lead.rank - s->lead.rank + i];
+      dim = std::max(dim, s->lead.dims[i]);
+    }
+  j.count = j.lead.size();
+  return j;
 }
 
-EntryOffsets entry_offsets(const Pattern& pat, const std::function<int64_t(int32_t)>& offset) {
-  EntryOffsets offsets;
-  offsets.nnz = pat.nnz;
-  offsets.shared = pat.indices_stack.count == 1;
-  offsets.data = std::make_shared<std::vector<int64_t>>(pat.indices_stack.count * pat.nnz);
-  for (int64_t v = 0; v < pat.indices_stack.count; ++v) {
-    const int32_t* idx = pat.col_idx(v);
-    int64_t* dst = offsets.data->data() + v * pat.nnz;
-    for (int64_t p = 0; p < pat.nnz; ++p) dst[p] = offset(idx[p]);
-  }
-  return offsets;
+ffi::Error invalid(const char* op, const std::string& message) {
+  return ffi::Error::InvalidArgument(prefix(op) + message);
 }
 
 ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char* what) {
   if (got == expected) return ffi::Error::Success();
   return ffi::Error::InvalidArgument(prefix(op) + what + " is " + std::to_string(got) +
                                      ", expected " + std::to_string(expected));
-}
-
-ffi::Error validate_compressed(const int32_t* indptr, int64_t rows,
-                               const int32_t* indices, int64_t nnz, int64_t cols,
-                               const char* op, const char* name) {
-  ffi::Error error = validate_indptr(indptr, rows, nnz, op, name);
-  if (error.failure()) return error;
-  return check_indices(indices, 0, nnz, cols, op, name);
-}
-
-ffi::Error validate_indptr(const int32_t* indptr, int64_t rows, int64_t nnz, const char* op,
-                           const char* name) {
-  if (indptr[0] != 0 || indptr[rows] != nnz)
-    return ffi::Error::InvalidArgument(
-        prefix(op) + name + " row pointers must run from 0 to nnz=" + std::to_string(nnz) +
-        ", got " + std::to_string(indptr[0]) + " to " + std::to_string(indptr[rows]));
-  for (int64_t r = 0; r < rows; ++r)
-    if (indptr[r + 1] < indptr[r])
-      return ffi::Error::InvalidArgument(prefix(op) + name +
-                                         " row pointers decrease at row " + std::to_string(r));
-  return ffi::Error::Success();
-}
-
-namespace {
-
-// Whether some v[p], p in [lo, hi), lies outside [0, bound). The checks run
-// on every call over every entry, and a loop that stops at each entry took
-// 8% of the CPU time of a 64 x 4096 -> 4096 f+b at 95%. Here the top bit of
-// x | (last - x) is set exactly when x < 0 or x > last, so four entries at a
-// time are ORed with no branch (GCC vector extensions: SSE2, NEON).
-bool any_outside(const int32_t* v, int64_t lo, int64_t hi, int64_t bound) {
-  typedef uint32_t u32x4 __attribute__((vector_size(16)));
-  // bound 0: last wraps to 2^32 - 1, and every entry is outside.
-  const uint32_t last = static_cast<uint32_t>(std::min<int64_t>(bound, INT32_MAX)) - 1u;
-  u32x4 any = {};
-  int64_t p = lo;
-  for (; p + 4 <= hi; p += 4) {
-    u32x4 x;
-    std::memcpy(&x, v + p, sizeof x);
-    any |= x | (last - x);
-  }
-  uint32_t top = any[0] | any[1] | any[2] | any[3];
-  for (; p < hi; ++p) {
-    const uint32_t x = static_cast<uint32_t>(v[p]);
-    top |= x | (last - x);
-  }
-  return (top >> 31) != 0;
-}
-
-}  // namespace
-
-ffi::Error check_indices(const int32_t* indices, int64_t lo, int64_t hi, int64_t cols,
-                         const char* op, const char* name) {
-  if (!any_outside(indices, lo, hi, cols)) return ffi::Error::Success();
-  for (int64_t p = lo; p < hi; ++p)
-    if (indices[p] < 0 || indices[p] >= cols)
-      return ffi::Error::InvalidArgument(prefix(op) + name + " index " +
-                                         std::to_string(indices[p]) + " at entry " +
-                                         std::to_string(p) + " is outside [0, " +
-                                         std::to_string(cols) + ")");
-  return ffi::Error::Success();
-}
-
-ffi::Error check_permutation(const int32_t* perm, int64_t lo, int64_t hi, int64_t nnz,
-                             const char* op, const char* name) {
-  if (!any_outside(perm, lo, hi, nnz)) return ffi::Error::Success();
-  for (int64_t p = lo; p < hi; ++p)
-    if (perm[p] < 0 || perm[p] >= nnz)
-      return ffi::Error::InvalidArgument(prefix(op) + name + " entry " + std::to_string(p) +
-                                         " is " + std::to_string(perm[p]) +
-                                         ", outside [0, " + std::to_string(nnz) + ")");
-  return ffi::Error::Success();
 }
 
 void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
@@ -302,7 +313,12 @@ class PhaseRun {
              !failed_.load(std::memory_order_relaxed))
         std::this_thread::yield();
       if (failed_.load(std::memory_order_relaxed)) break;
-      ffi::Error task_error = phases_[phase].fn(phases_[phase].tasks[i - first]);
+      ffi::Error task_error = ffi::Error::Success();
+      try {
+        task_error = phases_[phase].fn(phases_[phase].tasks[i - first]);
+      } catch (...) {
+        task_error = caught("task");
+      }
       if (task_error.failure()) {
         failed_.store(true);
         error = std::move(task_error);
@@ -354,6 +370,18 @@ ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
   std::vector<Phase> phases;
   phases.push_back({std::move(tasks), std::move(fn)});
   return run_phases(pool, workers, std::move(phases));
+}
+
+ffi::Error caught(const char* op) {
+  try {
+    throw;
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, prefix(op) + "out of memory");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(prefix(op) + e.what());
+  } catch (...) {
+    return ffi::Error::Internal(prefix(op) + "unknown exception");
+  }
 }
 
 ffi::Future failed(ffi::Error error) {

@@ -6,8 +6,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -16,57 +18,71 @@ namespace sparseprop {
 
 namespace ffi = xla::ffi;
 
-// An operand seen as `count` stacked slices. The op's own operand has `rank`
-// trailing dims `dims[0..rank)`; vmap with vmap_method="expand_dims" adds
-// leading dims, size 1 where it broadcasts.
-struct Stack {
-  static constexpr int kMaxRank = 6;
-  int64_t count = 1;
+// The leading (vmap) dims of an operand or a result. A call's results all
+// have the same leading dims; an operand's broadcast against them, as jnp
+// operands do: right-aligned, each 1 or equal to the result's. (vmap with
+// vmap_method="expand_dims" gives unbatched operands size-1 dims there, and
+// nested vmaps give operands batched at different levels dims like [2, 1]
+// and [1, 3] against a result's [2, 3].)
+struct Lead {
+  static constexpr int kMaxDims = 16;
   int rank = 0;
-  int64_t dims[kMaxRank] = {};
-  int64_t slice() const {
+  int64_t dims[kMaxDims] = {};
+  int64_t size() const {
     int64_t n = 1;
     for (int i = 0; i < rank; ++i) n *= dims[i];
     return n;
   }
 };
 
-// Decodes `dims` into a Stack, or an InvalidArgument error naming `op` and
-// `name` if the operand has fewer than `rank` dims.
+// An operand seen as `count` stacked slices. The op's own operand has `rank`
+// trailing dims `dims[0..rank)`; `lead` holds its leading dims and `result`
+// the call's results', against which they broadcast.
+struct Stack {
+  static constexpr int kMaxRank = 6;
+  int64_t count = 1;
+  int rank = 0;
+  int64_t dims[kMaxRank] = {};
+  Lead lead, result;
+  int64_t slice() const {
+    int64_t n = 1;
+    for (int i = 0; i < rank; ++i) n *= dims[i];
+    return n;
+  }
+  // The slice of this operand that result slice `v` reads.
+  int64_t index(int64_t v) const;
+  // A result slice that reads slice `i` of this operand (the first one).
+  int64_t representative(int64_t i) const;
+};
+
+// Decodes a result's `dims` into a Stack (its leading dims are the call's),
+// or an InvalidArgument error naming `op` and `name` if it has fewer than
+// `rank` dims.
 ffi::Error decode_stack(ffi::Span<const int64_t> dims, int rank, const char* op,
                         const char* name, Stack* out);
 
-// Offset of slice `v` of an operand with `count` slices inside a vmap of size
-// `total` slices: a single slice is shared (broadcast) by all.
-inline int64_t slice_offset(const Stack& s, int64_t v) { return s.count == 1 ? 0 : v * s.slice(); }
+// Offset of the slice that result slice `v` reads: a single slice is shared
+// (broadcast) by all.
+inline int64_t slice_offset(const Stack& s, int64_t v) { return s.index(v) * s.slice(); }
 
-// Checks that an operand's stack is either shared (1) or matches `total`.
-ffi::Error check_stack_count(const Stack& s, int64_t total, const char* op, const char* name);
+// Error unless result stacks `a` and `b` have the same leading dims.
+ffi::Error check_same_lead(const Stack& a, const Stack& b, const char* op, const char* name);
 
-// decode_stack followed by check_stack_count against `total` slices.
-ffi::Error decode_operand(ffi::Span<const int64_t> dims, int rank, int64_t total,
+// Decodes an operand's `dims` into a Stack whose leading dims broadcast
+// against those of `result` (a decoded result), or an InvalidArgument error.
+ffi::Error decode_operand(ffi::Span<const int64_t> dims, int rank, const Stack& result,
                           const char* op, const char* name, Stack* out);
+
+// The stacking that several operands of one call share: leading dims where
+// any of them varies. Derived per-slice data (a gathered copy of the values,
+// an offset table) is built once per slice of it, not once per result slice.
+Stack joint(std::initializer_list<const Stack*> stacks);
+
+// An InvalidArgument error "sparseprop_jax <op>: <message>".
+ffi::Error invalid(const char* op, const std::string& message);
 
 // Error unless `got` == `expected`.
 ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char* what);
-
-// Validates a compressed-rows pattern: indptr starts at 0, never decreases and
-// ends at nnz (validate_indptr); every index lies in [0, cols) (check_indices).
-// Sortedness is not needed for memory safety and is checked in Python where
-// patterns are built.
-ffi::Error validate_compressed(const int32_t* indptr, int64_t rows,
-                               const int32_t* indices, int64_t nnz, int64_t cols,
-                               const char* op, const char* name);
-ffi::Error validate_indptr(const int32_t* indptr, int64_t rows, int64_t nnz, const char* op,
-                           const char* name);
-
-// Error unless indices[p] lies in [0, cols) for every p in [lo, hi).
-ffi::Error check_indices(const int32_t* indices, int64_t lo, int64_t hi, int64_t cols,
-                         const char* op, const char* name);
-
-// Error unless every perm[p], p in [lo, hi), lies in [0, nnz).
-ffi::Error check_permutation(const int32_t* perm, int64_t lo, int64_t hi, int64_t nnz,
-                             const char* op, const char* name);
 
 // Whether a copy into a destination of `floats` floats should use streaming
 // (non-temporal) stores: a plain store first reads each line into the cache,
@@ -86,6 +102,11 @@ inline bool streams_past_cache(int64_t floats) { return 4 * floats >= kStreamMin
 void* scratch_acquire(std::size_t bytes, std::size_t* capacity);
 void scratch_release(void* data, std::size_t capacity);
 
+// Bytes of scratch kept for reuse, not in use by any call; release_scratch()
+// frees them (buffers in use are freed when their call ends).
+std::size_t cached_scratch_bytes();
+void release_scratch();
+
 // A buffer of `n` elements left uninitialised (every element is written
 // before it is read), shared by the tasks of one call and recycled after it.
 template <typename T>
@@ -96,34 +117,6 @@ std::shared_ptr<T[]> scratch(int64_t n) {
                               [capacity](T* p) { scratch_release(p, capacity); });
 }
 
-// A compressed-rows pattern operand pair (indptr, indices), possibly stacked.
-struct Pattern {
-  const int32_t* indptr = nullptr;
-  const int32_t* indices = nullptr;
-  Stack indptr_stack, indices_stack;
-  int64_t rows = 0, cols = 0, nnz = 0;
-  const int32_t* row_ptr(int64_t v) const { return indptr + slice_offset(indptr_stack, v); }
-  const int32_t* col_idx(int64_t v) const { return indices + slice_offset(indices_stack, v); }
-};
-
-// Kernel offsets `index * stride` of every entry, for each stacked slice of
-// the pattern's indices; `offsets_of(v)` finds slice v's.
-struct EntryOffsets {
-  std::shared_ptr<std::vector<int64_t>> data;
-  int64_t nnz = 0;
-  bool shared = true;  // one slice serves every vmap slice
-  const int64_t* of(int64_t v) const { return data->data() + (shared ? 0 : v * nnz); }
-};
-// `offset(index)` maps an entry's column index to its kernel offset.
-EntryOffsets entry_offsets(const Pattern& pat, const std::function<int64_t(int32_t)>& offset);
-
-// Decodes and validates a pattern of `rows` x `cols` used in a call of `total`
-// vmap slices: always the row pointers (O(rows)); the indices (O(nnz)) too
-// unless `indices_checked_by_tasks`, where each task checks its own rows'
-// indices with check_indices before using them, in parallel.
-ffi::Error decode_pattern(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
-                          int64_t rows, int64_t cols, int64_t total, const char* op,
-                          const char* name, Pattern* out, bool indices_checked_by_tasks = false);
 
 // Returns early from a handler that returns ffi::Future.
 #define SPARSEPROP_RETURN_IF_ERROR(expr)                  \
@@ -203,5 +196,24 @@ ffi::Future run_tasks(ffi::ThreadPool& pool, std::vector<Task> tasks,
 
 // A future already completed with `error`.
 ffi::Future failed(ffi::Error error);
+
+// The error for an exception a handler or task caught (an allocation that
+// failed): no exception may cross into XLA.
+ffi::Error caught(const char* op);
+
+// The handler `Fn` with its exceptions turned into errors (see caught):
+// handlers are registered as Guarded<Fn>::Call.
+template <auto Fn>
+struct Guarded;
+template <typename... Args, ffi::Future (*Fn)(Args...)>
+struct Guarded<Fn> {
+  static ffi::Future Call(Args... args) {
+    try {
+      return Fn(std::move(args)...);
+    } catch (...) {
+      return failed(caught("handler"));
+    }
+  }
+};
 
 }  // namespace sparseprop

@@ -33,6 +33,7 @@
 
 #include "ffi_common.h"
 #include "linear_ffi.h"
+#include "pattern.h"
 #include "permute.h"
 #include "simd_dispatch.h"
 
@@ -139,15 +140,6 @@ void weight_gradient(const KernelTable& k, const int32_t* indptr, const int32_t*
                     /*accumulate=*/t > 0);
 }
 
-// Checks the indices of the entries of task `t`'s rows (each task checks the
-// entries it reads); returns the entries' range in `lo`, `hi`.
-ffi::Error check_task_indices(const Pattern& pat, const Task& t, const char* op,
-                              const char* name, int64_t* lo, int64_t* hi) {
-  *lo = pat.row_ptr(t.slice)[t.begin];
-  *hi = pat.row_ptr(t.slice)[t.end];
-  return check_indices(pat.col_idx(t.slice), *lo, *hi, pat.cols, op, name);
-}
-
 // dst[r * ld_dst + c] = src[r * ld_src + c] for r < rows, c < cols: a block
 // of rows between x^T and one of its batch tiles.
 void copy_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
@@ -158,7 +150,9 @@ void copy_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
 
 // Tasks transposing each of `count` slices of a batch x features matrix at
 // `src` into the batch-tiled layout at `dst` (or, `untiled`, into [features,
-// batch]), split over the features.
+// batch]), split over the features. `count` is either the source's own
+// number of slices (each transposed once) or the call's result slices (each
+// result slice gets the source slice it reads).
 Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_stack,
                       float* dst, int64_t count, int parts, bool untiled = false) {
   const int64_t batch = src_stack.dims[0], features = src_stack.dims[1];
@@ -167,7 +161,8 @@ Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_s
   for (int64_t v = 0; v < count; ++v) split_even(features, v, 0, parts, &phase.tasks);
   phase.fn = [=, &k](const Task& t) {
     const BatchTiles tiles{batch};
-    const float* src_v = src + slice_offset(src_stack, t.slice);
+    const float* src_v = src + (count == src_stack.count ? t.slice * src_stack.slice()
+                                                         : slice_offset(src_stack, t.slice));
     float* dst_v = dst + t.slice * batch * features;
     for (int64_t tile = 0; tile < tiles.count(); ++tile) {
       const TileAt to = tile_at(tiles, tile, features, untiled ? batch : 0);
@@ -206,20 +201,20 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Stack ys, xs, vs;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(y->dimensions(), 2, op, "output", &ys));
   const int64_t total = ys.count, batch = ys.dims[0];
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 2, total, op, "x", &xs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 2, ys, op, "x", &xs));
   SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[0], batch, op, "x batch size"));
-  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, total, op, "values", &vs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(values.dimensions(), 1, ys, op, "values", &vs));
   const int64_t n_in = xs.dims[1];
   if (xt_result != nullptr) {
     Stack ss;
     SPARSEPROP_RETURN_IF_ERROR(decode_stack((*xt_result)->dimensions(), 2, op, "x^T output", &ss));
-    SPARSEPROP_RETURN_IF_ERROR(check_size(ss.count, total, op, "x^T output stack"));
+    SPARSEPROP_RETURN_IF_ERROR(check_same_lead(ys, ss, op, "x^T output"));
     SPARSEPROP_RETURN_IF_ERROR(check_size(ss.dims[0], n_in, op, "x^T output features"));
     SPARSEPROP_RETURN_IF_ERROR(check_size(ss.dims[1], batch, op, "x^T output batch size"));
   }
   Pattern pat;
-  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, ys.dims[1], n_in, total, op,
-                                            "pattern", &pat, /*indices_checked_by_tasks=*/true));
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(indptr, indices, ys.dims[1], n_in, ys, op,
+                                            "pattern", &pat, /*rows_checked_by_tasks=*/true));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
   const KernelTable& k = active_kernels();
@@ -233,7 +228,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (!saving) scratch_xt = scratch<float>(xs.count * n_in * batch);
   float* xt = saving ? (*xt_result)->typed_data() : scratch_xt.get();
   const int64_t xt_ld = saving ? batch : 0;  // spmm_batch_major's in_ld: 0 for tiled
-  const auto xt_of = [=](int64_t v) { return xt + (xt_count == 1 ? 0 : v) * n_in * batch; };
+  const auto xt_of = [=](int64_t v) { return xt + (saving ? v : xs.index(v)) * n_in * batch; };
   const float* w = values.typed_data();
   float* out = y->typed_data();
   const bool stream_y = streams_past_cache(total * ys.slice());
@@ -242,8 +237,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // (within 25% of an even split of the batch) and each slice has its own x^T:
   // a task transposes a tile of x and runs every row on it while the tile is
   // in its core's L2, in a single phase. Split over rows instead, every core
-  // reads all of x^T, half of it written by the other core. A task reads all
-  // of its slice's pattern, so it checks all of it.
+  // reads all of x^T, half of it written by the other core.
   const BatchTiles tiles{batch};
   const bool by_tiles = xt_count == total && tiles_share_evenly(tiles, parts);
   if (by_tiles) {
@@ -251,9 +245,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t v = 0; v < total; ++v) split_even(tiles.count(), v, 0, parts, &products.tasks);
     const float* x_data = x.typed_data();
     products.fn = [=, keep = scratch_xt, &k](const Task& t) -> ffi::Error {
-      int64_t lo, hi;
-      ffi::Error error =
-          check_task_indices(pat, Task{t.slice, 0, pat.rows}, op, "pattern", &lo, &hi);
+      ffi::Error error = check_rows(pat, t.slice, 0, pat.rows, op, "pattern");  // reads all
       if (error.failure()) return error;
       const float* x_v = x_data + slice_offset(xs, t.slice);
       float* xt_v = xt_of(t.slice);
@@ -278,8 +270,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t v = 0; v < total; ++v)
     split_rows(pat.row_ptr(v), pat.rows, v, parts, &products.tasks);
   products.fn = [=, keep = scratch_xt, &k](const Task& t) -> ffi::Error {
-    int64_t lo, hi;
-    ffi::Error error = check_task_indices(pat, t, op, "pattern", &lo, &hi);
+    ffi::Error error = check_rows(pat, t.slice, t.begin, t.end, op, "pattern");
     if (error.failure()) return error;
     spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), w + slice_offset(vs, t.slice),
                      nullptr, xt_of(t.slice), n_in, batch,
@@ -305,8 +296,9 @@ ffi::Future LinearForwardAndXt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // What one backward call computes; the handlers below fill the parts they
-// have. The input gradient needs the values and the transposed pattern, the
-// weight gradient x^T ([in, batch], as the forward returns it) and the pattern.
+// have. The input gradient needs the values and the transposed pattern (and
+// the pattern, to check the two against each other), the weight gradient
+// x^T ([in, batch], as the forward returns it) and the pattern.
 struct Backward {
   ffi::Buffer<ffi::F32>* xt = nullptr;
   ffi::Buffer<ffi::F32>* values = nullptr;
@@ -332,48 +324,49 @@ struct Backward {
 // rows.
 ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, const Backward& b,
                             const char* op) {
-  Stack dys;
-  SPARSEPROP_RETURN_IF_ERROR(decode_stack(dy.dimensions(), 2, op, "dy", &dys));
-  const int64_t batch = dys.dims[0], n_out = dys.dims[1];
-  Stack dxs, ds, xs, vs, ps;
-  int64_t total = 0, n_in = 0;
-  if (b.dx != nullptr) {
+  // The results first: the operands' leading (vmap) dims broadcast against theirs.
+  Stack dxs, ds, dys, xs, vs, ps;
+  if (b.dx != nullptr)
     SPARSEPROP_RETURN_IF_ERROR(decode_stack((*b.dx)->dimensions(), 2, op, "dx output", &dxs));
-    total = dxs.count;
-    n_in = dxs.dims[1];
-    SPARSEPROP_RETURN_IF_ERROR(check_size(dxs.dims[0], batch, op, "dx batch size"));
-  }
   if (b.dvalues != nullptr) {
     SPARSEPROP_RETURN_IF_ERROR(
         decode_stack((*b.dvalues)->dimensions(), 1, op, "dvalues output", &ds));
     if (b.dx != nullptr)
-      SPARSEPROP_RETURN_IF_ERROR(check_size(ds.count, total, op, "dvalues output stack"));
-    total = ds.count;
-    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.xt->dimensions(), 2, total, op, "x^T", &xs));
+      SPARSEPROP_RETURN_IF_ERROR(check_same_lead(dxs, ds, op, "dvalues output"));
+  }
+  const Stack& result = b.dx != nullptr ? dxs : ds;
+  const int64_t total = result.count;
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(dy.dimensions(), 2, result, op, "dy", &dys));
+  const int64_t batch = dys.dims[0], n_out = dys.dims[1];
+  int64_t n_in = 0;
+  if (b.dx != nullptr) {
+    n_in = dxs.dims[1];
+    SPARSEPROP_RETURN_IF_ERROR(check_size(dxs.dims[0], batch, op, "dx batch size"));
+  }
+  if (b.dvalues != nullptr) {
+    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.xt->dimensions(), 2, result, op, "x^T", &xs));
     SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], batch, op, "x^T batch size"));
     if (b.dx != nullptr)
       SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[0], n_in, op, "x^T features"));
     n_in = xs.dims[0];
   }
-  SPARSEPROP_RETURN_IF_ERROR(check_stack_count(dys, total, op, "dy"));
+  // The pattern always: the input gradient checks the transposed pattern against it.
   Pattern pat, tpat;
-  if (b.dvalues != nullptr) {
-    SPARSEPROP_RETURN_IF_ERROR(decode_pattern(*b.indptr, *b.indices, n_out, n_in, total, op,
-                                              "pattern", &pat, /*indices_checked_by_tasks=*/true));
+  SPARSEPROP_RETURN_IF_ERROR(decode_pattern(*b.indptr, *b.indices, n_out, n_in, result, op,
+                                            "pattern", &pat, /*rows_checked_by_tasks=*/true));
+  if (b.dvalues != nullptr)
     SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "dvalues output length"));
-  }
   if (b.dx != nullptr) {
-    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.values->dimensions(), 1, total, op, "values", &vs));
+    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.values->dimensions(), 1, result, op, "values", &vs));
     SPARSEPROP_RETURN_IF_ERROR(
-        decode_operand(b.t_perm->dimensions(), 1, total, op, "transposed permutation", &ps));
-    SPARSEPROP_RETURN_IF_ERROR(decode_pattern(*b.t_indptr, *b.t_indices, n_in, n_out, total, op,
+        decode_operand(b.t_perm->dimensions(), 1, result, op, "transposed permutation", &ps));
+    SPARSEPROP_RETURN_IF_ERROR(decode_pattern(*b.t_indptr, *b.t_indices, n_in, n_out, result, op,
                                               "transposed pattern", &tpat,
-                                              /*indices_checked_by_tasks=*/true));
+                                              /*rows_checked_by_tasks=*/true));
+    SPARSEPROP_RETURN_IF_ERROR(check_size(tpat.nnz, pat.nnz, op, "transposed pattern nnz"));
     SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], tpat.nnz, op, "values length"));
     SPARSEPROP_RETURN_IF_ERROR(
         check_size(ps.dims[0], tpat.nnz, op, "transposed permutation length"));
-    if (b.dvalues != nullptr)
-      SPARSEPROP_RETURN_IF_ERROR(check_size(tpat.nnz, pat.nnz, op, "transposed pattern nnz"));
   }
 
   const KernelTable& k = active_kernels();
@@ -385,7 +378,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
       pool, total * batch * ((want_dx + want_dw) * nnz + kFlopsPerMovedFloat * moved));
 
   // Phase 1: the layout work. dy^T has one slice per slice of dy; the
-  // gathered values one per slice of the values or permutation.
+  // gathered values one per slice of the values and permutation together.
   std::vector<Phase> layout;
   auto dyt = scratch<float>(dys.count * n_out * batch);
   layout.push_back(transpose_phase(k, dy.typed_data(), dys, dyt.get(), dys.count, parts));
@@ -417,22 +410,34 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   // at a time in the products (a gathered copy of them all costs a write and
   // a read of nnz floats through memory, which only pays where it saves the
   // gathers of the later tiles).
+  // The transposed pattern is checked against the pattern before its
+  // values are gathered (in the gathering phase, or in the products' tasks),
+  // in a pass of its own: fused into the gather, the two arrays it reads at
+  // random no longer fit in L2 together, and both loops slow down. No result
+  // is kept from an inconsistent pair, and two tasks never scatter to one
+  // entry.
   const bool gather_first = want_dx && tiles.count() > 1;
-  const int64_t gathered_slices = std::max(vs.count, ps.count);
   const float* w = want_dx ? b.values->typed_data() : nullptr;
   const int32_t* perm = want_dx ? b.t_perm->typed_data() : nullptr;
+  const auto check_transposed = [=](int64_t v, int64_t begin, int64_t end) {
+    return check_transposed_rows(tpat, perm + slice_offset(ps, v), pat, v, begin, end, op);
+  };
+  // The gathered values, one slice per slice of all the operands they come
+  // from and are checked against.
+  const Stack gs = joint({&vs, &ps, &tpat.indptr_stack, &tpat.indices_stack, &pat.indptr_stack,
+                          &pat.indices_stack});
   if (gather_first) {
-    gathered = scratch<float>(gathered_slices * nnz);
+    gathered = scratch<float>(gs.count * nnz);
     Phase gathering;
-    for (int64_t v = 0; v < gathered_slices; ++v) split_even(nnz, v, 0, parts, &gathering.tasks);
+    for (int64_t i = 0; i < gs.count; ++i)
+      split_rows(tpat.row_ptr(gs.representative(i)), n_in, i, parts, &gathering.tasks);
     gathering.fn = [=](const Task& t) -> ffi::Error {
-      const float* w_v = w + slice_offset(vs, t.slice);
-      const int32_t* perm_v = perm + slice_offset(ps, t.slice);
-      ffi::Error error = check_permutation(perm_v, t.begin, t.end, nnz, op,
-                                           "transposed permutation");
+      const int64_t v = gs.representative(t.slice);
+      ffi::Error error = check_transposed(v, t.begin, t.end);
       if (error.failure()) return error;
-      float* out_v = gathered.get() + t.slice * nnz;
-      gather(w_v, perm_v, t.begin, t.end, out_v);
+      const int32_t* tptr = tpat.row_ptr(v);
+      gather(w + slice_offset(vs, v), perm + slice_offset(ps, v), tptr[t.begin], tptr[t.end],
+             gathered.get() + t.slice * nnz);
       return ffi::Error::Success();
     };
     layout.push_back(std::move(gathering));
@@ -448,33 +453,23 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
     Phase igrad;
     for (int64_t v = 0; v < total; ++v) split_rows(tpat.row_ptr(v), n_in, v, parts, &igrad.tasks);
     float* dx = (*b.dx)->typed_data();
-    const int64_t gathered_slice = gathered_slices == 1 ? 0 : nnz;
     const bool stream_dx = streams_past_cache(total * dx_slice);
     igrad.fn = [=, &k](const Task& t) -> ffi::Error {
-      int64_t lo, hi;
-      ffi::Error error = check_task_indices(tpat, t, op, "transposed pattern", &lo, &hi);
-      const float* vals;
-      const int32_t* perm_v = nullptr;
-      if (gather_first) {
-        vals = gathered.get() + t.slice * gathered_slice;
-      } else {
-        vals = w + slice_offset(vs, t.slice);
-        perm_v = perm + slice_offset(ps, t.slice);
-        if (error.success())
-          error = check_permutation(perm_v, lo, hi, nnz, op, "transposed permutation");
+      if (!gather_first) {  // else checked in the gathering phase
+        ffi::Error error = check_transposed(t.slice, t.begin, t.end);
+        if (error.failure()) return error;
       }
-      // one_pass reads no pattern indices, but they are this call's operand
-      // as well: each task checks the same range of entries of both patterns.
-      if (one_pass && error.success())
-        error = check_indices(pat.col_idx(t.slice), lo, hi, pat.cols, op, "pattern");
-      if (error.failure()) return error;
+      const int32_t* perm_v = perm + slice_offset(ps, t.slice);
+      const float* vals = gather_first ? gathered.get() + gs.index(t.slice) * nnz
+                                       : w + slice_offset(vs, t.slice);
       float* sums_v = one_pass ? sums.get() + t.slice * nnz : nullptr;
-      spmm_batch_major(k, tpat.row_ptr(t.slice), tpat.col_idx(t.slice), vals, perm_v,
-                       dyt.get() + slice_offset(dys, t.slice), n_out, batch,
-                       dx + t.slice * dx_slice, n_in, t.begin, t.end, stream_dx,
+      spmm_batch_major(k, tpat.row_ptr(t.slice), tpat.col_idx(t.slice), vals,
+                       gather_first ? nullptr : perm_v, dyt.get() + slice_offset(dys, t.slice),
+                       n_out, batch, dx + t.slice * dx_slice, n_in, t.begin, t.end, stream_dx,
                        one_pass ? xt + slice_offset(xs, t.slice) : nullptr, sums_v);
-      if (one_pass) {  // the permutation was checked above or in the gather
-        scatter(sums_v, perm + slice_offset(ps, t.slice), lo, hi, dw + t.slice * dw_slice);
+      if (one_pass) {
+        const int32_t* tptr = tpat.row_ptr(t.slice);
+        scatter(sums_v, perm_v, tptr[t.begin], tptr[t.end], dw + t.slice * dw_slice);
       }
       return ffi::Error::Success();
     };
@@ -485,8 +480,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
     for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), n_out, v, parts, &wgrad.tasks);
     const bool per_tile = batch > kBatchTile && pat.nnz >= kPerTileMinEntriesPerRow * n_out;
     wgrad.fn = [=, &k](const Task& t) -> ffi::Error {
-      int64_t lo, hi;
-      ffi::Error error = check_task_indices(pat, t, op, "pattern", &lo, &hi);
+      ffi::Error error = check_rows(pat, t.slice, t.begin, t.end, op, "pattern");
       if (error.failure()) return error;
       weight_gradient(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
                       dyt.get() + slice_offset(dys, t.slice), n_out,
@@ -504,11 +498,14 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
 }
 
 ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                            ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
+                            ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+                            ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> t_indptr,
                             ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
                             ffi::ResultBuffer<ffi::F32> dx) {
   Backward b;
   b.values = &values;
+  b.indptr = &indptr;
+  b.indices = &indices;
   b.t_indptr = &t_indptr;
   b.t_indices = &t_indices;
   b.t_perm = &t_perm;
@@ -539,24 +536,24 @@ ffi::Future LinearBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForward, LinearForward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForward, Guarded<LinearForward>::Call,
                               (bind_operands<2, 2>())
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForwardAndXt, LinearForwardAndXt,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForwardAndXt, Guarded<LinearForwardAndXt>::Call,
                               (bind_operands<2, 2>())
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearInputGrad, LinearInputGrad,
-                              (bind_operands<2, 3>())
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearInputGrad, Guarded<LinearInputGrad>::Call,
+                              (bind_operands<2, 5>())
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearWeightGrad, LinearWeightGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearWeightGrad, Guarded<LinearWeightGrad>::Call,
                               (bind_operands<2, 2>())
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearBackward, LinearBackward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearBackward, Guarded<LinearBackward>::Call,
                               (bind_operands<3, 5>())
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "conv_ffi.h"
+#include "ffi_common.h"
 #include "linear_ffi.h"
 #include "simd_dispatch.h"
 
@@ -49,6 +50,10 @@ NB_MODULE(_sparseprop_jax_ffi, m) {
           throw std::invalid_argument("unknown or unsupported SIMD path: " + name);
       },
       nb::arg("name"));
+  m.def("cached_scratch_bytes", &sparseprop::cached_scratch_bytes,
+        "Bytes of scratch buffers kept for reuse between calls.");
+  m.def("release_scratch", &sparseprop::release_scratch,
+        "Frees the scratch buffers kept for reuse.");
   m.def("tasks_per_call", &sparseprop::tasks_per_call);
   m.def("set_tasks_per_call", &sparseprop::set_tasks_per_call, nb::arg("n"));
 }
