@@ -14,6 +14,34 @@ import numpy as np
 SUPPORTED_DTYPES = ("float32",)
 
 
+def as_array(where: str, name: str, value: Any) -> Any:
+    """`value` as a JAX array, or a TypeError naming the argument if it is not array-like."""
+    if value is None:
+        raise TypeError(f"{where}: {name} must be an array, got None")
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{where}: {name} must be an array, got {type(value).__name__}: "
+                        f"{err}") from None
+
+
+def int32_indices(where: str, name: str, array: Any) -> np.ndarray:
+    """A concrete integer array as int32, or an error if a value does not fit (never wraps).
+
+    Pattern arrays must be int32 (the kernels read int32); wider integers, as
+    a checkpoint may hold them, are converted only where every value fits.
+    """
+    array = np.asarray(array)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{where}: {name} must hold integers, got {array.dtype}")
+    info = np.iinfo(np.int32)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        bad = array.min() if array.min() < info.min else array.max()
+        raise ValueError(f"{where}: {name} holds {bad}, which does not fit the int32 a pattern "
+                         "index must be")
+    return array.astype(np.int32)
+
+
 def check_float32(where: str, name: str, array: Any) -> None:
     """Raises TypeError unless `array` is float32, naming the supported dtypes."""
     dtype = jnp.result_type(array)

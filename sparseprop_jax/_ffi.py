@@ -15,6 +15,7 @@ calls work when the batch is split across devices:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Union
 
 import jax
@@ -46,9 +47,26 @@ CONV_WEIGHT_GRAD = "sparseprop_conv_weight_grad"
 CONV_NHWC_FORWARD = "sparseprop_conv_nhwc_forward"
 CONV_NHWC_BACKWARD = "sparseprop_conv_nhwc_backward"
 
-# SPARSEPROP_JAX_SIMD=scalar|avx2|avx512|auto picks the kernel path at import.
-if os.environ.get("SPARSEPROP_JAX_SIMD"):
-    _ext.set_simd_path(os.environ["SPARSEPROP_JAX_SIMD"])
+
+def _simd_path_from_environment() -> None:
+    """SPARSEPROP_JAX_SIMD=scalar|avx2|avx512|auto picks the kernel path at import.
+
+    A name that is unknown, or a path this CPU cannot run, warns and keeps the
+    best supported path: the import itself does not fail.
+    """
+    name = os.environ.get("SPARSEPROP_JAX_SIMD", "")
+    if not name:
+        return
+    allowed = ["auto"] + list(_ext.supported_simd_paths())
+    if name in allowed:
+        _ext.set_simd_path(name)
+        return
+    warnings.warn(f"SPARSEPROP_JAX_SIMD={name!r} is not one of {allowed} ('auto' or a path "
+                  f"this CPU runs); using the best supported path, {_ext.simd_path()!r}",
+                  RuntimeWarning, stacklevel=2)
+
+
+_simd_path_from_environment()
 
 
 # vmap: batched operands get their vmap dims in front and unbatched ones size-1

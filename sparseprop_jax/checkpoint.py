@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sparseprop_jax import _checks
 from sparseprop_jax import _model_layers as ml
 from sparseprop_jax.sparse_weight import SparsityPattern
 
@@ -257,8 +258,10 @@ def _write_back(target: Any, restored: Any) -> Any:
 
         def fix(tree, path):
             if path in shapes:
-                return SparsityPattern(*(jnp.asarray(tree[f]) for f in SparsityPattern.FIELDS),
-                                       shape=shapes[path])
+                return SparsityPattern(
+                    *(jnp.asarray(_checks.int32_indices(
+                        "restore_checkpoint", f"{'/'.join(path)}/{f}", tree[f]))
+                      for f in SparsityPattern.FIELDS), shape=shapes[path])
             if isinstance(tree, Mapping):
                 return {k: fix(v, path + (str(k),)) for k, v in tree.items()}
             return tree

@@ -201,7 +201,7 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
                          f"{weight.shape} (sparse_linear takes 2-D kernels)")
     weight.check(where)
     kh, kw, cin, cout = weight.shape
-    x = jnp.asarray(x)
+    x = _checks.as_array(where, "x", x)
     _checks.check_float32(where, "x", x)
     if x.ndim != 4:
         raise ValueError(f"{where}: x must be 4-D NHWC [N, H, W, {cin}], got shape {x.shape}")
@@ -209,6 +209,7 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
         raise ValueError(f"{where}: x must have {cin} channels (the kernel's in), got shape "
                          f"{x.shape}")
     if bias is not None:
+        bias = _checks.as_array(where, "bias", bias)
         _checks.check_float32(where, "bias", bias)
         _checks.check_shape(where, "bias", bias, (cout,))
     stride = parse_strides(where, strides)[0]

@@ -90,13 +90,14 @@ def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None) -> A
         raise ValueError(f"{where}: weight must be a 2-D (in_features, out_features) kernel, got "
                          f"shape {pattern.shape} (sparse_conv2d takes convolution kernels)")
     n_in, n_out = pattern.shape
-    x = jnp.asarray(x)
+    x = _checks.as_array(where, "x", x)
     _checks.check_float32(where, "x", x)
     if x.ndim < 1 or x.shape[-1] != n_in:
         raise ValueError(f"{where}: x must have shape [..., {n_in}] (in_features={n_in}), "
                          f"got {x.shape}")
     weight.check(where)
     if bias is not None:
+        bias = _checks.as_array(where, "bias", bias)
         _checks.check_float32(where, "bias", bias)
         _checks.check_shape(where, "bias", bias, (n_out,))
     lead = x.shape[:-1]

@@ -14,6 +14,7 @@ pattern is made, never per step.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import jax
@@ -69,7 +70,7 @@ class SparsityPattern:
     @property
     def in_features(self) -> int:
         """Rows of the matrix view: the product of all but the last kernel dim."""
-        return int(np.prod(self.shape[:-1]))
+        return math.prod(self.shape[:-1])
 
     @property
     def out_features(self) -> int:
@@ -114,9 +115,11 @@ class SparsityPattern:
                     "t_indices": (self.nnz,), "t_perm": (self.nnz,)}
         for name, shape in expected.items():
             array = getattr(self, name)
-            if jnp.result_type(array) != jnp.int32:
-                raise TypeError(f"{where}: weight.pattern.{name} must be int32, "
-                                f"got {jnp.result_type(array)}")
+            # The array's own dtype: jnp.result_type would call an int64 NumPy
+            # array int32 (without x64), and the call would then wrap its values.
+            dtype = getattr(array, "dtype", None) or np.asarray(array).dtype
+            if dtype != np.int32:
+                raise TypeError(f"{where}: weight.pattern.{name} must be int32, got {dtype}")
             _checks.check_shape(where, f"weight.pattern.{name}", array, shape)
 
     def __repr__(self) -> str:
@@ -153,7 +156,7 @@ class SparsityPattern:
         """
         where = "SparsityPattern.from_csc"
         shape = _kernel_shape(where, shape, "shape")
-        n_in, n_out = int(np.prod(shape[:-1])), shape[-1]
+        n_in, n_out = math.prod(shape[:-1]), shape[-1]
         indptr = _checks.concrete(where, "indptr", indptr)
         indices = _checks.concrete(where, "indices", indices)
         for name, arr in (("indptr", indptr), ("indices", indices)):
@@ -194,7 +197,7 @@ class SparsityPattern:
         where = "SparsityPattern.random"
         shape = _kernel_shape(where, shape, "shape")
         sparsity = _checks.check_sparsity(where, sparsity)
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         nnz = size - int(round(sparsity * size))
         # The nnz smallest of `size` uniform draws: a uniform subset of exactly nnz
         # entries. (jax.random.choice without replacement permutes all `size`
@@ -208,7 +211,7 @@ class SparsityPattern:
     @classmethod
     def _from_sorted_coords(cls, in_idx, out_idx, shape) -> "SparsityPattern":
         """Builds both orders from coordinates sorted by (output, input) feature."""
-        n_in, n_out = int(np.prod(shape[:-1])), shape[-1]
+        n_in, n_out = math.prod(shape[:-1]), shape[-1]
         indptr = np.zeros(n_out + 1, dtype=np.int64)
         np.cumsum(np.bincount(out_idx, minlength=n_out), out=indptr[1:])
         t_perm = np.lexsort((out_idx, in_idx))  # by input feature, then output feature
@@ -389,10 +392,21 @@ def _check_values(where: str, values: Any, pattern: SparsityPattern, name: str =
                          f"pattern's nnz, got {np.shape(values)}")
 
 
+#: Patterns index input and output features with int32.
+MAX_FEATURES = 2**31 - 1
+
+
 def _kernel_shape(where: str, shape: Any, name: str) -> tuple[int, ...]:
-    """Checks a kernel shape: at least 2-D, every dim a positive int."""
+    """Checks a kernel shape: at least 2-D, every dim a positive int, and in_features
+    (the product of the leading dims) and out_features within int32 indices' reach."""
     shape = tuple(shape)
     if len(shape) < 2:
         raise ValueError(f"{where}: {name} must have at least 2 dims (..., in_features, "
                          f"out_features), got {shape!r}")
-    return tuple(_checks.check_features(where, f"{name}[{i}]", d) for i, d in enumerate(shape))
+    shape = tuple(_checks.check_features(where, f"{name}[{i}]", d) for i, d in enumerate(shape))
+    for what, size in (("in_features (the product of all but the last dim)",
+                        math.prod(shape[:-1])), ("out_features (the last dim)", shape[-1])):
+        if size > MAX_FEATURES:
+            raise ValueError(f"{where}: {name}={shape!r} has {what} = {size}, more than the "
+                             f"{MAX_FEATURES} that int32 pattern indices can address")
+    return shape

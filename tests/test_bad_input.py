@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -240,3 +243,71 @@ def test_every_corrupted_pattern_leaf_fails_or_matches_to_dense(layer, simd_path
             counts["match"] += 1
     assert counts["error"] > 0 and sum(counts.values()) > 100, counts
 
+
+# -- messages that name the culprit ---------------------------------------------------
+def test_non_arrays_are_named(weight):
+    conv_weight = sp.SparseWeight.from_dense(random_kernel(np.random.default_rng(1), 18, 3, 0.5)
+                                             .reshape(3, 3, 2, 3))
+    for bad in (None, "abc", object()):
+        with pytest.raises(TypeError, match="sparse_linear: x must be an array"):
+            sp.sparse_linear(bad, weight)
+        with pytest.raises(TypeError, match="sparse_conv2d: x must be an array"):
+            sp.sparse_conv2d(bad, conv_weight)
+    with pytest.raises(TypeError, match="sparse_linear: bias must be an array"):
+        sp.sparse_linear(jnp.ones((3, 8)), weight, "abc")
+    with pytest.raises(TypeError, match="sparse_conv2d: bias must be an array"):
+        sp.sparse_conv2d(jnp.ones((1, 4, 4, 2)), conv_weight, object())
+
+
+@pytest.mark.parametrize("n", [-1, 2**31, 2**40, 1.5, True, "2"])
+def test_tasks_per_call_out_of_range(n):
+    with pytest.raises(ValueError, match=r"set_tasks_per_call: n must be an int in \[0, "):
+        sp.set_tasks_per_call(n)
+    assert sp.tasks_per_call() == 0
+
+
+def test_tasks_per_call_takes_numpy_ints():
+    with tasks_per_call(np.int64(3)):
+        assert sp.tasks_per_call() == 3
+
+
+@pytest.mark.parametrize("value", ["bogus", "AVX2 ", "avx1024"])
+def test_unknown_simd_path_in_the_environment_warns_and_falls_back(value, tmp_path):
+    script = ("import warnings; warnings.simplefilter('error')\n"
+              "try:\n    import sparseprop_jax\nexcept RuntimeWarning as w:\n    print(w)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "SPARSEPROP_JAX_SIMD": value},
+                         cwd=tmp_path, timeout=120, check=True).stdout
+    assert f"SPARSEPROP_JAX_SIMD={value!r} is not one of ['auto'" in out
+    fallback = subprocess.run(
+        [sys.executable, "-c", "import sparseprop_jax as sp; print(sp.simd_path())"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, check=True,
+        env={**os.environ, "SPARSEPROP_JAX_SIMD": value}).stdout.strip()
+    assert fallback == sp.supported_simd_paths()[0]
+
+
+@pytest.mark.parametrize("shape, what", [
+    ((2**32, 2**32, 1), "in_features"),          # the product wraps in int64
+    ((2**16, 2**15, 3), "in_features"),          # 2**31 input features
+    ((3, 2**31), "out_features"),
+])
+def test_shapes_past_int32_indices_are_refused(shape, what):
+    with pytest.raises(ValueError, match=f"has {what} .* more than the 2147483647"):
+        sp.SparsityPattern.from_csc([0, 0], [], shape)
+    with pytest.raises(ValueError, match=f"has {what}"):
+        sp.SparsityPattern.random(shape, 1.0, jax.random.key(0))
+
+
+def test_wide_pattern_indices_are_refused_not_wrapped(weight):
+    from sparseprop_jax import _checks
+
+    p = weight.pattern
+    wide = np.asarray(p.indices, np.int64)
+    with_wide = sp.SparseWeight(weight.values, sp.SparsityPattern(
+        p.indptr, wide, p.t_indptr, p.t_indices, p.t_perm, p.shape))
+    with pytest.raises(TypeError, match="weight.pattern.indices must be int32, got int64"):
+        sp.sparse_linear(jnp.ones((2, 8)), with_wide)
+    np.testing.assert_array_equal(_checks.int32_indices("w", "a", wide), p.indices)
+    wide[0] = 2**32 + 1  # index 1 after wrapping to int32
+    with pytest.raises(ValueError, match="a holds 4294967297, which does not fit the int32"):
+        _checks.int32_indices("w", "a", wide)
