@@ -287,6 +287,8 @@ def _partitioned(target, shapes, dims, attrs, ndims):
                          for o, d in zip(out, out_dims))
         return mesh, shard, results, args
 
+    # Shardy reads sharding_rule; infer_sharding_from_operands serves only GSPMD (jax 0.10
+    # with jax_use_shardy_partitioner off; jax 0.12 has no GSPMD and ignores it).
     op.def_partition(partition=partition,
                      infer_sharding_from_operands=infer_sharding_from_operands,
                      sharding_rule=_sharding_rule(shapes, dims, ndims))
