@@ -9,7 +9,9 @@ calls work when the batch is split across devices:
 - under `jit` with sharded inputs each call is a `custom_partitioning` op, so
   XLA runs it on every device's batch shard instead of gathering the batch
   (an opaque custom call is otherwise replicated), and a weight gradient is
-  the sum of per-shard partial sums, all-reduced once.
+  the sum of per-shard partial sums, all-reduced once; with the batch split
+  over explicit mesh axes, whose split the types already show, a `shard_map`
+  does the same.
 """
 
 from __future__ import annotations
@@ -161,6 +163,8 @@ def call(target: str, shapes, *operands: jax.Array, **attrs):
     elif dims is None or not any(isinstance(op, jax.core.Tracer) for op in operands):
         # Eager calls run on concrete arrays: nothing to partition.
         out = _ffi_call(target, _results(shapes, avals, dims), operands, attrs)
+    elif (split := _explicit_split(avals, dims)) is not None:
+        out = _shard_mapped(target, shapes, dims, attrs, avals, *split)(*operands)
     else:
         out = _partitioned(target, shapes, dims, attrs, [a.ndim for a in avals])(*operands)
     return tuple(out) if multiple else out[0]
@@ -207,6 +211,62 @@ def match_vma(*arrays: jax.Array) -> tuple[jax.Array, ...]:
 
 
 # -- partitioning under jit -------------------------------------------------------
+def _local_shapes(shapes, out_dims, shards):
+    """The result shapes of one shard: the batch dims divided by `shards`."""
+    local = []
+    for s, d in zip(shapes, out_dims):
+        s = list(s)
+        if _axis(len(s), d) is not None:
+            s[_axis(len(s), d)] //= shards
+        local.append(tuple(s))
+    return local
+
+
+def _explicit_split(avals, dims):
+    """(mesh, axis names, shards) when the batch is split evenly over explicit mesh axes.
+
+    Explicit axes are part of the operands' types, so the split is known while
+    tracing; auto axes are not (they read as replicated) and are left to
+    `_partitioned`. None when the batch is not split that way.
+    """
+    in_dims = dims[0]
+    mesh = next((a.sharding.mesh for a in avals
+                 if getattr(a, "sharding", None) is not None and not a.sharding.mesh.empty),
+                None)
+    if mesh is None:
+        return None
+    names = _axes_tuple(_batch_axes([a.sharding for a in avals], [a.ndim for a in avals],
+                                    in_dims))
+    shards = int(np.prod([mesh.shape[n] for n in names], dtype=np.int64))
+    batch = next(a.shape[_axis(a.ndim, d)] for a, d in zip(avals, in_dims)
+                 if _axis(a.ndim, d) is not None)
+    if shards <= 1 or batch % shards:
+        return None
+    return mesh, names, shards
+
+
+def _shard_mapped(target, shapes, dims, attrs, avals, mesh, names, shards):
+    """The call under `shard_map` over the explicit batch axes `names`.
+
+    With explicit axes the split is known while tracing, so a `shard_map` runs
+    the kernel on each shard (through `call`'s shard_map branch) and all-reduces
+    the results that sum over the batch. `custom_partitioning` is not used
+    here: on jax 0.12 its `psum` fails to compile under an explicit-axes mesh
+    ("Unsupported reduction computation").
+    """
+    in_dims, out_dims = dims
+    local = _local_shapes(shapes, out_dims, shards)
+
+    def shard(*operands):
+        out = call(target, tuple(local), *operands, **attrs)
+        return tuple(jax.lax.psum(o, names) if d == SUM else o for o, d in zip(out, out_dims))
+
+    in_specs = tuple(_spec(a.ndim, d, names) for a, d in zip(avals, in_dims))
+    out_specs = tuple(_spec(len(s), d, names) for s, d in zip(shapes, out_dims))
+    return jax.shard_map(shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names=frozenset(names))
+
+
 def _partitioned(target, shapes, dims, attrs, ndims):
     """The call as a custom_partitioning op (split over the batch) with a vmap rule."""
     in_dims, out_dims = dims
@@ -236,12 +296,8 @@ def _partitioned(target, shapes, dims, attrs, ndims):
 
     def partition(mesh, arg_shapes, result_shape):
         names, shards, args, results = shardings(mesh, arg_shapes)
-        local = []
-        for s, d in zip(shapes, out_dims):
-            s = list(s)
-            if _axis(len(s), d) is not None:
-                s[_axis(len(s), d)] //= shards
-            local.append(jax.ShapeDtypeStruct(tuple(s), jnp.float32))
+        local = [jax.ShapeDtypeStruct(s, jnp.float32)
+                 for s in _local_shapes(shapes, out_dims, shards)]
 
         def shard(*operands):  # one device's shard: the kernel on its part of the batch
             out = _ffi_call(target, local, operands, attrs)
@@ -249,6 +305,8 @@ def _partitioned(target, shapes, dims, attrs, ndims):
                          for o, d in zip(out, out_dims))
         return mesh, shard, results, args
 
+    # Shardy reads sharding_rule; infer_sharding_from_operands serves only GSPMD (jax 0.10
+    # with jax_use_shardy_partitioner off; jax 0.12 has no GSPMD and ignores it).
     op.def_partition(partition=partition,
                      infer_sharding_from_operands=infer_sharding_from_operands,
                      sharding_rule=_sharding_rule(shapes, dims, ndims))
