@@ -357,7 +357,8 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   if (b.dvalues != nullptr)
     SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "dvalues output length"));
   if (b.dx != nullptr) {
-    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.values->dimensions(), 1, result, op, "values", &vs));
+    SPARSEPROP_RETURN_IF_ERROR(
+        decode_operand(b.values->dimensions(), 1, result, op, "values", &vs));
     SPARSEPROP_RETURN_IF_ERROR(
         decode_operand(b.t_perm->dimensions(), 1, result, op, "transposed permutation", &ps));
     SPARSEPROP_RETURN_IF_ERROR(decode_pattern(*b.t_indptr, *b.t_indices, n_in, n_out, result, op,
