@@ -147,13 +147,13 @@ def sparse_fns(kernel: str, stride: int) -> dict:
 
 def auto_variant(layer: Layer, batch: int) -> str:
     """The variant kernel="auto" runs for this layer (the library's rule)."""
-    from sparseprop_jax import conv
+    from sparseprop_jax import conv, conv_variant
 
     pads = conv.explicit_pads(conv.parse_padding("benchmark", "SAME"), (layer.h, layer.w),
                               (KSIZE, KSIZE), layer.stride)
-    geometry = conv._Geometry("batch", batch, layer.h, layer.w, layer.kernel_shape,
-                              layer.stride, pads)
-    return conv._auto_variant(geometry)
+    geometry = conv.ConvGeometry("batch", batch, layer.h, layer.w, layer.kernel_shape,
+                                 layer.stride, pads)
+    return conv_variant.auto_variant(geometry)
 
 
 # -- correctness -------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Loads the compiled extension, registers its XLA FFI targets with JAX, and issues the calls.
 
-Every custom call of the package goes through `call`, which also makes the
+The targets are declared in `_targets.py`; at import the extension's own
+report of them is checked against those declarations, then each is
+registered. Every custom call of the package goes through `call`, which also
+makes the
 calls work when the batch is split across devices:
 
 - under `shard_map` the results are declared varying over the manual mesh axes
@@ -18,10 +21,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Union
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
@@ -35,19 +37,18 @@ except ImportError as err:  # e.g. importing the source tree instead of the inst
         "run Python from a folder where the source package shadows the installed one."
     ) from err
 
-for _name, _capsule in _ext.registrations().items():
-    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+from sparseprop_jax import _targets  # noqa: E402
+from sparseprop_jax._targets import SUM, Dim, Target  # noqa: E402
 
-LINEAR_FORWARD = "sparseprop_linear_forward"
-LINEAR_FORWARD_AND_XT = "sparseprop_linear_forward_and_xt"
-LINEAR_BACKWARD = "sparseprop_linear_backward"
-LINEAR_INPUT_GRAD = "sparseprop_linear_input_grad"
-LINEAR_WEIGHT_GRAD = "sparseprop_linear_weight_grad"
-CONV_FORWARD = "sparseprop_conv_forward"
-CONV_INPUT_GRAD = "sparseprop_conv_input_grad"
-CONV_WEIGHT_GRAD = "sparseprop_conv_weight_grad"
-CONV_NHWC_FORWARD = "sparseprop_conv_nhwc_forward"
-CONV_NHWC_BACKWARD = "sparseprop_conv_nhwc_backward"
+
+def _register_targets() -> None:
+    reported = _ext.targets()
+    _targets.check(reported)
+    for name, entry in reported.items():
+        jax.ffi.register_ffi_target(name, entry["capsule"], platform="cpu")
+
+
+_register_targets()
 
 
 def _simd_path_from_environment() -> None:
@@ -74,43 +75,6 @@ _simd_path_from_environment()
 # vmap: batched operands get their vmap dims in front and unbatched ones size-1
 # dims there; the handlers loop over those leading dims, broadcasting size 1.
 _VMAP_METHOD = "expand_dims"
-
-# -- where the batch is, per target ---------------------------------------------
-#: A result that sums over the batch (a weight gradient): per shard a partial sum.
-SUM = "sum"
-Dim = Union[int, str, None]
-
-
-def _batch_dims(target: str) -> Optional[tuple[tuple[Dim, ...], tuple[Dim, ...]]]:
-    """(operand dims, result dims): each operand's and result's batch dim.
-
-    None for a dim means the array does not depend on the batch (the weight
-    and its pattern), SUM a result that sums over it. None for a target that
-    cannot be split over the batch.
-    """
-    if target == LINEAR_FORWARD:  # x[B, in], values, indptr, indices -> y[B, out]
-        return (0, None, None, None), (0,)
-    if target == LINEAR_FORWARD_AND_XT:  # the same -> y[B, out], x^T[in, B]
-        return (0, None, None, None), (0, 1)
-    if target == LINEAR_BACKWARD:  # dy[B, out], x^T[in, B], values, 5 pattern -> dx, dvalues
-        return (0, 1) + (None,) * 6, (0, SUM)
-    if target == LINEAR_INPUT_GRAD:  # dy[B, out], values, 5 pattern -> dx[B, in]
-        return (0,) + (None,) * 6, (0,)
-    if target == LINEAR_WEIGHT_GRAD:  # dy[B, out], x^T[in, B], indptr, indices -> dvalues
-        return (0, 1, None, None), (SUM,)
-    # The width variant's layouts have the batch first: x (N, C, H, s, W), y (N, C, H, W).
-    if target == CONV_FORWARD:  # x, values, indptr, indices -> y
-        return (0, None, None, None), (0,)
-    if target == CONV_INPUT_GRAD:  # padded dy, values, 5 pattern -> dx
-        return (0,) + (None,) * 6, (0,)
-    if target == CONV_WEIGHT_GRAD:  # dy, x, indptr, indices -> dvalues
-        return (0, 0, None, None), (SUM,)
-    if target == CONV_NHWC_FORWARD:  # x[N, H, W, C], values, indptr, indices -> y[N, ...]
-        return (0, None, None, None), (0,)
-    if target == CONV_NHWC_BACKWARD:  # x, dy (NHWC), values, 5 pattern -> dx[N, ...], dvalues
-        return (0, 0) + (None,) * 6, (0, SUM)
-    return None
-
 
 def _axis(ndim: int, dim: Dim) -> Optional[int]:
     return None if dim is None or dim == SUM else dim % ndim
@@ -139,47 +103,58 @@ def _batch_axes(shardings, ndims, dims):
 
 
 # -- the call -----------------------------------------------------------------
-def call(target: str, shapes, *operands: jax.Array, **attrs):
-    """One float32 FFI call; `shapes` is one result shape or a tuple of them.
+def call(target: Target, shapes, *operands: jax.Array, dtype: str = "float32", **attrs):
+    """One FFI call of `target`; `shapes` is one result shape or a tuple of them.
 
     Every custom call of the package goes through here, so how results are
-    declared (shape, dtype, vmap rule, sharding) lives in one place.
+    declared (shape, dtype, vmap rule, sharding) lives in one place. `dtype`
+    is the call's floating dtype (one of `_targets.SUPPORTED_DTYPES`).
     """
     multiple = bool(shapes) and isinstance(shapes[0], tuple)
     shapes = tuple(tuple(s) for s in shapes) if multiple else (tuple(shapes),)
+    if (len(operands), len(shapes), set(attrs)) != (len(target.operands), len(target.results),
+                                                     set(target.attrs)):
+        raise TypeError(f"{target.name} takes operands {[a.name for a in target.operands]}, "
+                        f"{len(target.results)} result(s) and attributes {list(target.attrs)}; "
+                        f"got {len(operands)} operands, {len(shapes)} result shape(s) and "
+                        f"attributes {sorted(attrs)}")
+    if dtype not in _targets.SUPPORTED_DTYPES:
+        raise TypeError(f"{target.name}: dtype must be one of {_targets.SUPPORTED_DTYPES}, "
+                        f"got {dtype!r}")
+    types = tuple(zip(shapes, target.result_dtypes(dtype)))
     avals = [jax.typeof(op) for op in operands]
     varying = frozenset().union(*(a.mat.varying for a in avals))
-    dims = _batch_dims(target)
+    dims = target.batch_dims
     if varying:
         # Inside shard_map: the results vary over every manual axis an operand
         # varies over. Operands are made varying alike (jax needs them to match).
         mesh = next(a.sharding.mesh for a in avals if a.mat.varying)
         operands = match_vma(*operands)
         kind = jax.sharding.ManualAxisType(varying=varying)
-        results = tuple(jax.ShapeDtypeStruct(s, jnp.float32, manual_axis_type=kind,
+        results = tuple(jax.ShapeDtypeStruct(s, t, manual_axis_type=kind,
                                              sharding=NamedSharding(mesh, PartitionSpec()))
-                        for s in shapes)
+                        for s, t in types)
         out = _ffi_call(target, results, operands, attrs)
-    elif dims is None or not any(isinstance(op, jax.core.Tracer) for op in operands):
+    elif not any(isinstance(op, jax.core.Tracer) for op in operands):
         # Eager calls run on concrete arrays: nothing to partition.
-        out = _ffi_call(target, _results(shapes, avals, dims), operands, attrs)
+        out = _ffi_call(target, _results(types, avals, dims), operands, attrs)
     elif (split := _explicit_split(avals, dims)) is not None:
-        out = _shard_mapped(target, shapes, dims, attrs, avals, *split)(*operands)
+        out = _shard_mapped(target, shapes, dtype, attrs, avals, *split)(*operands)
     else:
-        out = _partitioned(target, shapes, dims, attrs, [a.ndim for a in avals])(*operands)
+        out = _partitioned(target, types, attrs, [a.ndim for a in avals])(*operands)
     return tuple(out) if multiple else out[0]
 
 
-def _ffi_call(target, results, operands, attrs):
-    return jax.ffi.ffi_call(target, tuple(results), vmap_method=_VMAP_METHOD)(*operands, **attrs)
+def _ffi_call(target: Target, results, operands, attrs):
+    return jax.ffi.ffi_call(target.name, tuple(results),
+                            vmap_method=_VMAP_METHOD)(*operands, **attrs)
 
 
-def _results(shapes, avals, dims) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """The result types; with explicit mesh axes (`jax.sharding.AxisType.Explicit`) they
-    carry the batch sharding of the operands, so the op needs no resharding."""
-    plain = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
-    if dims is None:
-        return plain
+def _results(types, avals, dims) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The result types ((shape, dtype) each); with explicit mesh axes
+    (`jax.sharding.AxisType.Explicit`) they carry the batch sharding of the
+    operands, so the op needs no resharding."""
+    plain = tuple(jax.ShapeDtypeStruct(s, t) for s, t in types)
     in_dims, out_dims = dims
     mesh = next((a.sharding.mesh for a in avals
                  if getattr(a, "sharding", None) is not None and not a.sharding.mesh.empty),
@@ -187,9 +162,8 @@ def _results(shapes, avals, dims) -> tuple[jax.ShapeDtypeStruct, ...]:
     if mesh is None:
         return plain
     axes = _batch_axes([a.sharding for a in avals], [a.ndim for a in avals], in_dims)
-    return tuple(jax.ShapeDtypeStruct(s, jnp.float32,
-                                      sharding=NamedSharding(mesh, _spec(len(s), d, axes)))
-                 for s, d in zip(shapes, out_dims))
+    return tuple(jax.ShapeDtypeStruct(s, t, sharding=NamedSharding(mesh, _spec(len(s), d, axes)))
+                 for (s, t), d in zip(types, out_dims))
 
 
 def match_vma(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -222,6 +196,12 @@ def _local_shapes(shapes, out_dims, shards):
     return local
 
 
+def _local_types(types, out_dims, shards):
+    """(shape, dtype) of one shard's results."""
+    shapes = _local_shapes([s for s, _ in types], out_dims, shards)
+    return [jax.ShapeDtypeStruct(s, t) for s, (_, t) in zip(shapes, types)]
+
+
 def _explicit_split(avals, dims):
     """(mesh, axis names, shards) when the batch is split evenly over explicit mesh axes.
 
@@ -245,7 +225,7 @@ def _explicit_split(avals, dims):
     return mesh, names, shards
 
 
-def _shard_mapped(target, shapes, dims, attrs, avals, mesh, names, shards):
+def _shard_mapped(target, shapes, dtype, attrs, avals, mesh, names, shards):
     """The call under `shard_map` over the explicit batch axes `names`.
 
     With explicit axes the split is known while tracing, so a `shard_map` runs
@@ -254,11 +234,11 @@ def _shard_mapped(target, shapes, dims, attrs, avals, mesh, names, shards):
     here: on jax 0.12 its `psum` fails to compile under an explicit-axes mesh
     ("Unsupported reduction computation").
     """
-    in_dims, out_dims = dims
+    in_dims, out_dims = target.batch_dims
     local = _local_shapes(shapes, out_dims, shards)
 
     def shard(*operands):
-        out = call(target, tuple(local), *operands, **attrs)
+        out = call(target, tuple(local), *operands, dtype=dtype, **attrs)
         return tuple(jax.lax.psum(o, names) if d == SUM else o for o, d in zip(out, out_dims))
 
     in_specs = tuple(_spec(a.ndim, d, names) for a, d in zip(avals, in_dims))
@@ -267,13 +247,15 @@ def _shard_mapped(target, shapes, dims, attrs, avals, mesh, names, shards):
                          axis_names=frozenset(names))
 
 
-def _partitioned(target, shapes, dims, attrs, ndims):
+def _partitioned(target, types, attrs, ndims):
     """The call as a custom_partitioning op (split over the batch) with a vmap rule."""
+    dims = target.batch_dims
     in_dims, out_dims = dims
+    shapes = [s for s, _ in types]
 
     def whole(*operands):
         avals = [jax.typeof(op) for op in operands]
-        return tuple(_ffi_call(target, _results(shapes, avals, dims), operands, attrs))
+        return tuple(_ffi_call(target, _results(types, avals, dims), operands, attrs))
 
     op = custom_partitioning(whole)
 
@@ -296,8 +278,7 @@ def _partitioned(target, shapes, dims, attrs, ndims):
 
     def partition(mesh, arg_shapes, result_shape):
         names, shards, args, results = shardings(mesh, arg_shapes)
-        local = [jax.ShapeDtypeStruct(s, jnp.float32)
-                 for s in _local_shapes(shapes, out_dims, shards)]
+        local = _local_types(types, out_dims, shards)
 
         def shard(*operands):  # one device's shard: the kernel on its part of the batch
             out = _ffi_call(target, local, operands, attrs)
@@ -320,8 +301,8 @@ def _partitioned(target, shapes, dims, attrs, ndims):
     @run.def_vmap
     def _vmap_rule(axis_size, in_batched, *operands):
         def plain(*ops):
-            return tuple(_ffi_call(target, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes],
-                                   ops, attrs))
+            return tuple(_ffi_call(target, [jax.ShapeDtypeStruct(s, t) for s, t in types], ops,
+                                   attrs))
         in_axes = [0 if b else None for b in in_batched]
         return jax.vmap(plain, in_axes=in_axes)(*operands), (True,) * len(shapes)
     return run

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseprop_jax import _checks
-from sparseprop_jax.conv import KERNELS as CONV_KERNELS
+from sparseprop_jax.conv_variant import CHOICES as CONV_KERNELS
 from sparseprop_jax.conv import (ConvPadding, conv_pair, parse_padding, parse_strides,
                                  sparse_conv2d)
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern

@@ -1,34 +1,25 @@
 """`sparse_conv2d`: 2-D convolution with a sparse HWIO kernel on NHWC activations.
 
 A direct convolution over the nonzeros (no im2col): forward, input gradient and
-weight gradient each cost O(batch x output pixels x nnz). Two kernels differ
-in which dimensions the SIMD lanes run over:
-
-- "batch": the batch is the minor dimension and each image row of a channel
-  one run (layout H, C, W, N, strided columns split into phases), so a tap
-  covers a whole output row x batch in one contiguous run.
-- "width": the output width is the contiguous dimension (layout N, C, H, W,
-  strided columns split into phases); runs of one output row of one image.
-
-"auto" runs "batch" (see `_auto_variant`); "measure" times both on the first
-call with a shape and remembers the faster.
+weight gradient each cost O(batch x output pixels x nnz). Two variants differ
+in which dimensions the SIMD lanes run over ("batch": runs of output width x
+batch; "width": runs of one output row of one image); `conv_variant` says
+which runs a call. Both take the NHWC operands as they are and lay them out
+inside their FFI calls (xla_ffi/conv_*_ffi.cc).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparseprop_jax import _checks, _ffi
-from sparseprop_jax.kernels import simd_path
+from sparseprop_jax import _checks, _ffi, _targets, conv_variant
 from sparseprop_jax.sparse_weight import SparseWeight
 
 Array = jax.Array
@@ -36,14 +27,12 @@ Padding = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
 #: Canonical padding: "SAME", "VALID" or ((top, bottom), (left, right)).
 ConvPadding = Union[str, tuple[tuple[int, int], tuple[int, int]]]
 
-KERNELS = ("auto", "measure", "batch", "width")
-
 
 @dataclasses.dataclass(frozen=True)
-class _Geometry:
+class ConvGeometry:
     """Static description of one convolution call (hashable: a custom_vjp nondiff arg)."""
 
-    variant: str  # "batch" or "width"
+    variant: str  # one of conv_variant.VARIANTS
     n: int
     h: int
     w: int
@@ -76,95 +65,37 @@ class _Geometry:
         return (self.wp - self.kw) // self.stride + 1
 
     @property
-    def wq(self) -> int:
-        """Width-minor layout: columns per stride phase, enough for every window."""
-        return max(-(-self.wp // self.stride), self.wo + (self.kw - 1) // self.stride)
-
-    @property
     def attrs(self) -> dict[str, np.int64]:
-        """Attributes of the width variant's calls, which take its own layouts."""
-        return dict(stride=np.int64(self.stride), kh=np.int64(self.kh), kw=np.int64(self.kw))
-
-    @property
-    def nhwc_attrs(self) -> dict[str, np.int64]:
-        """Attributes of the batch variant's calls, which take NHWC operands."""
+        """The calls' attributes (`_targets.CONV_ATTRS`)."""
         (pt, pb), (pl, pr) = self.pads
         return dict(stride=np.int64(self.stride), kh=np.int64(self.kh), kw=np.int64(self.kw),
                     pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
                     pad_right=np.int64(pr))
 
-    def nhwc_output_shape(self) -> tuple[int, ...]:
-        return (self.n, self.ho, self.wo, self.kernel_shape[3])
-
-    # -- the width variant's layouts (the batch variant's handlers take NHWC) ----
-    def input_to_layout(self, x: Array) -> Array:
-        """NHWC input -> padded (N, C, Hp, s, Wq), strided columns split into phases."""
-        (pt, pb), (pl, pr) = self.pads
-        s, wq = self.stride, self.wq
-        xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr + s * wq - self.wp), (0, 0)))
-        xp = xp.reshape(self.n, self.hp, wq, s, x.shape[-1])
-        return xp.transpose(0, 4, 1, 3, 2)
-
-    def input_from_layout(self, xl: Array) -> Array:
-        """Padded kernel layout -> NHWC, padding cropped."""
-        (pt, _), (pl, _) = self.pads
-        xp = xl.transpose(0, 2, 4, 3, 1).reshape(self.n, self.hp, self.stride * self.wq,
-                                                  self.kernel_shape[2])
-        return xp[:, pt:pt + self.h, pl:pl + self.w, :]
-
     def output_shape(self) -> tuple[int, ...]:
-        return (self.n, self.kernel_shape[3], self.ho, self.wo)
-
-    def output_from_layout(self, yl: Array) -> Array:
-        return yl.transpose(0, 2, 3, 1)
-
-    def output_to_layout(self, y: Array) -> Array:
-        return y.transpose(0, 3, 1, 2)
-
-    def padded_output_grad(self, dyl: Array) -> Array:
-        """The output gradient padded as the phase-split input gradient reads it."""
-        s = self.stride
-        p, q = -(-self.kh // s) - 1, -(-self.kw // s) - 1
-        hd = max(self.ho, -(-self.hp // s)) + p
-        wd = max(self.wo, self.wq) + q
-        rows, cols = (p, hd - p - self.ho), (q, wd - q - self.wo)
-        return jnp.pad(dyl, ((0, 0), (0, 0), rows, cols))
+        return (self.n, self.ho, self.wo, self.kernel_shape[3])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _conv(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
-    y, _ = _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm)
-    return y
+def conv_op(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
+    """The differentiable call on the geometry's variant (arguments checked by the caller)."""
+    return _ffi.call(_targets.CONV_FORWARD[geometry.variant], geometry.output_shape(), x, values,
+                     indptr, indices, **geometry.attrs)
 
 
 def _conv_fwd(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm):
-    if geometry.variant == "batch":  # the handlers lay NHWC out themselves
-        y = _ffi.call(_ffi.CONV_NHWC_FORWARD, geometry.nhwc_output_shape(), x, values, indptr,
-                      indices, **geometry.nhwc_attrs)
-        return y, (x, values, indptr, indices, t_indptr, t_indices, t_perm)
-    xl = geometry.input_to_layout(x)
-    yl = _ffi.call(_ffi.CONV_FORWARD, geometry.output_shape(), xl, values, indptr, indices,
-                   **geometry.attrs)
-    return geometry.output_from_layout(yl), (xl, values, indptr, indices, t_indptr, t_indices,
-                                             t_perm)
+    y = conv_op(geometry, x, values, indptr, indices, t_indptr, t_indices, t_perm)
+    return y, (x, values, indptr, indices, t_indptr, t_indices, t_perm)
 
 
 def _conv_bwd(geometry, residuals, dy):
-    if geometry.variant == "batch":
-        x, values, *pattern = residuals
-        dx, dvalues = _ffi.call(_ffi.CONV_NHWC_BACKWARD, (x.shape, values.shape), x, dy, values,
-                                *pattern, **geometry.nhwc_attrs)
-        return dx, dvalues, None, None, None, None, None
-    xl, values, indptr, indices, t_indptr, t_indices, t_perm = residuals
-    dyl = geometry.output_to_layout(dy)
-    dvalues = _ffi.call(_ffi.CONV_WEIGHT_GRAD, values.shape, dyl, xl, indptr, indices,
-                        **geometry.attrs)
-    dxl = _ffi.call(_ffi.CONV_INPUT_GRAD, xl.shape, geometry.padded_output_grad(dyl),
-                    values, indptr, indices, t_indptr, t_indices, t_perm, **geometry.attrs)
-    return geometry.input_from_layout(dxl), dvalues, None, None, None, None, None
+    x, values, *pattern = residuals
+    dx, dvalues = _ffi.call(_targets.CONV_BACKWARD[geometry.variant], (x.shape, values.shape), x,
+                            dy, values, *pattern, **geometry.attrs)
+    return dx, dvalues, None, None, None, None, None
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+conv_op.defvjp(_conv_fwd, _conv_bwd)
 
 
 def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
@@ -214,19 +145,20 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
         _checks.check_shape(where, "bias", bias, (cout,))
     stride = parse_strides(where, strides)[0]
     pads = explicit_pads(parse_padding(where, padding), x.shape[1:3], (kh, kw), stride)
-    if kernel not in KERNELS:
-        raise ValueError(f"{where}: kernel must be one of {KERNELS}, got {kernel!r}")
-    geometry = _Geometry("batch", x.shape[0], x.shape[1], x.shape[2], weight.shape, stride, pads)
+    if kernel not in conv_variant.CHOICES:
+        raise ValueError(f"{where}: kernel must be one of {conv_variant.CHOICES}, got {kernel!r}")
+    geometry = ConvGeometry("batch", x.shape[0], x.shape[1], x.shape[2], weight.shape, stride,
+                            pads)
     if geometry.ho < 1 or geometry.wo < 1:
         raise ValueError(f"{where}: the {kh}x{kw} kernel is larger than the padded input "
                          f"{geometry.hp}x{geometry.wp} (x {x.shape[1]}x{x.shape[2]}, padding "
                          f"{pads})")
-    variant = _choose_variant(kernel, geometry, weight)
-    geometry = dataclasses.replace(geometry, variant=variant)
+    geometry = dataclasses.replace(
+        geometry, variant=conv_variant.choose(kernel, geometry, weight.nnz))
     p = weight.pattern
     # Under shard_map: the weight made varying like x, so its gradient is all-reduced once.
-    y = _conv(geometry, *_ffi.match_vma(x, weight.values, p.indptr, p.indices, p.t_indptr,
-                                        p.t_indices, p.t_perm))
+    y = conv_op(geometry, *_ffi.match_vma(x, weight.values, p.indptr, p.indices, p.t_indptr,
+                                          p.t_indices, p.t_perm))
     return y if bias is None else y + bias
 
 
@@ -288,68 +220,3 @@ def explicit_pads(padding: ConvPadding, spatial, window, stride: int):
         pads = lax.padtype_to_pads(spatial, window, (stride, stride), padding)
         return tuple(tuple(int(v) for v in p) for p in pads)
     return padding
-
-
-def _choose_variant(kernel: str, geometry: _Geometry, weight: SparseWeight) -> str:
-    if kernel in ("batch", "width"):
-        return kernel
-    if kernel == "measure":
-        # Needs only static facts (shapes, nnz), so it also works while tracing.
-        return _measured_variant(geometry, weight.nnz)
-    return _auto_variant(geometry)
-
-
-def _auto_variant(g: _Geometry) -> str:
-    """The variant kernel="auto" runs: always "batch".
-
-    Per nonzero and output row, the batch kernel streams one run of wo x n
-    floats and the width kernel n runs of wo, so the batch kernel never needs
-    more vector operations, and it lays the activations out inside its FFI
-    calls. Measured (2 threads, the seven ResNet18 layers of
-    benchmarks/conv2d.py at 90% and 98%): at batch 4 the batch kernel was 1.3
-    to 7.6x faster on every layer; at batch 1, where the operation counts
-    tie, either won by up to 2x depending on the layer, which is what
-    kernel="measure" is for.
-    """
-    del g  # the rule needs no geometry today; the benchmark asks through it
-    return "batch"
-
-
-_MEASURED: dict[tuple, str] = {}
-
-
-def _measured_variant(g: _Geometry, nnz: int) -> str:
-    """Times forward + backward of both variants once per shape; caches the faster."""
-    key = (g.n, g.h, g.w, g.kernel_shape, g.stride, g.pads, nnz, simd_path())
-    if key not in _MEASURED:
-        # Evaluate eagerly even when called while tracing an enclosing jit.
-        with jax.ensure_compile_time_eval():
-            _MEASURED[key] = _time_variants(g, nnz)
-    return _MEASURED[key]
-
-
-def _time_variants(g: _Geometry, nnz: int) -> str:
-    """The faster variant for forward + backward on random data of this geometry."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((g.n, g.h, g.w, g.kernel_shape[2]), np.float32))
-    weight = SparseWeight.random(g.kernel_shape, 1.0 - nnz / np.prod(g.kernel_shape),
-                                 jax.random.key(0))
-    times = {}
-    for variant in ("batch", "width"):
-        geometry = dataclasses.replace(g, variant=variant)
-        p = weight.pattern
-
-        def loss(x, values, geometry=geometry, p=p):
-            y = _conv(geometry, x, values, p.indptr, p.indices, p.t_indptr, p.t_indices,
-                      p.t_perm)
-            return jnp.sum(y)
-
-        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        jax.block_until_ready(step(x, weight.values))  # compile
-        samples = []
-        for _ in range(3):
-            start = time.perf_counter()
-            jax.block_until_ready(step(x, weight.values))
-            samples.append(time.perf_counter() - start)
-        times[variant] = min(samples)
-    return min(times, key=times.get)

@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseprop_jax import _checks, _ffi
+from sparseprop_jax import _checks, _ffi, _targets
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 Array = jax.Array
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _linear_2d(shape, x, values, indptr, indices, t_indptr, t_indices, t_perm):
-    return _ffi.call(_ffi.LINEAR_FORWARD, (x.shape[0], shape[1]), x, values, indptr, indices)
+    return _ffi.call(_targets.LINEAR_FORWARD, (x.shape[0], shape[1]), x, values, indptr, indices)
 
 
 # symbolic_zeros: the forward learns which of x and the values need a gradient
@@ -37,9 +37,9 @@ def _linear_2d_fwd(shape, x, values, indptr, indices, t_indptr, t_indices, t_per
     pattern = tuple(a.value for a in (indptr, indices, t_indptr, t_indices, t_perm))
     y_shape = (x.shape[0], shape[1])
     if not want_dw:
-        y = _ffi.call(_ffi.LINEAR_FORWARD, y_shape, x, values, *pattern[:2])
+        y = _ffi.call(_targets.LINEAR_FORWARD, y_shape, x, values, *pattern[:2])
         return y, (None, values if want_dx else None, pattern)
-    y, xt = _ffi.call(_ffi.LINEAR_FORWARD_AND_XT, (y_shape, x.shape[::-1]), x, values,
+    y, xt = _ffi.call(_targets.LINEAR_FORWARD_AND_XT, (y_shape, x.shape[::-1]), x, values,
                       *pattern[:2])
     return y, (xt, values if want_dx else None, pattern)
 
@@ -52,15 +52,17 @@ def _linear_2d_bwd(shape, residuals, dy):
         return (None, None) + none
     batch = dy.shape[0]
     if xt is not None and values is not None:
-        dx, dvalues = _ffi.call(_ffi.LINEAR_BACKWARD, ((batch, shape[0]), (indices.shape[0],)),
-                                dy, xt, values, indptr, indices, t_indptr, t_indices, t_perm)
+        dx, dvalues = _ffi.call(_targets.LINEAR_BACKWARD,
+                                ((batch, shape[0]), (indices.shape[0],)), dy, xt, values, indptr,
+                                indices, t_indptr, t_indices, t_perm)
         return (dx, dvalues) + none
     if values is not None:
-        dx = _ffi.call(_ffi.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, indptr, indices,
+        dx = _ffi.call(_targets.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, indptr, indices,
                        t_indptr, t_indices, t_perm)
         return (dx, None) + none
     if xt is not None:
-        dvalues = _ffi.call(_ffi.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, xt, indptr, indices)
+        dvalues = _ffi.call(_targets.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, xt, indptr,
+                            indices)
         return (None, dvalues) + none
     return (None, None) + none
 

@@ -109,7 +109,7 @@ def _naive_call(target, shapes, *operands, **attrs):
         result = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
     else:
         result = jax.ShapeDtypeStruct(shapes, jnp.float32)
-    return jax.ffi.ffi_call(target, result, vmap_method="expand_dims")(*operands, **attrs)
+    return jax.ffi.ffi_call(target.name, result, vmap_method="expand_dims")(*operands, **attrs)
 
 
 @contextlib.contextmanager

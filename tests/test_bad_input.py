@@ -14,7 +14,7 @@ import pytest
 
 import sparseprop_jax as sp
 from conftest import random_kernel, tasks_per_call
-from sparseprop_jax import _ffi
+from sparseprop_jax import _ffi, _targets
 
 
 @pytest.fixture
@@ -149,19 +149,19 @@ def test_cpp_handlers_check_the_saved_xt_layout(weight):
     p = weight.pattern
     x = jnp.ones((4, 8))
     with pytest.raises(Exception, match="x\\^T output features"):
-        jax.block_until_ready(_ffi.call(_ffi.LINEAR_FORWARD_AND_XT, ((4, 5), (4, 8)), x,
+        jax.block_until_ready(_ffi.call(_targets.LINEAR_FORWARD_AND_XT, ((4, 5), (4, 8)), x,
                                         weight.values, p.indptr, p.indices))
     dy = jnp.ones((4, 5))
     with pytest.raises(Exception, match="x\\^T batch size"):
         jax.block_until_ready(_ffi.call(
-            _ffi.LINEAR_BACKWARD, ((4, 8), (weight.values.shape[0],)), dy, x, weight.values,
+            _targets.LINEAR_BACKWARD, ((4, 8), (weight.values.shape[0],)), dy, x, weight.values,
             p.indptr, p.indices, p.t_indptr, p.t_indices, p.t_perm))
     # Over three batch tiles, split by tiles (1 task) and by rows (3 tasks).
     x = np.random.default_rng(0).standard_normal((150, 8)).astype(np.float32)
     for tasks in (1, 3):
         with tasks_per_call(tasks):
             y, xt = jax.block_until_ready(_ffi.call(
-                _ffi.LINEAR_FORWARD_AND_XT, ((150, 5), (8, 150)), x, weight.values, p.indptr,
+                _targets.LINEAR_FORWARD_AND_XT, ((150, 5), (8, 150)), x, weight.values, p.indptr,
                 p.indices))
         np.testing.assert_array_equal(xt, x.T)
         np.testing.assert_array_equal(y, sp.sparse_linear(x, weight))

@@ -127,12 +127,12 @@ def test_variants_agree_and_measure_caches(rng):
     expected = sp.sparse_conv2d(x, weight, kernel="batch")
     for variant in ("width", "auto", "measure"):
         assert_close(sp.sparse_conv2d(x, weight, kernel=variant), expected, 36)
-    from sparseprop_jax import conv
-    assert any(key[:3] == (5, 12, 12) for key in conv._MEASURED)
+    from sparseprop_jax import conv_variant
+    assert any(key[:3] == (5, 12, 12) for key in conv_variant._MEASURED)
     # Under jit "measure" times too (it needs only shapes): a new shape is measured.
-    conv._MEASURED.clear()
+    conv_variant._MEASURED.clear()
     assert_close(jax.jit(lambda x: sp.sparse_conv2d(x, weight, kernel="measure"))(x), expected, 36)
-    assert list(conv._MEASURED.values())[0] in ("batch", "width")
+    assert list(conv_variant._MEASURED.values())[0] in ("batch", "width")
 
 
 def test_vmap_jit_and_remat(rng):
@@ -210,14 +210,15 @@ def test_cpp_backward_rejects_corrupt_transposed_pattern(conv_weight):
             jax.block_until_ready(grad(x))
 
 
-def test_cpp_nhwc_handlers_check_shapes_and_attributes(conv_weight):
-    from sparseprop_jax import _ffi
+@pytest.mark.parametrize("variant", ["batch", "width"])
+def test_cpp_handlers_check_shapes_and_attributes(variant, conv_weight):
+    from sparseprop_jax import _ffi, _targets
     p, x = conv_weight.pattern, jnp.ones((2, 8, 8, 4))
     attrs = dict(stride=np.int64(1), kh=np.int64(3), kw=np.int64(3), pad_top=np.int64(1),
                  pad_bottom=np.int64(1), pad_left=np.int64(1), pad_right=np.int64(1))
-    forward = functools.partial(_ffi.call, _ffi.CONV_NHWC_FORWARD)
+    forward = functools.partial(_ffi.call, _targets.CONV_FORWARD[variant])
     ok = forward((2, 8, 8, 5), x, conv_weight.values, p.indptr, p.indices, **attrs)
-    np.testing.assert_allclose(ok, sp.sparse_conv2d(x, conv_weight, kernel="batch"), rtol=1e-6)
+    np.testing.assert_allclose(ok, sp.sparse_conv2d(x, conv_weight, kernel=variant), rtol=1e-6)
     with pytest.raises(Exception, match="output height is 7, expected 8"):
         jax.block_until_ready(forward((2, 7, 8, 5), x, conv_weight.values, p.indptr, p.indices,
                                       **attrs))
@@ -227,7 +228,7 @@ def test_cpp_nhwc_handlers_check_shapes_and_attributes(conv_weight):
     with pytest.raises(Exception, match="kernel is larger than the padded input"):
         jax.block_until_ready(forward((2, 1, 1, 5), jnp.ones((2, 1, 1, 4)), conv_weight.values,
                                       p.indptr, p.indices, **{**attrs, "pad_top": np.int64(0)}))
-    backward = functools.partial(_ffi.call, _ffi.CONV_NHWC_BACKWARD)
+    backward = functools.partial(_ffi.call, _targets.CONV_BACKWARD[variant])
     dy = jnp.ones((2, 8, 8, 5))
     with pytest.raises(Exception, match="dy width is 7, expected 8"):
         jax.block_until_ready(backward((x.shape, conv_weight.values.shape), x, dy[:, :, :7],

@@ -275,12 +275,12 @@ def test_nested_vmap_with_operands_batched_at_different_levels(jit, simd_path, r
 
 def test_stacks_that_do_not_broadcast_are_refused(rng):
     # The handlers check the leading dims against the result's themselves.
-    from sparseprop_jax import _ffi
+    from sparseprop_jax import _ffi, _targets
     weight = sp.SparseWeight.from_dense(random_kernel(rng, 6, 4, 0.5))
     p = weight.pattern
     x = jnp.ones((2, 3, 5, 6))
     values = jnp.ones((3, 2, weight.nnz))  # [3, 2] against the result's [2, 3]
     with pytest.raises(Exception, match=r"values has leading \(vmap\) dims \[3, 2\], which do "
                                         r"not broadcast to the result's \[2, 3\]"):
-        jax.block_until_ready(_ffi.call(_ffi.LINEAR_FORWARD, (2, 3, 5, 4), x, values, p.indptr,
+        jax.block_until_ready(_ffi.call(_targets.LINEAR_FORWARD, (2, 3, 5, 4), x, values, p.indptr,
                                         p.indices))

@@ -1,13 +1,32 @@
-// Handler symbols of the sparse 2-D convolution (defined in conv_ffi.cc).
+// Handler symbols of the sparse 2-D convolution, one pair per variant
+// (conv_batch_ffi.cc, conv_width_ffi.cc), and the signatures both pairs
+// share. Activations are NHWC; the attributes are those of ConvAttrs
+// (conv_common.h).
 #pragma once
 
+#include "ffi_signature.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace sparseprop {
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvForward);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWeightGrad);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvInputGrad);
-// The batch variant on NHWC activations (row-run layout): forward, and dx with dvalues.
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvNhwcForward);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvNhwcBackward);
+
+// Both variants' attributes: the stride, the kernel's height and width, and
+// the pads (ConvAttrs in conv_common.h).
+constexpr Signature conv_signature(std::initializer_list<ffi::DataType> operands,
+                                   std::initializer_list<ffi::DataType> results) {
+  return signature(operands, results,
+                   {"stride", "kh", "kw", "pad_top", "pad_bottom", "pad_left", "pad_right"});
+}
+// (x, values, indptr, indices) -> y
+inline constexpr Signature kConvForwardSignature =
+    conv_signature({ffi::F32, ffi::F32, ffi::S32, ffi::S32}, {ffi::F32});
+// (x, dy, values, indptr, indices, t_indptr, t_indices, t_perm) -> (dx, dvalues)
+inline constexpr Signature kConvBackwardSignature = conv_signature(
+    {ffi::F32, ffi::F32, ffi::F32, ffi::S32, ffi::S32, ffi::S32, ffi::S32, ffi::S32},
+    {ffi::F32, ffi::F32});
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvBatchForward);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvBatchBackward);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWidthForward);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWidthBackward);
+
 }  // namespace sparseprop

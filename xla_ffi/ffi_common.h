@@ -144,22 +144,6 @@ void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
 // Appends tasks covering [0, n) in at most `parts` ranges of equal length.
 void split_even(int64_t n, int64_t slice, int64_t group, int parts, std::vector<Task>* tasks);
 
-// The bindings the handlers start from: the thread pool, then float
-// operands and int32 index operands, in that order. Every handler takes two
-// floats (activations; values or x) and a pattern (indptr, indices); an
-// input gradient adds the transposed permutation; a fused backward takes three
-// floats and both patterns (indptr, indices, t_indptr, t_indices, t_perm).
-template <int Floats, int Indices>
-auto bind_operands() {
-  if constexpr (Indices > 0) {
-    return bind_operands<Floats, Indices - 1>().template Arg<ffi::Buffer<ffi::S32>>();
-  } else if constexpr (Floats > 0) {
-    return bind_operands<Floats - 1, 0>().template Arg<ffi::Buffer<ffi::F32>>();
-  } else {
-    return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>();
-  }
-}
-
 // How many parts to split a call of `flops` multiply-adds into, given the pool
 // (see tasks_per_call in simd_dispatch.h).
 int parallel_parts(ffi::ThreadPool& pool, int64_t flops);

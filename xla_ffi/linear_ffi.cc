@@ -538,25 +538,14 @@ ffi::Future LinearBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForward, Guarded<LinearForward>::Call,
-                              (bind_operands<2, 2>())
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              bind<kLinearForwardSignature>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForwardAndXt, Guarded<LinearForwardAndXt>::Call,
-                              (bind_operands<2, 2>())
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              bind<kLinearForwardAndXtSignature>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearInputGrad, Guarded<LinearInputGrad>::Call,
-                              (bind_operands<2, 5>())
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              bind<kLinearInputGradSignature>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearWeightGrad, Guarded<LinearWeightGrad>::Call,
-                              (bind_operands<2, 2>())
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              bind<kLinearWeightGradSignature>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearBackward, Guarded<LinearBackward>::Call,
-                              (bind_operands<3, 5>())
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              bind<kLinearBackwardSignature>());
 
 }  // namespace sparseprop

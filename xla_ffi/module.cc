@@ -1,10 +1,12 @@
-// The Python extension: FFI handler capsules for jax.ffi.register_ffi_target,
-// plus the run-time SIMD and threading switches.
+// The Python extension: the FFI targets (handler capsules for
+// jax.ffi.register_ffi_target, with their signatures), plus the run-time
+// SIMD, threading and memory switches.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <stdexcept>
+#include <string>
 
 #include "conv_ffi.h"
 #include "ffi_common.h"
@@ -15,9 +17,56 @@ namespace nb = nanobind;
 
 namespace {
 
-template <typename T>
-nb::capsule capsule(T* fn) {
-  return nb::capsule(reinterpret_cast<void*>(fn));
+using sparseprop::Signature;
+
+// Every FFI target the extension registers: its name, handler and signature.
+struct Target {
+  const char* name;
+  XLA_FFI_Handler* handler;
+  const Signature* signature;
+};
+
+const Target kTargets[] = {
+    {"sparseprop_linear_forward", sparseprop::kLinearForward,
+     &sparseprop::kLinearForwardSignature},
+    {"sparseprop_linear_forward_and_xt", sparseprop::kLinearForwardAndXt,
+     &sparseprop::kLinearForwardAndXtSignature},
+    {"sparseprop_linear_backward", sparseprop::kLinearBackward,
+     &sparseprop::kLinearBackwardSignature},
+    {"sparseprop_linear_input_grad", sparseprop::kLinearInputGrad,
+     &sparseprop::kLinearInputGradSignature},
+    {"sparseprop_linear_weight_grad", sparseprop::kLinearWeightGrad,
+     &sparseprop::kLinearWeightGradSignature},
+    {"sparseprop_conv_batch_forward", sparseprop::kConvBatchForward,
+     &sparseprop::kConvForwardSignature},
+    {"sparseprop_conv_batch_backward", sparseprop::kConvBatchBackward,
+     &sparseprop::kConvBackwardSignature},
+    {"sparseprop_conv_width_forward", sparseprop::kConvWidthForward,
+     &sparseprop::kConvForwardSignature},
+    {"sparseprop_conv_width_backward", sparseprop::kConvWidthBackward,
+     &sparseprop::kConvBackwardSignature},
+};
+
+// A dtype as numpy names it.
+std::string dtype_name(xla::ffi::DataType d) {
+  switch (d) {
+    case xla::ffi::DataType::F32: return "float32";
+    case xla::ffi::DataType::BF16: return "bfloat16";
+    case xla::ffi::DataType::S32: return "int32";
+    default: return "dtype " + std::to_string(static_cast<int>(d));
+  }
+}
+
+nb::dict describe(const Signature& s) {
+  nb::list operands, results, attrs;
+  for (int i = 0; i < s.n_operands; ++i) operands.append(dtype_name(s.operands[i]));
+  for (int i = 0; i < s.n_results; ++i) results.append(dtype_name(s.results[i]));
+  for (int i = 0; i < s.n_attrs; ++i) attrs.append(s.attrs[i]);
+  nb::dict d;
+  d["operands"] = nb::tuple(operands);
+  d["results"] = nb::tuple(results);
+  d["attrs"] = nb::tuple(attrs);
+  return d;
 }
 
 }  // namespace
@@ -25,20 +74,18 @@ nb::capsule capsule(T* fn) {
 NB_MODULE(_sparseprop_jax_ffi, m) {
   m.doc() = "XLA FFI handlers of sparseprop_jax";
 
-  m.def("registrations", []() {
-    nb::dict targets;
-    targets["sparseprop_linear_forward"] = capsule(sparseprop::kLinearForward);
-    targets["sparseprop_linear_forward_and_xt"] = capsule(sparseprop::kLinearForwardAndXt);
-    targets["sparseprop_linear_backward"] = capsule(sparseprop::kLinearBackward);
-    targets["sparseprop_linear_input_grad"] = capsule(sparseprop::kLinearInputGrad);
-    targets["sparseprop_linear_weight_grad"] = capsule(sparseprop::kLinearWeightGrad);
-    targets["sparseprop_conv_forward"] = capsule(sparseprop::kConvForward);
-    targets["sparseprop_conv_input_grad"] = capsule(sparseprop::kConvInputGrad);
-    targets["sparseprop_conv_weight_grad"] = capsule(sparseprop::kConvWeightGrad);
-    targets["sparseprop_conv_nhwc_forward"] = capsule(sparseprop::kConvNhwcForward);
-    targets["sparseprop_conv_nhwc_backward"] = capsule(sparseprop::kConvNhwcBackward);
-    return targets;
-  });
+  m.def(
+      "targets",
+      []() {
+        nb::dict targets;
+        for (const Target& t : kTargets) {
+          nb::dict entry = describe(*t.signature);
+          entry["capsule"] = nb::capsule(reinterpret_cast<void*>(t.handler));
+          targets[t.name] = entry;
+        }
+        return targets;
+      },
+      "Every FFI target: name -> {capsule, operands, results (dtypes), attrs (int64 names)}.");
 
   m.def("simd_path", &sparseprop::active_simd_path, "The kernel instruction set in use.");
   m.def("supported_simd_paths", &sparseprop::supported_simd_paths,
