@@ -14,7 +14,7 @@ import sparseprop_jax as sp
 from conftest import assert_close, random_kernel
 from sparseprop_jax.linen import PATTERN_COLLECTION, SparseConv, SparseDense
 
-_PATTERN_KEYS = {"indptr", "indices", "t_indptr", "t_indices", "t_perm"}
+_PATTERN_KEYS = {"indptr", "indices", "t_indptr", "t_indices", "t_perm", "shape"}
 
 
 def _conv_kernel(rng, kh, kw, cin, cout, sparsity):
