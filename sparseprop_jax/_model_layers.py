@@ -29,9 +29,6 @@ from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 PATTERN_COLLECTION = sp_linen.PATTERN_COLLECTION
-#: Key, next to the pattern's arrays in a linen pattern collection, of the
-#: kernel's full shape (e.g. HWIO), which the arrays alone do not give.
-SHAPE_KEY = "shape"
 
 NNX_DENSE = (nnx.Linear, nnx.Conv)
 NNX_SPARSE = (sp_nnx.SparseDense, sp_nnx.SparseConv)
@@ -287,24 +284,9 @@ def to_dicts(tree: Any) -> Any:
     return tree
 
 
-def pattern_arrays(pattern: SparsityPattern) -> dict:
-    """A pattern as the entries of a linen pattern collection (with its kernel shape)."""
-    arrays = {f: getattr(pattern, f) for f in SparsityPattern.FIELDS}
-    arrays[SHAPE_KEY] = jnp.asarray(np.asarray(pattern.shape, dtype=np.int32))
-    return arrays
-
-
-def stored_pattern(arrays: Mapping, shape: Optional[tuple] = None) -> SparsityPattern:
-    """The pattern of a linen pattern-collection entry (eagerly; shape stored or given)."""
-    if shape is None:
-        if SHAPE_KEY in arrays:
-            shape = tuple(int(d) for d in np.asarray(arrays[SHAPE_KEY]))
-        else:
-            shape = (np.shape(arrays["t_indptr"])[0] - 1, np.shape(arrays["indptr"])[0] - 1)
-    return SparsityPattern(*(arrays[f] for f in SparsityPattern.FIELDS), shape=shape)
-
-
 def is_pattern_entry(tree: Any) -> bool:
+    """Whether `tree` is a stored pattern (`SparsityPattern.to_arrays`, or one lacking its shape,
+    which `SparsityPattern.from_arrays` refuses with an explanation)."""
     return isinstance(tree, Mapping) and all(f in tree for f in SparsityPattern.FIELDS)
 
 
@@ -323,19 +305,26 @@ def _linen_conv_settings(module: Any):
                        feature_group_count=module.feature_group_count)
 
 
+def _linen_where(module: Any) -> str:
+    return f"sparse {type(module).__name__} {path_name(module.scope.path)!r}"
+
+
+def _linen_pattern(where: str, arrays: Mapping, shape: tuple) -> SparsityPattern:
+    """The stored pattern of a linen Dense/Conv layer whose kernel shape is `shape`."""
+    pattern = SparsityPattern.from_arrays(arrays, where, window=shape[:-2])
+    if pattern.shape != shape:
+        raise ValueError(f"{where}: the pattern in the variables has kernel shape "
+                         f"{pattern.shape}, which does not fit the layer's kernel shape {shape}")
+    return pattern
+
+
 def _linen_sparse_call(module: Any, x: Any) -> Any:
     """`module(x)` for an nn.Dense / nn.Conv whose variables hold sparse values."""
-    where = f"sparse {type(module).__name__} {path_name(module.scope.path)!r}"
+    where = _linen_where(module)
     x = jnp.asarray(x)
-    shape = _linen_kernel_shape(module, x.shape)
-    arrays = {f: module.get_variable(PATTERN_COLLECTION, f) for f in SparsityPattern.FIELDS}
-    stored = (np.shape(arrays["t_indptr"])[0] - 1, np.shape(arrays["indptr"])[0] - 1)
-    if stored != (int(np.prod(shape[:-1])), shape[-1]):
-        raise ValueError(f"{where}: the pattern in the variables has matrix shape {stored} "
-                         f"(in, out), which does not fit the layer's kernel shape {shape}")
-    weight = SparseWeight(module.get_variable("params", "values"),
-                          SparsityPattern(*(arrays[f] for f in SparsityPattern.FIELDS),
-                                          shape=shape))
+    pattern = _linen_pattern(where, module.variables[PATTERN_COLLECTION],
+                             _linen_kernel_shape(module, x.shape))
+    weight = SparseWeight(module.get_variable("params", "values"), pattern)
     bias = module.get_variable("params", "bias") if module.use_bias else None
     if isinstance(module, nn.Dense):
         return sparse_linear(x, weight, bias)
@@ -397,7 +386,7 @@ def linen_layers(module: nn.Module, variables: Mapping, inputs: tuple,
         if kind == "conv":
             strides, padding, error = _linen_conv_settings(mod)
         if is_pattern_entry(arrays) and "values" in (layer_params or {}):
-            pattern = stored_pattern(arrays, shape)
+            pattern = _linen_pattern(_linen_where(mod), arrays, shape)
             kernel = np.asarray(SparseWeight(layer_params["values"], pattern).to_dense())
             layers.append(Layer(path, name, kind, type_name, shape, kernel, pattern.mask(),
                                 pattern, mod, strides, padding, x_shape, error))

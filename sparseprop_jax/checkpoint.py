@@ -1,9 +1,10 @@
 """Checkpoints of sparse models with orbax-checkpoint: values, patterns, optimizer state.
 
 `save_checkpoint` writes any mix of nnx models and optimizers and plain
-pytrees (linen variables, optax states) with orbax, plus a small JSON record
-of every sparsity pattern (its kernel shape and nnz). `restore_checkpoint`
-reads them back into a target of the same kind::
+pytrees (linen variables, optax states) with orbax, every sparsity pattern as
+the arrays of `SparsityPattern.to_arrays`, plus a small JSON record of every
+pattern (its kernel shape and nnz). `restore_checkpoint` reads them back into
+a target of the same kind::
 
     save_checkpoint(path, {"model": model, "optimizer": optimizer})
     # ... in another process: build the same architecture, then
@@ -30,12 +31,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sparseprop_jax import _checks
 from sparseprop_jax import _model_layers as ml
 from sparseprop_jax.sparse_weight import SparsityPattern
 
 FORMAT = "sparseprop_jax"
-VERSION = 1
+#: 2: patterns stored with their kernel shape (`SparsityPattern.to_arrays`); 1 lacked it.
+VERSION = 2
 _STATE, _META = "state", "sparsity"
 
 
@@ -44,15 +45,11 @@ def _is_node(obj: Any) -> bool:
     return isinstance(obj, (nnx.Module, nnx.Optimizer))
 
 
-def _pattern_dict(pattern: SparsityPattern) -> dict:
-    return {f: getattr(pattern, f) for f in SparsityPattern.FIELDS}
-
-
 def _saveable(obj: Any) -> Any:
     """The tree orbax writes: nnx nodes as pure dicts, their patterns as dicts of arrays."""
     if _is_node(obj):
         pure = nnx.to_pure_dict(nnx.state(obj))
-        return jax.tree.map(lambda x: _pattern_dict(x) if isinstance(x, SparsityPattern) else x,
+        return jax.tree.map(lambda x: x.to_arrays() if isinstance(x, SparsityPattern) else x,
                             pure, is_leaf=lambda x: isinstance(x, SparsityPattern))
     if isinstance(obj, Mapping) and any(_is_node(v) or isinstance(v, (Mapping, list, tuple))
                                         for v in obj.values()):
@@ -80,12 +77,11 @@ def _key(path) -> tuple:
     return tuple(out)
 
 
-def _patterns(saveable: Any, nodes: Mapping[tuple, Any]) -> dict[str, dict]:
+def _patterns(where: str, saveable: Any, nodes: Mapping[tuple, Any]) -> dict[str, dict]:
     """`{path: {"shape": kernel shape, "nnz": n}}` of every pattern in a saveable tree.
 
-    `nodes` maps the paths of nnx nodes to the nodes (whose patterns know
-    their kernel shapes); linen pattern entries give it by their 'shape'
-    array, or their index pointers.
+    `nodes` maps the paths of nnx nodes to the nodes; the other patterns are
+    read from their stored arrays.
     """
     found = {}
     for prefix, node in nodes.items():
@@ -99,7 +95,7 @@ def _patterns(saveable: Any, nodes: Mapping[tuple, Any]) -> dict[str, dict]:
         if ml.is_pattern_entry(tree):
             name = ml.path_name(path)
             if name not in found:
-                pattern = ml.stored_pattern(tree)
+                pattern = SparsityPattern.from_arrays(tree, f"{where}: {name}")
                 found[name] = {"shape": list(pattern.shape), "nnz": pattern.nnz}
             return
         if isinstance(tree, Mapping):
@@ -145,7 +141,7 @@ def save_checkpoint(directory: Any, target: Any, *, force: bool = False) -> str:
     path = os.path.abspath(os.fspath(directory))
     saveable = _saveable(target)
     meta = {"format": FORMAT, "version": VERSION,
-            "patterns": _patterns(saveable, _nodes(target))}
+            "patterns": _patterns("save_checkpoint", saveable, _nodes(target))}
     _checkpointer().save(path, ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(saveable), _META: ocp.args.JsonSave(meta)}), force=force)
     return path
@@ -253,15 +249,11 @@ def _write_back(target: Any, restored: Any) -> Any:
     """Puts restored values into the target's nnx nodes (in place); returns the new target."""
     if _is_node(target):
         state = nnx.state(target)
-        pure = nnx.to_pure_dict(state)
-        shapes = {k: v.shape for k, v in _leaves_patterns(pure).items()}
+        patterns = _pattern_paths(nnx.to_pure_dict(state))
 
         def fix(tree, path):
-            if path in shapes:
-                return SparsityPattern(
-                    *(jnp.asarray(_checks.int32_indices(
-                        "restore_checkpoint", f"{'/'.join(path)}/{f}", tree[f]))
-                      for f in SparsityPattern.FIELDS), shape=shapes[path])
+            if path in patterns:
+                return SparsityPattern.from_arrays(tree, f"restore_checkpoint: {'/'.join(path)}")
             if isinstance(tree, Mapping):
                 return {k: fix(v, path + (str(k),)) for k, v in tree.items()}
             return tree
@@ -276,13 +268,14 @@ def _write_back(target: Any, restored: Any) -> Any:
     return restored
 
 
-def _leaves_patterns(pure: Any, path: tuple = ()) -> dict[tuple, SparsityPattern]:
+def _pattern_paths(pure: Any, path: tuple = ()) -> set[tuple]:
+    """The paths of the `SparsityPattern`s in a pure dict of nnx state."""
     if isinstance(pure, SparsityPattern):
-        return {path: pure}
-    out = {}
+        return {path}
+    out = set()
     if isinstance(pure, Mapping):
         for k, v in pure.items():
-            out.update(_leaves_patterns(v, path + (str(k),)))
+            out |= _pattern_paths(v, path + (str(k),))
     return out
 
 
@@ -323,13 +316,20 @@ def restore_checkpoint(directory: Any, target: Any = None) -> Any:
         restored = checkpointer.restore(path, ocp.args.Composite(**{
             _STATE: ocp.args.StandardRestore()}))
         return restored[_STATE]
+    if meta.get("version", 1) < VERSION and saved_patterns:
+        raise ValueError(f"restore_checkpoint: {path} was written by an older sparseprop_jax "
+                         f"(checkpoint version {meta.get('version', 1)}, this one reads "
+                         f"{VERSION}), which stored sparsity patterns without their kernel "
+                         "shape; restore_checkpoint(path) without a target still returns its "
+                         "arrays")
     nodes = _nodes(target)
     undo = _adapt_nodes(nodes, saved_patterns)
     try:
         saveable = _saveable(target)
         saved_tree = checkpointer.metadata(path).item_metadata[_STATE]
         saved_tree = getattr(saved_tree, "tree", saved_tree)
-        _check_match(saved_tree, saveable, saved_patterns, _patterns(saveable, nodes))
+        _check_match(saved_tree, saveable, saved_patterns,
+                     _patterns("restore_checkpoint", saveable, nodes))
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saveable)
         restored = checkpointer.restore(path, ocp.args.Composite(**{
             _STATE: ocp.args.StandardRestore(abstract)}))[_STATE]

@@ -3,9 +3,11 @@
 
 The trainable values (and bias) live in the `params` collection, so optax on
 `variables['params']` trains only them. The fixed nonzero pattern lives in its
-own collection, `PATTERN_COLLECTION`, as plain int32 arrays (so the variables
-serialize like any Linen variables). That collection is made by `init` and
-must be passed to every `apply`; it is never mutable::
+own collection, `PATTERN_COLLECTION`, as the plain int32 arrays of
+`SparsityPattern.to_arrays` (its index arrays and its kernel shape, so the
+variables serialize like any Linen variables and give back the full kernel).
+That collection is made by `init` and must be passed to every `apply`; it is
+never mutable::
 
     model = SparseDense(features=256, sparsity=0.9)
     variables = model.init(jax.random.key(0), x)
@@ -20,7 +22,6 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparseprop_jax import _checks
 from sparseprop_jax._layers import (CONV_DIMS, DEFAULT_SPARSITY, DENSE_DIMS, Initializer,
@@ -46,7 +47,8 @@ class SparseDense(nn.Module):
     `round(sparsity * in_features * features)` zeros, drawn with the 'params' rng.
 
     Variables: `params` holds `values` `[nnz]` (and `bias` `[features]`);
-    `PATTERN_COLLECTION` holds the pattern's int32 arrays. Pass both to
+    `PATTERN_COLLECTION` holds the pattern's int32 arrays and kernel shape
+    (`SparsityPattern.to_arrays`). Pass both to
     `apply`; never make the pattern collection mutable. Initialise outside
     `jax.jit` (the number of nonzeros fixes array shapes).
 
@@ -85,7 +87,11 @@ class SparseDense(nn.Module):
         inputs = jnp.asarray(inputs)
         if inputs.ndim < 1:
             raise ValueError(f"{where}: inputs must have shape [..., in_features], got a scalar")
-        pattern = self._pattern(where, inputs.shape[-1])
+        pattern = _module_pattern(self, where, (inputs.shape[-1], self.features), self.sparsity,
+                                  window=())
+        if len(pattern.shape) != 2:
+            raise ValueError(f"{where}: the pattern in the variables is for a kernel of shape "
+                             f"{pattern.shape}, not a linear (in, out) one")
         if pattern.out_features != self.features:
             raise ValueError(f"{where}: features={self.features} does not match the pattern in "
                              f"the variables, whose shape is {pattern.shape} (in, out)")
@@ -94,10 +100,6 @@ class SparseDense(nn.Module):
         bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
                 if self.use_bias else None)
         return sparse_linear(inputs, SparseWeight(values, pattern), bias)
-
-    def _pattern(self, where: str, in_features: int) -> SparsityPattern:
-        """The pattern from `PATTERN_COLLECTION`, drawn (and stored) at init."""
-        return _module_pattern(self, where, (in_features, self.features), self.sparsity)
 
     # -- conversions ----------------------------------------------------------
     @staticmethod
@@ -155,10 +157,8 @@ class SparseConv(nn.Module):
     features)` zeros, drawn with the 'params' rng. Runs `sparse_conv2d`.
 
     Variables: as `SparseDense`'s: `params` holds `values` `[nnz]` (and `bias`
-    `[features]`); `PATTERN_COLLECTION` holds the pattern's int32 arrays, of
-    the kernel's matrix view `(kh * kw * in, features)` (the module's
-    `kernel_size` gives back the HWIO shape). Pass both to `apply`; initialise
-    outside `jax.jit`.
+    `[features]`); `PATTERN_COLLECTION` holds the pattern's int32 arrays and
+    its HWIO kernel shape. Pass both to `apply`; initialise outside `jax.jit`.
 
     Not supported (ValueError): dilation, feature groups, unequal strides,
     'CIRCULAR'/'REFLECT'/'CAUSAL' padding, 1-D or 3-D windows.
@@ -222,20 +222,17 @@ class SparseConv(nn.Module):
         kernel_size, strides, padding = self._config()
         inputs = check_conv_inputs(where, inputs)
         shape = kernel_size + (inputs.shape[-1], self.features)
-        if all(self.has_variable(PATTERN_COLLECTION, f) for f in SparsityPattern.FIELDS):
-            stored = _stored_matrix_shape(
-                {f: self.get_variable(PATTERN_COLLECTION, f) for f in ("indptr", "t_indptr")})
-            if stored[1] != self.features:
-                raise ValueError(f"{where}: features={self.features} does not match the pattern "
-                                 f"in the variables, whose matrix shape is {stored} "
-                                 "(kh * kw * in, out)")
-            if stored[0] != np.prod(shape[:3]):
-                raise ValueError(
-                    f"{where}: kernel_size={kernel_size} with {inputs.shape[-1]} input channels "
-                    f"needs a pattern of {int(np.prod(shape[:3]))} rows (kh * kw * in), but the "
-                    f"pattern in the variables has {stored[0]} (check kernel_size and the "
-                    "input's channels)")
-        pattern = _module_pattern(self, where, shape, self.sparsity, stored_shape=shape)
+        pattern = _module_pattern(self, where, shape, self.sparsity, window=kernel_size)
+        if pattern.out_features != self.features:
+            raise ValueError(f"{where}: features={self.features} does not match the pattern in "
+                             f"the variables, whose kernel shape is {pattern.shape} "
+                             "(kh, kw, in, out)")
+        if pattern.shape != shape:
+            raise ValueError(
+                f"{where}: kernel_size={kernel_size} with {inputs.shape[-1]} input channels "
+                f"needs a pattern of {shape[0] * shape[1] * shape[2]} rows (kh * kw * in) and "
+                f"kernel shape {shape}, but the pattern in the variables has kernel shape "
+                f"{pattern.shape} (check kernel_size and the input's channels)")
         values = self.param("values", lambda key: init_values(where, self.kernel_init, key,
                                                                pattern))
         bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
@@ -268,14 +265,13 @@ class SparseConv(nn.Module):
                                      mask, CONV_DIMS)
 
     @staticmethod
-    def to_dense_variables(variables: Mapping, kernel_size: Any) -> dict:
+    def to_dense_variables(variables: Mapping, kernel_size: Any = None) -> dict:
         """The variables of the equivalent `flax.linen.Conv`, zeros in place.
 
         Args:
           variables: one `SparseConv`'s variables, with `params` and
             `PATTERN_COLLECTION`.
-          kernel_size: the layer's `(kh, kw)` (the stored pattern only knows
-            the kernel's matrix view).
+          kernel_size: optional, see `weight`.
 
         Returns:
           `{'params': {'kernel': (kh, kw, in, out) array, 'bias'?: [out] array}}`.
@@ -287,87 +283,58 @@ class SparseConv(nn.Module):
         return {"params": params}
 
     @staticmethod
-    def weight(variables: Mapping, kernel_size: Any) -> SparseWeight:
+    def weight(variables: Mapping, kernel_size: Any = None) -> SparseWeight:
         """The `SparseWeight` (values on their HWIO pattern) of one layer's variables.
 
         Args:
           variables: one `SparseConv`'s variables, with `params` and
-            `PATTERN_COLLECTION`.
-          kernel_size: the layer's `(kh, kw)`; the input channels follow from
-            the stored pattern.
+            `PATTERN_COLLECTION` (which stores the kernel shape).
+          kernel_size: optional `(kh, kw)`; checked against the stored shape.
+            Needed only under `jax.jit`, where the stored shape is traced
+            (see `SparsityPattern.from_arrays`).
         """
         where = "linen.SparseConv.weight"
-        kh, kw = conv_kernel_size(where, kernel_size)
-        arrays = variables.get(PATTERN_COLLECTION) if isinstance(variables, Mapping) else None
-        shape = None
-        if isinstance(arrays, Mapping) and "indptr" in arrays and "t_indptr" in arrays:
-            rows, cols = _stored_matrix_shape(arrays)
-            if rows % (kh * kw):
-                raise ValueError(f"{where}: kernel_size={(kh, kw)} does not fit the pattern in "
-                                 f"the variables, whose matrix shape is {(rows, cols)} "
-                                 "(kh * kw * in, out)")
-            shape = (kh, kw, rows // (kh * kw), cols)
-        return _weight(where, variables, shape)
+        window = None if kernel_size is None else conv_kernel_size(where, kernel_size)
+        weight = _weight(where, variables, window)
+        if window is not None and weight.shape[:2] != window:
+            raise ValueError(f"{where}: kernel_size={window} does not fit the pattern in the "
+                             f"variables, whose kernel shape is {weight.shape} (kh, kw, in, out)")
+        return weight
 
 
-def _module_pattern(module: nn.Module, where: str, shape: tuple[int, ...],
-                    sparsity: float, stored_shape: Optional[tuple[int, ...]] = None,
-                    ) -> SparsityPattern:
+def _module_pattern(module: nn.Module, where: str, shape: tuple[int, ...], sparsity: float,
+                    window: Optional[tuple[int, ...]] = None) -> SparsityPattern:
     """A layer's pattern from `PATTERN_COLLECTION`, or drawn (and stored) at init.
 
-    `shape` is the kernel shape a new pattern is drawn with; a stored pattern
-    gets `stored_shape` (None: the matrix shape its index pointers give).
+    `shape` is the kernel shape a new pattern is drawn with; `window` stands
+    in for a stored shape that is traced (see `SparsityPattern.from_arrays`).
+    The caller compares a stored pattern's shape with the one it expects.
     """
-    if all(module.has_variable(PATTERN_COLLECTION, f) for f in SparsityPattern.FIELDS):
-        return _pattern_from_arrays(
-            {f: module.get_variable(PATTERN_COLLECTION, f) for f in SparsityPattern.FIELDS},
-            stored_shape, where)
+    stored = module.variables.get(PATTERN_COLLECTION, {})
+    if all(f in stored for f in SparsityPattern.FIELDS):
+        return SparsityPattern.from_arrays(stored, where, window=window)
     if not module.is_initializing():
         raise ValueError(
             f"{where}: the variables passed to apply must include the {PATTERN_COLLECTION!r} "
             f"collection made by init, e.g. model.apply({{'params': params, "
             f"{PATTERN_COLLECTION!r}: variables[{PATTERN_COLLECTION!r}]}}, x)")
     pattern = random_pattern(where, shape, sparsity, module.make_rng("params"))
-    for field in SparsityPattern.FIELDS:
-        module.put_variable(PATTERN_COLLECTION, field, getattr(pattern, field))
+    for key, array in pattern.to_arrays().items():
+        module.put_variable(PATTERN_COLLECTION, key, array)
     return pattern
 
 
 def _weight(where: str, variables: Mapping,
-            shape: Optional[tuple[int, ...]] = None) -> SparseWeight:
-    """The `SparseWeight` of one layer's variables, its kernel `shape` given or (in, out)."""
+            window: Optional[tuple[int, ...]] = None) -> SparseWeight:
+    """The `SparseWeight` of one layer's variables (`window`: see `SparsityPattern.from_arrays`)."""
     for collection in ("params", PATTERN_COLLECTION):
         if collection not in variables:
             raise ValueError(f"{where}: variables must include the {collection!r} collection, "
                              f"got {list(variables)}")
-    arrays = variables[PATTERN_COLLECTION]
-    missing = [f for f in SparsityPattern.FIELDS if f not in arrays]
-    if missing:
-        raise ValueError(f"{where}: variables[{PATTERN_COLLECTION!r}] lacks {missing}")
-    return SparseWeight(variables["params"]["values"], _pattern_from_arrays(arrays, shape, where))
-
-
-def _stored_matrix_shape(arrays: Mapping) -> tuple[int, int]:
-    """The `(in, out)` matrix shape given by the lengths of the two index pointers."""
-    return np.shape(arrays["t_indptr"])[0] - 1, np.shape(arrays["indptr"])[0] - 1
-
-
-def _pattern_from_arrays(arrays: Mapping, shape: Optional[tuple[int, ...]] = None,
-                         where: str = "linen") -> SparsityPattern:
-    """Rebuilds a pattern from its stored arrays (traceable: the shape is static).
-
-    Without `shape`, the kernel shape is the matrix shape `(in, out)` that the
-    lengths of the two index pointers give; a given `shape` (e.g. HWIO) must
-    have that matrix view.
-    """
-    matrix_shape = _stored_matrix_shape(arrays)
-    if shape is None:
-        shape = matrix_shape
-    elif (int(np.prod(shape[:-1])), shape[-1]) != matrix_shape:
-        raise ValueError(f"{where}: the pattern in the variables has matrix shape "
-                         f"{matrix_shape} (in, out), which does not fit the kernel shape "
-                         f"{tuple(shape)}")
-    return SparsityPattern(*(arrays[f] for f in SparsityPattern.FIELDS), shape=shape)
+    pattern = SparsityPattern.from_arrays(variables[PATTERN_COLLECTION],
+                                          f"{where}: variables[{PATTERN_COLLECTION!r}]",
+                                          window=window)
+    return SparseWeight(variables["params"]["values"], pattern)
 
 
 def _variables_from_dense(where: str, layer: str, kernel_or_variables: Any, name: str,
@@ -392,5 +359,4 @@ def _variables_from_dense(where: str, layer: str, kernel_or_variables: Any, name
     params = {"values": SparseWeight.gather(kernel, pattern).values}
     if bias is not None:
         params["bias"] = bias
-    return {"params": params,
-            PATTERN_COLLECTION: {f: getattr(pattern, f) for f in SparsityPattern.FIELDS}}
+    return {"params": params, PATTERN_COLLECTION: pattern.to_arrays()}

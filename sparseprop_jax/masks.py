@@ -137,7 +137,7 @@ def from_masks(model_or_variables: Any, masks: Any) -> Any:
             pattern = SparsityPattern.from_mask(mask)
             layer_params["values"] = SparseWeight.gather(jnp.asarray(kernel), pattern).values
             del layer_params["kernel"]
-            ml.tree_set(patterns, path, ml.pattern_arrays(pattern))
+            ml.tree_set(patterns, path, pattern.to_arrays())
         if not patterns:
             del new[PATTERN_COLLECTION]
         return new
@@ -171,8 +171,8 @@ def to_masks(model_or_variables: Any) -> tuple[Any, dict]:
 
         def walk(tree, path):
             if ml.is_pattern_entry(tree):
-                if ml.SHAPE_KEY in tree:
-                    layer_masks[tuple(str(p) for p in path)] = ml.stored_pattern(tree).mask()
+                layer_masks[tuple(str(p) for p in path)] = SparsityPattern.from_arrays(
+                    tree, f"{where}: the pattern at {ml.path_name(path)!r}").mask()
                 return
             if isinstance(tree, Mapping):
                 for key, sub in tree.items():

@@ -15,6 +15,7 @@ pattern is made, never per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -49,6 +50,8 @@ class SparsityPattern:
 
     # The pattern's arrays, in pytree (and FFI operand) order.
     FIELDS = ("indptr", "indices", "t_indptr", "t_indices", "t_perm")
+    #: Key of the kernel shape among the stored arrays (`to_arrays`).
+    SHAPE_KEY = "shape"
 
     def __init__(self, indptr, indices, t_indptr, t_indices, t_perm, shape):
         self.indptr = indptr
@@ -121,6 +124,102 @@ class SparsityPattern:
             if dtype != np.int32:
                 raise TypeError(f"{where}: weight.pattern.{name} must be int32, got {dtype}")
             _checks.check_shape(where, f"weight.pattern.{name}", array, shape)
+
+    # -- stored form --------------------------------------------------------
+    def to_arrays(self) -> dict[str, Any]:
+        """The pattern as plain int32 arrays: its one stored form (Linen variables, checkpoints).
+
+        `from_arrays` is the inverse. The kernel shape is stored with the
+        arrays, because their lengths give only the matrix view (a
+        convolution's window is lost in it).
+
+        Returns:
+          The five arrays of `FIELDS` by name, and `SHAPE_KEY` ("shape"): the
+          kernel shape as int32 `[ndim]`.
+        """
+        arrays = {f: getattr(self, f) for f in self.FIELDS}
+        arrays[self.SHAPE_KEY] = jnp.asarray(np.asarray(self.shape, dtype=np.int32))
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping, where: str = "SparsityPattern.from_arrays", *,
+                    window: Optional[tuple[int, ...]] = None) -> "SparsityPattern":
+        """The pattern of arrays made by `to_arrays`, validated (traceable).
+
+        The kernel shape must be static (it is the pattern's pytree aux data
+        and fixes array shapes downstream), so it is read from the stored
+        "shape" array's values. Under `jax.jit` or `jax.eval_shape` those
+        values are unknown: Linen hands every variable to `apply` as a tracer,
+        and a tracer keeps only its shape and dtype (a collection holds
+        arrays alone, and orbax cannot save the zero-size array that could
+        carry the kernel shape as its own shape). A traced shape is therefore
+        rebuilt from what tracing keeps: the number of dims (the stored
+        array's length), the matrix view (the index pointers' lengths) and
+        `window`, the dims before the last two, which only the caller knows
+        (a convolution layer's `kernel_size`); a 2-D kernel needs none.
+
+        Args:
+          arrays: what `to_arrays` gave, e.g. one layer's entry of a Linen
+            pattern collection or of a checkpoint.
+          where: names the caller in error messages.
+          window: the kernel's dims before its last two, for a traced shape
+            of more than 2 dims. A concrete stored shape is taken as it is:
+            compare the result's `shape` with the one you expect.
+
+        Returns:
+          The pattern. Concrete arrays of another integer dtype are converted
+          to int32 where every value fits (e.g. from a hand-made checkpoint).
+
+        Raises:
+          ValueError: a key is missing (patterns stored without their kernel
+            shape need it added), or the shape does not fit the index pointers.
+          TypeError: an array does not hold integers, or is traced and not
+            int32; or the shape is traced, has more than 2 dims and no
+            `window` is given.
+        """
+        keys = cls.FIELDS + (cls.SHAPE_KEY,)
+        if not isinstance(arrays, Mapping):
+            raise TypeError(f"{where}: a stored sparsity pattern must be a mapping of the arrays "
+                            f"{list(keys)}, got {type(arrays).__name__}")
+        missing = [k for k in keys if k not in arrays]
+        if missing == [cls.SHAPE_KEY]:
+            raise ValueError(
+                f"{where}: the stored sparsity pattern lacks its kernel shape {cls.SHAPE_KEY!r} "
+                "(patterns stored by older versions, e.g. in Linen SparseDense/SparseConv "
+                f"variables, lack it): add {cls.SHAPE_KEY!r}: np.array(kernel_shape, np.int32), "
+                "with kernel_shape (in, out) or (kh, kw, in, out), or make the variables anew")
+        if missing:
+            raise ValueError(f"{where}: the stored sparsity pattern lacks {missing}; a pattern is "
+                             f"stored as the arrays {list(keys)}")
+        fields = {f: _stored_int32(where, f, arrays[f]) for f in keys}
+        for name in (cls.SHAPE_KEY, "indptr", "t_indptr"):
+            if np.ndim(fields[name]) != 1:
+                raise ValueError(f"{where}: the stored pattern's {name} must be 1-D, got shape "
+                                 f"{np.shape(fields[name])}")
+        # The matrix view (in, out) is static: the index pointers' lengths.
+        rows, cols = np.shape(fields["t_indptr"])[0] - 1, np.shape(fields["indptr"])[0] - 1
+        stored = fields.pop(cls.SHAPE_KEY)
+        if isinstance(stored, jax.core.Tracer):
+            ndim = np.shape(stored)[0]
+            if window is None and ndim != 2:
+                raise TypeError(
+                    f"{where}: the stored kernel shape is traced (under jit), so its values are "
+                    f"unknown; pass window= its first {ndim - 2} dims (a convolution's "
+                    "kernel_size), or read the pattern outside jit")
+            window = () if window is None else tuple(window)
+            size = math.prod(window)
+            if len(window) != ndim - 2 or size < 1 or rows % size:
+                raise ValueError(f"{where}: window {window} does not fit the stored pattern, of "
+                                 f"{ndim} dims with a matrix view (in, out) of {(rows, cols)}")
+            shape = window + (rows // size, cols)
+        else:
+            shape = tuple(int(d) for d in np.asarray(stored))
+        shape = _kernel_shape(where, shape, "the stored pattern's shape")
+        if (math.prod(shape[:-1]), shape[-1]) != (rows, cols):
+            raise ValueError(f"{where}: the stored pattern's index pointers give a matrix view "
+                             f"(in, out) of {(rows, cols)}, which does not fit its kernel shape "
+                             f"{shape}")
+        return cls(*(fields[f] for f in cls.FIELDS), shape=shape)
 
     def __repr__(self) -> str:
         return (f"SparsityPattern(shape={self.shape}, nnz={self.nnz}, "
@@ -390,6 +489,18 @@ def _check_values(where: str, values: Any, pattern: SparsityPattern, name: str =
     if np.shape(values) != (pattern.nnz,):
         raise ValueError(f"{where}: {name} must have shape ({pattern.nnz},) to match the "
                          f"pattern's nnz, got {np.shape(values)}")
+
+
+def _stored_int32(where: str, name: str, array: Any) -> Any:
+    """A stored pattern array as int32: as it is if it is, converted if concrete and fitting."""
+    dtype = getattr(array, "dtype", None)
+    if isinstance(array, jax.core.Tracer):
+        if dtype != np.int32:
+            raise TypeError(f"{where}: the stored pattern's {name} must be int32, got {dtype}")
+        return array
+    if dtype == np.int32:
+        return array
+    return jnp.asarray(_checks.int32_indices(where, f"the stored pattern's {name}", array))
 
 
 #: Patterns index input and output features with int32.

@@ -322,10 +322,7 @@ def _apply_linen(variables: Mapping, steps: list[_Step]) -> tuple[dict, Moves]:
                                                          pattern).values
             del layer_params["kernel"]
             moves[path + ("values",)] = (path + ("kernel",), _gather_fn(pattern))
-        arrays = ml.pattern_arrays(SparsityPattern.from_mask(mask))
-        if layer.sparse and ml.SHAPE_KEY not in ml.tree_get(patterns, path):
-            del arrays[ml.SHAPE_KEY]  # a linen.SparseDense/SparseConv layer: keep its form
-        ml.tree_set(patterns, path, arrays)
+        ml.tree_set(patterns, path, SparsityPattern.from_mask(mask).to_arrays())
     if not patterns:
         del new[PATTERN_COLLECTION]
     return new, moves
@@ -438,9 +435,9 @@ def densify(model: Any, *, copy: bool = False) -> Any:
       model: an nnx model (its `SparseDense`/`SparseConv` layers become
         `nnx.Linear`/`nnx.Conv`), or linen variables made by `sparsify` or
         `from_masks` (their sparse layers get their `kernel` back and the
-        pattern collection is dropped; variables of `linen.SparseDense` /
-        `linen.SparseConv` modules are left alone: use their
-        `to_dense_variables`).
+        pattern collection is dropped). Variables of `linen.SparseDense` /
+        `linen.SparseConv` modules are stored alike, so they become those of
+        the equivalent `nn.Dense` / `nn.Conv` too.
       copy: nnx only: densify a copy and leave `model` as it was.
 
     Returns:
@@ -466,8 +463,7 @@ def _densify_linen(where: str, variables: Mapping) -> dict:
 
     def walk(tree, path):
         if ml.is_pattern_entry(tree):
-            if ml.SHAPE_KEY in tree:
-                yield path, tree
+            yield path, tree
             return
         if isinstance(tree, Mapping):
             for key, sub in tree.items():
@@ -478,7 +474,8 @@ def _densify_linen(where: str, variables: Mapping) -> dict:
         if layer_params is None or "values" not in layer_params:
             raise ValueError(f"{where}: variables[{PATTERN_COLLECTION!r}] has a pattern at "
                              f"{ml.path_name(path)!r} but params has no values there")
-        pattern = ml.stored_pattern(arrays)
+        pattern = SparsityPattern.from_arrays(
+            arrays, f"{where}: the pattern at {ml.path_name(path)!r}")
         layer_params["kernel"] = SparseWeight(jnp.asarray(layer_params.pop("values")),
                                               pattern).to_dense()
         ml.tree_delete(patterns, path)

@@ -161,3 +161,16 @@ def test_linen_round_trip_and_nnz_mismatch(tmp_path):
                                          r"Dense_0' does not match.*with 14 nonzeros.*"
                                          r"with 5 nonzeros"):
         restore_checkpoint(path, {"variables": other, "opt_state": tx.init(other["params"])})
+
+
+def test_version_1_checkpoint_with_patterns_restores_only_without_target(tmp_path, monkeypatch):
+    from sparseprop_jax import checkpoint
+
+    model, _ = sparsify(LinenNet(), 0.5, variables=LinenNet().init(
+        jax.random.key(0), jnp.ones((2, 8))), inputs=jnp.ones((2, 8)))
+    monkeypatch.setattr(checkpoint, "VERSION", 1)
+    path = save_checkpoint(tmp_path / "v1", model)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="checkpoint version 1.*without a target"):
+        restore_checkpoint(path, model)
+    assert set(restore_checkpoint(path)) == set(model)

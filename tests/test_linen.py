@@ -14,7 +14,7 @@ import sparseprop_jax as sp
 from conftest import assert_close, random_kernel
 from sparseprop_jax.linen import PATTERN_COLLECTION, SparseDense
 
-_PATTERN_KEYS = {"indptr", "indices", "t_indptr", "t_indices", "t_perm"}
+_PATTERN_KEYS = {"indptr", "indices", "t_indptr", "t_indices", "t_perm", "shape"}
 
 
 def _variables_from_random(rng, n_in=13, n_out=7, sparsity=0.7, use_bias=True):

@@ -14,7 +14,7 @@ import sparseprop_jax as sp
 from conftest import assert_close, random_kernel
 from sparseprop_jax.linen import PATTERN_COLLECTION, SparseConv, SparseDense
 
-_PATTERN_KEYS = {"indptr", "indices", "t_indptr", "t_indices", "t_perm"}
+_PATTERN_KEYS = {"indptr", "indices", "t_indptr", "t_indices", "t_perm", "shape"}
 
 
 def _conv_kernel(rng, kh, kw, cin, cout, sparsity):
@@ -250,3 +250,26 @@ def _vars(kh=3, kw=3, cin=2, cout=3):
 def test_bad_arguments_raise(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_weight_needs_no_kernel_size(rng):
+    kernel = _conv_kernel(rng, 3, 1, 2, 4, 0.5)  # (3, 1) has the matrix view of (1, 3)
+    variables = SparseConv.variables_from_dense(kernel)
+    np.testing.assert_array_equal(SparseConv.weight(variables).to_dense(), kernel)
+    np.testing.assert_array_equal(
+        SparseConv.to_dense_variables(variables)["params"]["kernel"], kernel)
+    np.testing.assert_array_equal(SparseConv.weight(variables, (3, 1)).to_dense(), kernel)
+    with pytest.raises(ValueError, match=r"kernel_size=\(1, 3\) does not fit the pattern"):
+        SparseConv.weight(variables, (1, 3))
+    x = jnp.asarray(rng.standard_normal((2, 5, 5, 2)), jnp.float32)
+    layer = SparseConv(4, (3, 1), use_bias=False)
+    np.testing.assert_array_equal(jax.jit(layer.apply)(variables, x), layer.apply(variables, x))
+    with pytest.raises(ValueError, match=r"kernel_size=\(1, 3\) with 2 input channels"):
+        SparseConv(4, (1, 3), use_bias=False).apply(variables, x)
+
+
+def test_variables_without_the_kernel_shape_say_how_to_add_it(rng):
+    variables = _vars()
+    del variables[PATTERN_COLLECTION]["shape"]
+    with pytest.raises(ValueError, match="lacks its kernel shape 'shape'.*np.array"):
+        SparseConv(3, (3, 3)).apply(variables, jnp.ones((1, 4, 4, 2)))

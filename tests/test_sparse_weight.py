@@ -91,3 +91,48 @@ def test_repr_shows_shape_nnz_sparsity(rng):
     weight = sp.SparseWeight.from_dense(random_kernel(rng, 10, 10, 0.9))
     assert repr(weight) == "SparseWeight(shape=(10, 10), nnz=10, sparsity=0.9000)"
     assert "nnz=10" in repr(weight.pattern)
+
+
+def test_stored_arrays_round_trip_eagerly_and_under_jit():
+    pattern = sp.SparsityPattern.random((3, 3, 2, 4), 0.6, jax.random.key(0))
+    arrays = pattern.to_arrays()
+    assert set(arrays) == set(sp.SparsityPattern.FIELDS) | {"shape"}
+    assert arrays["shape"].dtype == jnp.int32 and arrays["shape"].tolist() == [3, 3, 2, 4]
+    back = sp.SparsityPattern.from_arrays(arrays)
+    assert back.shape == (3, 3, 2, 4)
+    np.testing.assert_array_equal(back.mask(), pattern.mask())
+    wide = dict(arrays, indices=np.asarray(arrays["indices"], np.int64))  # as a checkpoint may
+    assert sp.SparsityPattern.from_arrays(wide).indices.dtype == jnp.int32
+    # Under jit the shape's values are traced: the window gives the dims the
+    # index pointers cannot; a 2-D kernel needs none.
+    seen = {}
+
+    def read(arrays, **kwargs):
+        seen["shape"] = sp.SparsityPattern.from_arrays(arrays, **kwargs).shape
+        return arrays["indices"]
+    jax.jit(lambda a: read(a, window=(3, 3)))(arrays)
+    assert seen["shape"] == (3, 3, 2, 4)
+    jax.jit(read)(sp.SparsityPattern.random((5, 4), 0.5, jax.random.key(1)).to_arrays())
+    assert seen["shape"] == (5, 4)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: a.pop("shape"), ValueError, "lacks its kernel shape 'shape'"),
+    (lambda a: a.pop("t_perm"), ValueError, r"lacks \['t_perm'\]"),
+    (lambda a: a.update(shape=np.array([2, 3, 2, 4], np.int32)), ValueError,
+     r"matrix view \(in, out\) of \(18, 4\), which does not fit its kernel shape \(2, 3, 2, 4\)"),
+    (lambda a: a.update(indices=np.zeros(3, np.float32)), TypeError, "must hold integers"),
+])
+def test_stored_arrays_are_validated(change, error, match):
+    arrays = sp.SparsityPattern.random((3, 3, 2, 4), 0.6, jax.random.key(0)).to_arrays()
+    change(arrays)
+    with pytest.raises(error, match=match):
+        sp.SparsityPattern.from_arrays(arrays)
+
+
+def test_traced_stored_shape_needs_the_window():
+    arrays = sp.SparsityPattern.random((3, 3, 2, 4), 0.6, jax.random.key(0)).to_arrays()
+    with pytest.raises(TypeError, match="the stored kernel shape is traced"):
+        jax.jit(lambda a: sp.SparsityPattern.from_arrays(a).indptr)(arrays)
+    with pytest.raises(ValueError, match=r"window \(4, 4\) does not fit"):
+        jax.jit(lambda a: sp.SparsityPattern.from_arrays(a, window=(4, 4)).indptr)(arrays)
