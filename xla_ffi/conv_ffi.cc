@@ -1,5 +1,5 @@
 // XLA FFI handlers of the sparse 2-D convolution: direct convolution over the
-// nonzeros (no im2col), on the generic kernels of sparse_kernels.h.
+// nonzeros (no im2col), on the generic routines of routines.h.
 //
 // The pattern is that of the HWIO kernel flattened to (kh * kw * cin, cout):
 // one compressed row per output channel, entry index (ky * kw + kx) * cin + ci.
@@ -10,7 +10,7 @@
 //   windows are runs:
 //     x (N, Cin, Hp, s, Wq)      y (N, Cout, Ho, Wo)
 //   where x[.., s_phase, q] is padded column q * s + s_phase. Each nonzero
-//   then reads one contiguous run per output position: the kernels' entry
+//   then reads one contiguous run per output position: the routines' entry
 //   offsets.
 //   batch (vectorised over the batch): the ConvNhwc* handlers (below), which
 //   take the caller's NHWC arrays and lay them out themselves, in rows of
@@ -131,7 +131,7 @@ WindowPlan window_plan(const Geometry& g, const Shapes& sh) {
 // the block's windows stay in cache across rows (walking all positions per
 // entry would stream the whole image from memory once per nonzero). The
 // blocks depend only on the geometry, so results are deterministic.
-void weight_gradient_blocks(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
+void weight_gradient_blocks(const Routines& k, const int32_t* indptr, const int64_t* offsets,
                             const float* rows, const float* in, float* out_values,
                             const WindowPlan& plan, int64_t row_begin, int64_t row_end) {
   const int64_t positions = plan.grid.size();
@@ -168,7 +168,7 @@ ffi::Future ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::vector<Task> tasks;
   const int parts = parallel_parts(pool, total * plan.grid.size() * plan.length * pat.nnz);
   for (int64_t v = 0; v < total; ++v) split_even(plan.grid.size(), v, 0, parts, &tasks);
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const float* xd = x.typed_data();
   const float* w = values.typed_data();
   float* yd = y->typed_data();
@@ -204,7 +204,7 @@ ffi::Future ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   std::vector<Task> tasks;
   const int parts = parallel_parts(pool, total * plan.grid.size() * plan.length * pat.nnz);
   for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), pat.rows, v, parts, &tasks);
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const float* dyd = dy.typed_data();
   const float* xd = x.typed_data();
   float* dw = dvalues->typed_data();
@@ -338,7 +338,7 @@ ffi::Future ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dyp,
   std::vector<Task> tasks;
   for (int64_t v = 0; v < total; ++v)
     for (int64_t ph = 0; ph < s * s; ++ph) split_even(grids[ph].size(), v, ph, parts, &tasks);
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const float* dyd = dyp.typed_data();
   float* dxd = dx->typed_data();
   return run_tasks(pool, std::move(tasks), [=, &k](const Task& t) {
@@ -416,7 +416,7 @@ ffi::Error decode_nhwc(const Stack& xs, int64_t cout, int64_t stride, int64_t kh
 // Tasks copying each slice of NHWC `src` (n, h, w, c) into the row-run
 // layout `to` at `dst`, the image at (top, left) and zeros around it; split
 // over the destination rows.
-Phase to_row_runs(const KernelTable& k, const float* src, const Stack& ss, float* dst,
+Phase to_row_runs(const Routines& k, const float* src, const Stack& ss, float* dst,
                   const RowRuns& to, int64_t top, int64_t left, int parts) {
   const int64_t n = ss.dims[0], h = ss.dims[1], w = ss.dims[2], c = ss.dims[3];
   const bool stream = streams_past_cache(ss.count * to.size());
@@ -463,7 +463,7 @@ std::function<int64_t(int32_t)> tap_offsets(const RowRuns& x, int64_t kw) {
 // destination past the cache (streams_past_cache). (Going through the
 // row in blocks of pixels, to keep a block's windows in L2 across channels,
 // measured no faster.)
-void row_product_to_nhwc(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
+void row_product_to_nhwc(const Routines& k, const int32_t* indptr, const int64_t* offsets,
                          const float* values, const float* in, int64_t begin, int64_t end,
                          int64_t cols, int64_t n, float* dst, int64_t pixel_step,
                          int64_t ld_dst, bool stream) {
@@ -507,7 +507,7 @@ ffi::Future ConvNhwcForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
   const RowRuns xr = g.x_runs();
   const EntryOffsets offsets = entry_offsets(pat, tap_offsets(xr, kw));
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const int64_t ho = g.ho(), wo = g.wo(), cout = g.cout, n = g.n, s = g.s;
   const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
   auto xl = scratch<float>(xs.count * xr.size());
@@ -615,7 +615,7 @@ ffi::Future ConvNhwcBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         for (int64_t j = j0; j < j0 + rows; ++j) in_rows.push_back({a, b, j, i0, cols});
     }
 
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
   auto xl = scratch<float>(xs.count * xr.size());
   auto dyp = scratch<float>(dys.count * dr.size());

@@ -40,7 +40,7 @@ NB_MODULE(_sparseprop_jax_ffi, m) {
     return targets;
   });
 
-  m.def("simd_path", &sparseprop::active_simd_path, "The kernel instruction set in use.");
+  m.def("simd_path", &sparseprop::active_simd_path, "The instruction set of the routines in use.");
   m.def("supported_simd_paths", &sparseprop::supported_simd_paths,
         "Instruction sets this CPU can run, best first.");
   m.def(

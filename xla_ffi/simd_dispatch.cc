@@ -7,7 +7,7 @@ namespace {
 
 struct Path {
   const char* name;
-  const KernelTable* kernels;
+  const Routines* routines;
   bool (*cpu_supports)();
 };
 
@@ -28,10 +28,10 @@ bool always() { return true; }
 // Best first.
 const Path kPaths[] = {
 #if defined(SPARSEPROP_X86_SIMD)
-    {"avx512", &avx512::kKernels, &has_avx512},
-    {"avx2", &avx2::kKernels, &has_avx2},
+    {"avx512", &avx512::kRoutines, &has_avx512},
+    {"avx2", &avx2::kRoutines, &has_avx2},
 #endif
-    {"scalar", &scalar::kKernels, &always},
+    {"scalar", &scalar::kRoutines, &always},
 };
 constexpr int kNumPaths = sizeof(kPaths) / sizeof(kPaths[0]);
 
@@ -46,7 +46,7 @@ std::atomic<int> task_count{0};
 
 }  // namespace
 
-const KernelTable& active_kernels() { return *kPaths[active.load(std::memory_order_relaxed)].kernels; }
+const Routines& active_routines() { return *kPaths[active.load(std::memory_order_relaxed)].routines; }
 
 std::string active_simd_path() { return kPaths[active.load()].name; }
 

@@ -1,16 +1,16 @@
-// The avx2 instantiation of the sparse kernels (8 float lane(s) per vector).
+// The avx2 instantiation of the numeric routines (8 float lane(s) per vector).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <utility>
 #include <vector>
 
-#include "sparse_kernels.h"
+#include "routines.h"
 
 namespace sparseprop {
 namespace avx2 {
 #define SPARSEPROP_SIMD_WIDTH 8
-#include "kernels_impl.h"
+#include "routines_impl.h"
 #undef SPARSEPROP_SIMD_WIDTH
 }  // namespace avx2
 }  // namespace sparseprop

@@ -1,5 +1,5 @@
-// The kernel templates, written once over a vector of SPARSEPROP_SIMD_WIDTH
-// floats (GCC/Clang vector extensions). Each kernels_<isa>.cc includes this
+// The routine templates, written once over a vector of SPARSEPROP_SIMD_WIDTH
+// floats (GCC/Clang vector extensions). Each routines_<isa>.cc includes this
 // file inside its own namespace and compiles it with its own target flags, so
 // no symbol built for one instruction set can be linked into another's path.
 // The width-1 instantiation is the scalar reference path.
@@ -36,7 +36,7 @@ constexpr int64_t kPrefetchDistance = 8;
 
 // Prefetches the first cache line of a run. Only the first: the loop is bound
 // by its loads, and a prefetch of every line of the run spent a load slot on
-// each (kernel_bench, AVX-512: fwd and igrad 3-8% faster with the first line
+// each (routines_bench, AVX-512: fwd and igrad 3-8% faster with the first line
 // alone; distances 4 and 16 measured the same as 8).
 static inline void prefetch_run(const float* p) { __builtin_prefetch(p); }
 
@@ -387,7 +387,7 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
 }
 
 // The linear layer's entry sums over the whole batch, of two operands in the
-// batch-tiled layout (sparse_kernels.h) with n_rows and n_in rows: one run
+// batch-tiled layout (routines.h) with n_rows and n_in rows: one run
 // per tile each, all summed in the same registers and reduced once.
 struct TiledDot {
   const int32_t* indices;
@@ -407,7 +407,7 @@ struct TiledDot {
     const int64_t full = batch / kBatchTile;
     // The tiles by hand rather than through BatchTiles: whole tiles at a fixed
     // length and fixed strides, then the narrower last one. Recomputing each
-    // tile's offsets through BatchTiles measured 15-20% slower (kernel_bench).
+    // tile's offsets through BatchTiles measured 15-20% slower (routines_bench).
     for (int64_t t = 0; t < full; ++t) {
       sddmm_group<G, /*kWholeVectors=*/kBatchTile % kWidth == 0>(g, x, kBatchTile, acc, tail);
       g += kBatchTile * n_rows;
@@ -717,12 +717,12 @@ static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_d
 }
 
 // Where the one-pass backward pays: on AVX-512 it measured 1.4-1.8x faster
-// than the two passes apart (kernel_bench, Zen 4); on AVX2 about even with
+// than the two passes apart (routines_bench, Zen 4); on AVX2 about even with
 // them, and the scatter of its sums then made the whole backward slower
 // (64 x 4096 -> 4096 at 95%: 5.0-7.2 against 4.2-4.6 ms). The scalar path
 // runs it, so that on every machine the tests hold the one-pass handler code
 // against the dense reference.
 constexpr bool kOnePassBackward = kWidth != 8;
 
-const KernelTable kKernels = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
+const Routines kRoutines = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
                               &transpose, kOnePassBackward};
