@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from sparseprop_jax import _checks, _ffi
-from sparseprop_jax.kernels import simd_path
+from sparseprop_jax.runtime import simd_path
 from sparseprop_jax.sparse_weight import SparseWeight
 
 Array = jax.Array
