@@ -1,4 +1,6 @@
-// The scalar instantiation of the numeric routines (1 float lane(s) per vector).
+// The scalar instantiation of the numeric routines: plain C++ on one float
+// at a time, for every CPU. It is the reference the SIMD paths are tested
+// against, and the only path on CPUs other than x86-64.
 #include <algorithm>
 #include <utility>
 #include <vector>
@@ -7,8 +9,33 @@
 
 namespace sparseprop {
 namespace scalar {
-#define SPARSEPROP_SIMD_WIDTH 1
+
+// What routines_impl.h needs to know of the instruction set (the members are
+// explained in routines_avx2.cc).
+struct Isa {
+  // One float: no vectors.
+  static constexpr int kWidth = 1;
+  // 4, the size of the groups that finish every row anyway: a float has no
+  // lanes for a larger group's transpose_sum to share.
+  static constexpr int kEntryGroup = 4;
+  // 4.
+  static constexpr int kBackwardGroup = 4;
+  // Yes, though it is not faster here: so that on every machine the tests
+  // hold the one-pass handler code against the dense reference.
+  static constexpr bool kOnePassBackward = true;
+  // 1: no blocks in registers; `transpose` moves one float at a time.
+  static constexpr int kTransposeBlock = 1;
+  // No.
+  static constexpr bool kLineVectors = false;
+  // No: plain C++ has no stores past the caches (and no stream, store_fence).
+  static constexpr bool kStreamingStores = false;
+
+  // Nothing to do: the reference path stays plain C++, without asm.
+  template <typename V>
+  static void keep_in_register(V&) {}
+};
+
 #include "routines_impl.h"
-#undef SPARSEPROP_SIMD_WIDTH
+
 }  // namespace scalar
 }  // namespace sparseprop
