@@ -143,8 +143,11 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
 
   Floats ref_y, ref_dx;
   std::vector<float> ref_dv;
-  for (const std::string& path : {std::string("scalar"), std::string("avx2"),
-                                  std::string("avx512")}) {
+  // Every path the build has and the CPU runs, the scalar reference first
+  // (the dispatch table lists them best first, scalar last).
+  std::vector<std::string> paths = sparseprop::known_simd_paths();
+  std::reverse(paths.begin(), paths.end());
+  for (const std::string& path : paths) {
     if (!sparseprop::set_simd_path(path)) continue;
     const Routines& k = sparseprop::active_routines();
     Floats yt(n_out * batch), dxt(n_in * batch);

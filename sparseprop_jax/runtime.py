@@ -1,8 +1,10 @@
 """The run-time switches of the C++ routines: SIMD path, tasks per call, cached memory.
 
-The best path the CPU supports is chosen when the extension loads; the
-environment variable `SPARSEPROP_JAX_SIMD` (scalar, avx2, avx512 or auto)
-overrides it at import. Switching takes effect for every call that runs later,
+The routines are compiled once per instruction set (SIMD path); the paths
+this build has are the ones `known_simd_paths()` lists, read from the
+extension's dispatch table. The best path the CPU supports is chosen when the
+extension loads; the environment variable `SPARSEPROP_JAX_SIMD` (one of those
+names, or auto) overrides it at import. Switching takes effect for every call that runs later,
 compiled functions included, because the handlers dispatch at run time. JAX
 dispatches asynchronously: a computation started before a switch may still
 run after it, so block on its results (`jax.block_until_ready`) before
@@ -19,8 +21,13 @@ from sparseprop_jax._ffi import _ext
 
 
 def simd_path() -> str:
-    """The active SIMD path: "avx512", "avx2" or "scalar"."""
+    """The active SIMD path, one of the paths `known_simd_paths()` lists."""
     return _ext.simd_path()
+
+
+def known_simd_paths() -> list[str]:
+    """Every SIMD path this build has, best first, whether this CPU runs it or not."""
+    return list(_ext.known_simd_paths())
 
 
 def supported_simd_paths() -> list[str]:

@@ -45,6 +45,8 @@ struct BatchTiles {
   }
 };
 
+// One instruction set's numeric routines (routines_<isa>.cc); the dispatch
+// table of simd_dispatch.cc lists every instruction set's.
 struct Routines {
   // For grid positions q in [q_begin, q_end) and rows r in [row_begin, row_end):
   //   out_q[r * ld_row + l] = sum_p values[p] * in_q[offsets[p] + l],  l < length.
@@ -108,12 +110,9 @@ struct Routines {
   // Whether the linear backward runs spmm_sddmm_indexed when it wants both
   // gradients, rather than spmm_indexed and sddmm_indexed apart.
   bool one_pass_backward;
-};
 
-// One table per instruction set, each compiled in its own translation unit
-// with its own target flags (see CMakeLists.txt).
-namespace scalar { extern const Routines kRoutines; }
-namespace avx2 { extern const Routines kRoutines; }
-namespace avx512 { extern const Routines kRoutines; }
+  // The instruction set's name, as set_simd_path takes it (Isa::kName).
+  const char* name;
+};
 
 }  // namespace sparseprop

@@ -16,6 +16,8 @@ namespace avx2 {
 // routines_<isa>.cc defines a record with these members; stream and
 // store_fence only where kStreamingStores is true.
 struct Isa {
+  // The path's name, as set_simd_path and known_simd_paths spell it.
+  static constexpr const char* kName = "avx2";
   // Floats per vector: a 256-bit register.
   static constexpr int kWidth = 8;
   // Entries of a row the weight gradients take together: 8 share each load

@@ -16,6 +16,7 @@ namespace avx512 {
 // What routines_impl.h needs to know of the instruction set (the members are
 // explained in routines_avx2.cc).
 struct Isa {
+  static constexpr const char* kName = "avx512";
   // A 512-bit register.
   static constexpr int kWidth = 16;
   // 8: as on AVX2 (16 measured no faster and leaves longer padded tails).

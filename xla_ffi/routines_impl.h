@@ -742,5 +742,7 @@ static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_d
     if (stream) I::store_fence();
 }
 
+// This instruction set's table, for the dispatch table of simd_dispatch.cc.
+extern const Routines kRoutines;
 const Routines kRoutines = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
-                            &transpose<>, Isa::kOnePassBackward};
+                            &transpose<>, Isa::kOnePassBackward, Isa::kName};

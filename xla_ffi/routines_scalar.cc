@@ -13,6 +13,7 @@ namespace scalar {
 // What routines_impl.h needs to know of the instruction set (the members are
 // explained in routines_avx2.cc).
 struct Isa {
+  static constexpr const char* kName = "scalar";
   // One float: no vectors.
   static constexpr int kWidth = 1;
   // 4, the size of the groups that finish every row anyway: a float has no

@@ -13,8 +13,12 @@ namespace sparseprop {
 // Routines of the active path.
 const Routines& active_routines();
 
-// Name of the active path: "avx512", "avx2" or "scalar".
+// Name of the active path, one of known_simd_paths().
 std::string active_simd_path();
+
+// Every path this build has, best first, whether this CPU can run it or not:
+// the names of the dispatch table (simd_dispatch.cc), the one list of them.
+std::vector<std::string> known_simd_paths();
 
 // Paths this CPU can run, best first; "scalar" is always there.
 std::vector<std::string> supported_simd_paths();
