@@ -31,7 +31,7 @@ struct Grid {
 // product then reads its scattered rows from one tile, small enough for the
 // core's L2 cache (3072 rows x 64 = 768 KiB), instead of from the whole
 // matrix. 64 floats fill the routines' registers (4 AVX-512 vectors) and
-// measured fastest; 32 or 128 were 5-25% slower.
+// measured faster than 32 or 128 (see benchmarks/results/NOTES.md).
 constexpr int64_t kBatchTile = 64;
 
 // The tiles of a batch of `batch` columns: tile t starts at column first(t)

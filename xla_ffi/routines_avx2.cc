@@ -30,7 +30,7 @@ struct Isa {
   // Whether the linear backward computes both gradients in one pass
   // (spmm_sddmm_indexed): no. On AVX2 it measured about even with the two
   // passes apart, and the scatter of its sums then made the whole backward
-  // slower (64 x 4096 -> 4096 at 95%: 5.0-7.2 against 4.2-4.6 ms).
+  // slower (see benchmarks/results/NOTES.md).
   static constexpr bool kOnePassBackward = false;
   // Side of the square blocks `transpose` moves in registers: 16, so that
   // each destination row of a block is one whole 64-byte line.

@@ -23,8 +23,8 @@ struct Isa {
   static constexpr int kEntryGroup = 8;
   // 8: the 32 vector registers hold 8 sums next to x_m, dx_m and a run.
   static constexpr int kBackwardGroup = 8;
-  // Yes: on AVX-512 the one pass measured 1.4-1.8x faster than the two
-  // passes apart (routines_bench, Zen 4).
+  // Yes: on AVX-512 the one pass measured clearly faster than the two
+  // passes apart (see benchmarks/results/NOTES.md).
   static constexpr bool kOnePassBackward = true;
   // 16, each destination row a whole 64-byte line.
   static constexpr int kTransposeBlock = 16;

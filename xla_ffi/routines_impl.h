@@ -44,8 +44,8 @@ constexpr int64_t kPrefetchDistance = 8;
 
 // Prefetches the first cache line of a run. Only the first: the loop is bound
 // by its loads, and a prefetch of every line of the run spent a load slot on
-// each (routines_bench, AVX-512: fwd and igrad 3-8% faster with the first line
-// alone; distances 4 and 16 measured the same as 8).
+// each: the first line alone measured faster, and distances 4 and 16 the
+// same as 8 (see benchmarks/results/NOTES.md).
 static inline void prefetch_run(const float* p) { __builtin_prefetch(p); }
 
 // Where entry p's run starts in the dense operand: a precomputed offset
@@ -415,7 +415,8 @@ struct TiledDot {
     const int64_t full = batch / kBatchTile;
     // The tiles by hand rather than through BatchTiles: whole tiles at a fixed
     // length and fixed strides, then the narrower last one. Recomputing each
-    // tile's offsets through BatchTiles measured 15-20% slower (routines_bench).
+    // tile's offsets through BatchTiles measured slower (see
+    // benchmarks/results/NOTES.md).
     for (int64_t t = 0; t < full; ++t) {
       sddmm_group<G, /*kWholeVectors=*/kBatchTile % kWidth == 0>(g, x, kBatchTile, acc, tail);
       g += kBatchTile * n_rows;
@@ -699,9 +700,9 @@ static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
 // output). The other side then moves by whole lines per block, in a few
 // sequential streams the hardware prefetchers follow; the opposite order
 // steps by one line per row of the long side, a page or more apart, and every
-// line is a demand miss when it is not cached: x (256 x 3072) into its tiles
-// took 0.72 ms from memory and 0.17 ms from cache walking the columns, 0.40
-// and 0.09 ms walking the rows (one thread).
+// line is a demand miss when it is not cached. The order chosen measured
+// faster than the opposite one, from memory and from cache alike (see
+// benchmarks/results/NOTES.md).
 // With `stream`, the blocks go past the caches where their destination rows
 // are whole aligned lines (only where the instruction set has streaming
 // stores); a fence then orders those stores before the caller's later ones

@@ -21,8 +21,8 @@ struct Isa {
   static constexpr int kEntryGroup = 4;
   // 4.
   static constexpr int kBackwardGroup = 4;
-  // Yes, though it is not faster here: so that on every machine the tests
-  // hold the one-pass handler code against the dense reference.
+  // Yes, so that on every machine the tests hold the one-pass handler code
+  // against the dense reference.
   static constexpr bool kOnePassBackward = true;
   // 1: no blocks in registers; `transpose` moves one float at a time.
   static constexpr int kTransposeBlock = 1;
