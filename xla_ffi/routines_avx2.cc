@@ -20,9 +20,10 @@ struct Isa {
   static constexpr const char* kName = "avx2";
   // Floats per vector: a 256-bit register.
   static constexpr int kWidth = 8;
-  // Entries of a row the weight gradients take together: 8 share each load
-  // of the row's gradient, and transpose_sum finishes their 8 vectors into
-  // one in 7 shuffle-add steps.
+  // Entries of a row the weight gradients take together: 8, the lanes of
+  // one vector. They share each load of the row's gradient, and
+  // transpose_sum turns their 8 vectors into one of 8 sums in 7 shuffle-add
+  // steps.
   static constexpr int kEntryGroup = 8;
   // Entries the one-pass backward takes together: 4, as many as the 16
   // vector registers hold next to x_m, dx_m and a run.
@@ -38,7 +39,8 @@ struct Isa {
   // Whether one vector holds a whole 64-byte line: no (half a line), so a
   // 16 x 16 block goes as four 8 x 8 blocks.
   static constexpr bool kLineVectors = false;
-  // Whether there are stores past the caches (non-temporal): yes.
+  // Whether there are stores past the caches (non-temporal): yes,
+  // _mm256_stream_ps, ordered by _mm_sfence.
   static constexpr bool kStreamingStores = true;
 
   // Stores the kWidth floats of v at dst (32-byte aligned) past the caches.

@@ -31,7 +31,7 @@ struct Isa {
   // Yes: a 16-float vector is one whole line, so a 16 x 16 block is
   // transposed in 16 registers and each line stored at once.
   static constexpr bool kLineVectors = true;
-  // Yes.
+  // Yes: _mm512_stream_ps, ordered by _mm_sfence.
   static constexpr bool kStreamingStores = true;
 
   template <typename V>

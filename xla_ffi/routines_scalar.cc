@@ -19,14 +19,15 @@ struct Isa {
   // 4, the size of the groups that finish every row anyway: a float has no
   // lanes for a larger group's transpose_sum to share.
   static constexpr int kEntryGroup = 4;
-  // 4.
+  // 4, the smaller of the vector paths' groups: the reference path is not
+  // tuned for speed.
   static constexpr int kBackwardGroup = 4;
   // Yes, so that on every machine the tests hold the one-pass handler code
   // against the dense reference.
   static constexpr bool kOnePassBackward = true;
   // 1: no blocks in registers; `transpose` moves one float at a time.
   static constexpr int kTransposeBlock = 1;
-  // No.
+  // No: no vectors.
   static constexpr bool kLineVectors = false;
   // No: plain C++ has no stores past the caches (and no stream, store_fence).
   static constexpr bool kStreamingStores = false;

@@ -38,6 +38,9 @@ bool always() { return true; }
 
 // The dispatch table: every instruction set this build knows, best first.
 // The one list of them in the code; Python reads it (known_simd_paths).
+// Adding an instruction set takes a routines_<isa>.cc with its record `Isa`
+// (routines_avx2.cc explains the members), its extern, CPU check and row
+// here, and its source and flags in CMakeLists.txt (ROUTINES_ISAS).
 const Path kPaths[] = {
 #if defined(SPARSEPROP_X86_SIMD)
     {&avx512::kRoutines, &has_avx512},
