@@ -550,10 +550,12 @@ static void spmm_sddmm_indexed(const int32_t* indptr, const int32_t* indices,
 }
 
 // The transposes of whole blocks in registers, where the instruction set has
-// them (Isa::kTransposeBlock 16). They, and transpose below, are templates
-// over the record I = Isa: the members only an instruction set with
-// kStreamingStores has (stream, store_fence) are then looked up only where
-// it has them, and an instruction set without blocks compiles none of them.
+// them (Isa::kTransposeBlock 16). store_line, transpose16x16 and transpose
+// below are templates over the record I = Isa: the members only an
+// instruction set with kStreamingStores has (stream, store_fence) are then
+// looked up only where it has them, and an instruction set without blocks
+// instantiates none of them. (transpose8x8 is generic vector code, emitted
+// only where used.)
 typedef float vfloat8 __attribute__((vector_size(32)));
 
 // The 8 x 8 block at src (row stride ld_src) into dst (row stride ld_dst),
