@@ -290,7 +290,11 @@ def comma_list(parse_item):
 
 
 def add_common_arguments(parser, quick_help: str, default_sparsities) -> None:
-    """The options both benchmarks take: sparsities, sampling, output, kernel switches."""
+    """The options both benchmarks take: sparsities, sampling, output, SIMD and task switches."""
+    # The --simd names come from the extension's dispatch table (imported here:
+    # jax loads with it, and this module imports jax lazily).
+    from sparseprop_jax.runtime import known_simd_paths
+
     parser.add_argument("--sparsities", type=parse_sparsities, default=None,
                         help="comma-separated sparsities (default: "
                              + ",".join(map(str, default_sparsities)) + ")")
@@ -319,10 +323,10 @@ def add_common_arguments(parser, quick_help: str, default_sparsities) -> None:
                              "imported; XLA sizes its thread pool from it; default: all "
                              "usable CPUs); targets are for 2")
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--simd", choices=("auto", "avx512", "avx2", "scalar"), default=None,
-                        help="force the kernel path (default: as loaded)")
+    parser.add_argument("--simd", choices=("auto", *known_simd_paths()), default=None,
+                        help="force the SIMD path (default: as loaded)")
     parser.add_argument("--tasks-per-call", type=int, default=None,
-                        help="split each kernel call into N tasks, 1 = single thread "
+                        help="split each custom call into N tasks, 1 = single thread "
                              "(default: as loaded, 0 = automatic)")
     parser.add_argument("--seed", type=int, default=0)
 

@@ -4,7 +4,7 @@ Sparse layers whose forward pass, input gradient and weight gradient all cost
 O(batch x nnz), run by C++ kernels registered as XLA FFI custom calls.
 """
 
-from sparseprop_jax.kernels import (
+from sparseprop_jax.runtime import (
     cached_memory_bytes,
     release_cached_memory,
     set_simd_path,

@@ -52,7 +52,9 @@ _register_targets()
 
 
 def _simd_path_from_environment() -> None:
-    """SPARSEPROP_JAX_SIMD=scalar|avx2|avx512|auto picks the kernel path at import.
+    """SPARSEPROP_JAX_SIMD=<path>|auto picks the SIMD path at import.
+
+    <path> is one of the paths `runtime.known_simd_paths()` lists.
 
     A name that is unknown, or a path this CPU cannot run, warns and keeps the
     best supported path: the import itself does not fail.

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseprop_jax import _targets
-from sparseprop_jax.kernels import simd_path
+from sparseprop_jax.runtime import simd_path
 from sparseprop_jax.sparse_weight import SparseWeight
 
 if TYPE_CHECKING:

@@ -42,7 +42,7 @@ RowRuns dy_runs(const ConvGeometry& g) { return {g.hd(), g.cout, 1, g.wd(), g.n}
 // Tasks copying each slice of NHWC `src` (n, h, w, c) into the row-run
 // layout `to` at `dst`, the image at (top, left) and zeros around it; split
 // over the destination rows.
-Phase to_row_runs(const KernelTable& k, const float* src, const Stack& ss, float* dst,
+Phase to_row_runs(const Routines& k, const float* src, const Stack& ss, float* dst,
                   const RowRuns& to, int64_t top, int64_t left, int parts) {
   const int64_t n = ss.dims[0], h = ss.dims[1], w = ss.dims[2], c = ss.dims[3];
   const bool stream = streams_past_cache(ss.count * to.size());
@@ -89,7 +89,7 @@ std::function<int64_t(int32_t)> tap_offsets(const RowRuns& x, int64_t kw) {
 // destination past the cache (streams_past_cache). (Going through the
 // row in blocks of pixels, to keep a block's windows in L2 across channels,
 // measured no faster.)
-void row_product_to_nhwc(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
+void row_product_to_nhwc(const Routines& k, const int32_t* indptr, const int64_t* offsets,
                          const float* values, const float* in, int64_t begin, int64_t end,
                          int64_t cols, int64_t n, float* dst, int64_t pixel_step,
                          int64_t ld_dst, bool stream) {
@@ -119,7 +119,7 @@ ffi::Future ConvBatchForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
   const RowRuns xr = x_runs(g);
   const EntryOffsets offsets = entry_offsets(pat, tap_offsets(xr, kw));
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const int64_t ho = g.ho(), wo = g.wo(), cout = g.cout, n = g.n, s = g.s;
   const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
   auto xl = scratch<float>(xs.count * xr.size());
@@ -202,7 +202,7 @@ ffi::Future ConvBatchBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t j = pr.j0; j < pr.j0 + pr.rows; ++j)
       in_rows.push_back({pr.a, pr.b, j, pr.i0, pr.cols});
 
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
   auto xl = scratch<float>(xs.count * xr.size());
   auto dyp = scratch<float>(dys.count * dr.size());

@@ -93,7 +93,7 @@ int64_t block_positions(int64_t window, int64_t step, int64_t out) {
   return b;
 }
 
-void weight_gradient_blocks(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
+void weight_gradient_blocks(const Routines& k, const int32_t* indptr, const int64_t* offsets,
                             const float* rows, const float* in, float* out_values,
                             const WindowPlan& plan, int64_t row_begin, int64_t row_end) {
   const int64_t positions = plan.grid.size();

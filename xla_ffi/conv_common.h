@@ -27,7 +27,7 @@
 
 #include "ffi_common.h"
 #include "pattern.h"
-#include "sparse_kernels.h"
+#include "routines.h"
 
 namespace sparseprop {
 
@@ -116,7 +116,7 @@ int64_t block_positions(int64_t window, int64_t step, int64_t out);
 // the block's windows stay in cache across rows (walking all positions per
 // entry would stream the whole image from memory once per nonzero). The
 // blocks depend only on the geometry, so results are deterministic.
-void weight_gradient_blocks(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
+void weight_gradient_blocks(const Routines& k, const int32_t* indptr, const int64_t* offsets,
                             const float* rows, const float* in, float* out_values,
                             const WindowPlan& plan, int64_t row_begin, int64_t row_end);
 

@@ -41,7 +41,7 @@ WidthLayout dy_layout(const ConvGeometry& g) { return {g.n, g.cout, g.hd(), 1, g
 // Tasks copying each slice of NHWC `src` (n, h, w, c) into the width layout
 // `to` at `dst`, the images at (top, left) and zeros around them; split over
 // the destination's image rows.
-Phase to_width_layout(const KernelTable& k, const float* src, const Stack& ss, float* dst,
+Phase to_width_layout(const Routines& k, const float* src, const Stack& ss, float* dst,
                       const WidthLayout& to, int64_t top, int64_t left, int parts) {
   const int64_t h = ss.dims[1], w = ss.dims[2], c = ss.dims[3];
   const bool stream = streams_past_cache(ss.count * to.size());
@@ -85,7 +85,7 @@ std::function<int64_t(int32_t)> tap_offsets(const WidthLayout& x, int64_t kw) {
 // One row of the sparse product: rows [begin, end) of the pattern (channels),
 // each a run of `cols` floats read from `in`, into `buffer`, then transposed
 // into NHWC: pixel i's channels go to dst + i * pixel_step.
-void row_product_to_nhwc(const KernelTable& k, const int32_t* indptr, const int64_t* offsets,
+void row_product_to_nhwc(const Routines& k, const int32_t* indptr, const int64_t* offsets,
                          const float* values, const float* in, int64_t begin, int64_t end,
                          int64_t cols, float* buffer, float* dst, int64_t pixel_step,
                          bool stream) {
@@ -113,7 +113,7 @@ ffi::Future ConvWidthForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
   const WidthLayout xl = x_layout(g);
   const EntryOffsets offsets = entry_offsets(pat, tap_offsets(xl, kw));
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const int parts = parallel_parts(pool, total * g.n * ho * wo * pat.nnz);
   auto xd = scratch<float>(xs.count * xl.size());
   std::vector<Phase> phases;
@@ -195,7 +195,7 @@ ffi::Future ConvWidthBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       for (int64_t j = pr.j0; j < pr.j0 + pr.rows; ++j)
         in_rows.push_back({pr.a, pr.b, image, j, pr.i0, pr.cols});
 
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const int parts = parallel_parts(pool, total * g.n * ho * wo * pat.nnz);
   auto xd = scratch<float>(xs.count * xl.size());
   auto dyd = scratch<float>(dys.count * dl.size());

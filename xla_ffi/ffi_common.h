@@ -1,6 +1,6 @@
 // Shared plumbing of the FFI handlers: decoding operands that vmap stacked,
-// validating sparse patterns before any kernel reads them, and spreading the
-// kernel's rows over XLA's intra-op thread pool.
+// validating sparse patterns before any routine reads them, and spreading the
+// routine's rows over XLA's intra-op thread pool.
 #pragma once
 
 #include <cstddef>

@@ -1,8 +1,8 @@
 // XLA FFI handlers of the sparse linear layer. They decode and validate the
-// buffers, then schedule the kernels of sparse_kernels.h over XLA's pool.
+// buffers, then schedule the routines of routines.h over XLA's pool.
 //
 // The caller's activations are batch-major: x is [batch, in], y is [batch,
-// out]. The kernels want the batch minor ("transposed": x^T is [in, batch])
+// out]. The routines want the batch minor ("transposed": x^T is [in, batch])
 // so that one nonzero multiplies a contiguous run of the batch. The handlers
 // transpose on the way in and out themselves, in the same parallel tasks as
 // the products, instead of leaving separate transposes to XLA: each
@@ -10,7 +10,7 @@
 // trip, which cost more than the products themselves at high sparsity.
 //
 // The transposed operands are cut into tiles of the batch (kBatchTile in
-// sparse_kernels.h), and the products run one tile after another, so the rows
+// routines.h), and the products run one tile after another, so the rows
 // they read at random stay in the core's L2 cache: tile t of a [batch,
 // features] operand holds its rows [first(t), first(t) + width(t)) transposed,
 // [features, width(t)], at row first(t).
@@ -69,7 +69,7 @@ TileAt tile_at(const BatchTiles& tiles, int64_t t, int64_t features, int64_t unt
 // here are its input features), the weight gradient in the same pass
 // (spmm_sddmm_indexed): sums[p] = sum_b in_t[idx[p], b] * x[b, r] for the
 // entries p of row r, in the rows' order.
-void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int32_t* idx,
+void spmm_batch_major(const Routines& k, const int32_t* indptr, const int32_t* idx,
                       const float* vals, const int32_t* perm, const float* in_t,
                       int64_t in_rows, int64_t batch, float* out, int64_t ld_out, int64_t begin,
                       int64_t end, bool stream, const float* xt = nullptr,
@@ -126,7 +126,7 @@ void spmm_batch_major(const KernelTable& k, const int32_t* indptr, const int32_t
 // the pattern, the batch size and the entry's row, not on the task split.
 constexpr int64_t kPerTileMinEntriesPerRow = 24;
 
-void weight_gradient(const KernelTable& k, const int32_t* indptr, const int32_t* idx,
+void weight_gradient(const Routines& k, const int32_t* indptr, const int32_t* idx,
                      const float* dyt, int64_t n_out, const float* xt, int64_t n_in,
                      int64_t batch, bool per_tile, float* dvalues, int64_t begin, int64_t end) {
   if (!per_tile) {
@@ -153,7 +153,7 @@ void copy_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
 // batch]), split over the features. `count` is either the source's own
 // number of slices (each transposed once) or the call's result slices (each
 // result slice gets the source slice it reads).
-Phase transpose_phase(const KernelTable& k, const float* src, const Stack& src_stack,
+Phase transpose_phase(const Routines& k, const float* src, const Stack& src_stack,
                       float* dst, int64_t count, int parts, bool untiled = false) {
   const int64_t batch = src_stack.dims[0], features = src_stack.dims[1];
   const bool stream = streams_past_cache(count * batch * features);
@@ -217,7 +217,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                             "pattern", &pat, /*rows_checked_by_tasks=*/true));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const int parts =
       parallel_parts(pool, total * batch * (pat.nnz + kFlopsPerMovedFloat * (n_in + pat.rows)));
   // x^T: the result (untiled, one slice per slice of y), or scratch (tiled,
@@ -316,7 +316,7 @@ struct Backward {
 // every nonzero (n, m) of W. A first phase transposes dy (both read it) and,
 // with several tiles, gathers the values into the transposed pattern's order,
 // so the input gradient reads them in sequence tile after tile.
-// With both gradients, and where the kernels' path gains by it
+// With both gradients, and where the routines' path gains by it
 // (one_pass_backward), one pass over W by columns computes both
 // (spmm_batch_major with x^T): the weight gradient's sums come out in the
 // transposed pattern's order, which each task scatters into dvalues through
@@ -370,7 +370,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
         check_size(ps.dims[0], tpat.nnz, op, "transposed permutation length"));
   }
 
-  const KernelTable& k = active_kernels();
+  const Routines& k = active_routines();
   const bool want_dx = b.dx != nullptr, want_dw = b.dvalues != nullptr;
   const int64_t nnz = want_dx ? tpat.nnz : pat.nnz;
   // dy^T in; dx out.

@@ -87,7 +87,9 @@ NB_MODULE(_sparseprop_jax_ffi, m) {
       },
       "Every FFI target: name -> {capsule, operands, results (dtypes), attrs (int64 names)}.");
 
-  m.def("simd_path", &sparseprop::active_simd_path, "The kernel instruction set in use.");
+  m.def("simd_path", &sparseprop::active_simd_path, "The instruction set of the routines in use.");
+  m.def("known_simd_paths", &sparseprop::known_simd_paths,
+        "Instruction sets this build has, best first, supported or not.");
   m.def("supported_simd_paths", &sparseprop::supported_simd_paths,
         "Instruction sets this CPU can run, best first.");
   m.def(

@@ -66,7 +66,7 @@ ffi::Error check_transposed_rows(const Pattern& tpat, const int32_t* perm, const
                                  int64_t v, int64_t row_begin, int64_t row_end,
                                  const char* op);
 
-// Kernel offsets `offset(index)` of every entry, for each stacked slice of
+// The routines' offsets `offset(index)` of every entry, for each stacked slice of
 // the pattern's indices; `of(v)` finds the one result slice v reads.
 struct EntryOffsets {
   std::shared_ptr<std::vector<int64_t>> data;

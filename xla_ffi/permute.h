@@ -6,11 +6,9 @@
 // the pattern, so each access lands on a line of its own, and with a few
 // hundred thousand entries the array is past L2: the loops wait on the
 // memory system, not on their instructions. The line `kPermuteAhead` entries
-// on is prefetched, so its miss overlaps the work in between. Alone, one
-// thread, 4096 x 4096 at 95% (839k entries, 3.4 MB): scatter 1.75 -> 1.28 ms,
-// gather 2.04 -> 1.33 ms; distances 64 to 256 all gained, 128 the most. In
-// the one-pass backward, 64 x 4096 -> 4096 at 95% on 2 threads: f+b 5.05 ->
-// 4.57 ms (5.71 -> 5.31 ms right after a dense f+b).
+// on is prefetched, so its miss overlaps the work in between: both loops
+// measured faster with every distance from 64 to 256, most with 128, alone
+// and in the one-pass backward (see benchmarks/results/NOTES.md).
 #pragma once
 
 #include <cstdint>

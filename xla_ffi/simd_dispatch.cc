@@ -3,14 +3,25 @@
 #include <atomic>
 
 namespace sparseprop {
+
+// Each instruction set's routines (routines_<isa>.cc), compiled in its own
+// translation unit with its own target flags (CMakeLists.txt).
+namespace scalar { extern const Routines kRoutines; }
+#if defined(SPARSEPROP_X86_SIMD)
+namespace avx2 { extern const Routines kRoutines; }
+namespace avx512 { extern const Routines kRoutines; }
+#endif
+
 namespace {
 
 struct Path {
-  const char* name;
-  const KernelTable* kernels;
+  const Routines* routines;  // its name too: routines->name
   bool (*cpu_supports)();
 };
 
+// The CPU checks stay here, in a file compiled without any instruction set's
+// flags: compiled beside the routines they guard, they could themselves use
+// the instructions the CPU lacks.
 #if defined(SPARSEPROP_X86_SIMD)
 // __builtin_cpu_init is needed because this runs from a static initializer,
 // possibly before libgcc's own CPU detection.
@@ -25,13 +36,17 @@ bool has_avx2() {
 #endif
 bool always() { return true; }
 
-// Best first.
+// The dispatch table: every instruction set this build knows, best first.
+// The one list of them in the code; Python reads it (known_simd_paths).
+// Adding an instruction set takes a routines_<isa>.cc with its record `Isa`
+// (routines_avx2.cc explains the members), its extern, CPU check and row
+// here, and its source and flags in CMakeLists.txt (ROUTINES_ISAS).
 const Path kPaths[] = {
 #if defined(SPARSEPROP_X86_SIMD)
-    {"avx512", &avx512::kKernels, &has_avx512},
-    {"avx2", &avx2::kKernels, &has_avx2},
+    {&avx512::kRoutines, &has_avx512},
+    {&avx2::kRoutines, &has_avx2},
 #endif
-    {"scalar", &scalar::kKernels, &always},
+    {&scalar::kRoutines, &always},
 };
 constexpr int kNumPaths = sizeof(kPaths) / sizeof(kPaths[0]);
 
@@ -46,14 +61,20 @@ std::atomic<int> task_count{0};
 
 }  // namespace
 
-const KernelTable& active_kernels() { return *kPaths[active.load(std::memory_order_relaxed)].kernels; }
+const Routines& active_routines() { return *kPaths[active.load(std::memory_order_relaxed)].routines; }
 
-std::string active_simd_path() { return kPaths[active.load()].name; }
+std::string active_simd_path() { return kPaths[active.load()].routines->name; }
+
+std::vector<std::string> known_simd_paths() {
+  std::vector<std::string> names;
+  for (const Path& p : kPaths) names.push_back(p.routines->name);
+  return names;
+}
 
 std::vector<std::string> supported_simd_paths() {
   std::vector<std::string> names;
   for (const Path& p : kPaths)
-    if (p.cpu_supports()) names.push_back(p.name);
+    if (p.cpu_supports()) names.push_back(p.routines->name);
   return names;
 }
 
@@ -63,7 +84,7 @@ bool set_simd_path(const std::string& name) {
     return true;
   }
   for (int i = 0; i < kNumPaths; ++i) {
-    if (name == kPaths[i].name && kPaths[i].cpu_supports()) {
+    if (name == kPaths[i].routines->name && kPaths[i].cpu_supports()) {
       active.store(i);
       return true;
     }

@@ -1,4 +1,4 @@
-// Run-time choice of the kernel instruction set. The best path the CPU
+// Run-time choice of the routines' instruction set. The best path the CPU
 // supports is the default; tests force the others (the scalar path is the
 // reference the SIMD paths are checked against).
 #pragma once
@@ -6,15 +6,19 @@
 #include <string>
 #include <vector>
 
-#include "sparse_kernels.h"
+#include "routines.h"
 
 namespace sparseprop {
 
-// Kernels of the active path.
-const KernelTable& active_kernels();
+// Routines of the active path.
+const Routines& active_routines();
 
-// Name of the active path: "avx512", "avx2" or "scalar".
+// Name of the active path, one of known_simd_paths().
 std::string active_simd_path();
+
+// Every path this build has, best first, whether this CPU can run it or not:
+// the names of the dispatch table (simd_dispatch.cc), the one list of them.
+std::vector<std::string> known_simd_paths();
 
 // Paths this CPU can run, best first; "scalar" is always there.
 std::vector<std::string> supported_simd_paths();
@@ -23,7 +27,7 @@ std::vector<std::string> supported_simd_paths();
 // (and changes nothing) for an unknown name or a path this CPU cannot run.
 bool set_simd_path(const std::string& name);
 
-// Number of tasks every kernel call is split into, whatever its size; 0 (the
+// Number of tasks every handler call is split into, whatever its size; 0 (the
 // default) means one per thread of XLA's pool for calls big enough to gain.
 // Benchmarks use 1 to measure one thread; tests use odd counts to exercise the
 // row splitting.

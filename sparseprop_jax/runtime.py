@@ -1,8 +1,10 @@
-"""Which kernel instruction set runs: ask, list, force.
+"""The run-time switches of the C++ routines: SIMD path, tasks per call, cached memory.
 
-The best path the CPU supports is chosen when the extension loads; the
-environment variable `SPARSEPROP_JAX_SIMD` (scalar, avx2, avx512 or auto)
-overrides it at import. Switching takes effect for every call that runs later,
+The routines are compiled once per instruction set (SIMD path); the paths
+this build has are the ones `known_simd_paths()` lists, read from the
+extension's dispatch table. The best path the CPU supports is chosen when the
+extension loads; the environment variable `SPARSEPROP_JAX_SIMD` (one of those
+names, or auto) overrides it at import. Switching takes effect for every call that runs later,
 compiled functions included, because the handlers dispatch at run time. JAX
 dispatches asynchronously: a computation started before a switch may still
 run after it, so block on its results (`jax.block_until_ready`) before
@@ -19,8 +21,13 @@ from sparseprop_jax._ffi import _ext
 
 
 def simd_path() -> str:
-    """The active kernel path: "avx512", "avx2" or "scalar"."""
+    """The active SIMD path, one of the paths `known_simd_paths()` lists."""
     return _ext.simd_path()
+
+
+def known_simd_paths() -> list[str]:
+    """Every SIMD path this build has, best first, whether this CPU runs it or not."""
+    return list(_ext.known_simd_paths())
 
 
 def supported_simd_paths() -> list[str]:
@@ -29,7 +36,7 @@ def supported_simd_paths() -> list[str]:
 
 
 def set_simd_path(name: str) -> None:
-    """Forces a kernel path by name, or "auto" for the best supported one.
+    """Forces a SIMD path by name, or "auto" for the best supported one.
 
     Raises:
       ValueError: `name` is unknown or the CPU cannot run it.
@@ -42,7 +49,7 @@ def set_simd_path(name: str) -> None:
 
 @contextlib.contextmanager
 def use_simd_path(name: str) -> Iterator[None]:
-    """Context manager that runs its body on the given kernel path.
+    """Context manager that runs its body on the given SIMD path.
 
     Block on the body's results (`jax.block_until_ready`) inside it: a
     computation still queued when the body ends runs on the restored path.
@@ -56,7 +63,7 @@ def use_simd_path(name: str) -> Iterator[None]:
 
 
 def tasks_per_call() -> int:
-    """Tasks each kernel call is split into; 0 means one per XLA pool thread."""
+    """Tasks each custom call is split into; 0 means one per XLA pool thread."""
     return _ext.tasks_per_call()
 
 
@@ -65,7 +72,7 @@ MAX_TASKS_PER_CALL = 2**31 - 1
 
 
 def set_tasks_per_call(n: int) -> None:
-    """Splits every kernel call into exactly `n` tasks on XLA's pool (0: automatic).
+    """Splits every custom call into exactly `n` tasks on XLA's pool (0: automatic).
 
     `n=1` runs each call on one thread, which is how the benchmarks measure
     single-thread speed. Results do not depend on `n`. Like `set_simd_path`,
@@ -81,9 +88,9 @@ def set_tasks_per_call(n: int) -> None:
 
 
 def cached_memory_bytes() -> int:
-    """Bytes of scratch memory the kernels keep between calls for reuse.
+    """Bytes of scratch memory the C++ handlers keep between calls for reuse.
 
-    The kernels lay activations out in scratch buffers; freeing and mapping
+    The handlers lay activations out in scratch buffers; freeing and mapping
     them anew on every call would cost more than the sparse products. Kept
     buffers are bounded (512 MiB at most, and a buffer no call has reused for
     10 seconds is freed at the next call); `release_cached_memory` frees them
@@ -93,7 +100,7 @@ def cached_memory_bytes() -> int:
 
 
 def release_cached_memory() -> None:
-    """Frees the scratch memory the kernels keep for reuse (see `cached_memory_bytes`).
+    """Frees the scratch memory the C++ handlers keep for reuse (see `cached_memory_bytes`).
 
     Buffers in use by a running call are freed when it ends. Later calls
     allocate again, so this is for the end of a phase of work (after

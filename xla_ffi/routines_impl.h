@@ -1,21 +1,29 @@
-// The kernel templates, written once over a vector of SPARSEPROP_SIMD_WIDTH
-// floats (GCC/Clang vector extensions). Each kernels_<isa>.cc includes this
-// file inside its own namespace and compiles it with its own target flags, so
-// no symbol built for one instruction set can be linked into another's path.
-// The width-1 instantiation is the scalar reference path.
+// The routine templates, written once over a vector of Isa::kWidth floats
+// (GCC/Clang vector extensions). Each routines_<isa>.cc defines its
+// instruction set's record `Isa`, then includes this file inside its own
+// namespace and compiles it with its own target flags, so no symbol built for
+// one instruction set can be linked into another's path. Every choice that
+// depends on the instruction set is read from `Isa`, never inferred from the
+// width; routines_avx2.cc lists the members a record must have and what each
+// means. The width-1 instantiation is the scalar reference path.
 //
-// Include only from within a namespace, after defining SPARSEPROP_SIMD_WIDTH.
+// Include only from within a namespace, after defining `Isa`.
 
-constexpr int kWidth = SPARSEPROP_SIMD_WIDTH;
+constexpr int kWidth = Isa::kWidth;
 // At most this many vectors of a run are held in registers at once; four
 // independent accumulators hide the multiply-add latency.
 constexpr int kMaxVectors = 4;
 
-#if SPARSEPROP_SIMD_WIDTH > 1
-typedef float vfloat __attribute__((vector_size(4 * SPARSEPROP_SIMD_WIDTH)));
-#else
-typedef float vfloat;
-#endif
+// A vector of W floats; for W = 1 a plain float (the scalar path).
+template <int W>
+struct VectorOf {
+  typedef float type __attribute__((vector_size(4 * W)));
+};
+template <>
+struct VectorOf<1> {
+  typedef float type;
+};
+typedef VectorOf<kWidth>::type vfloat;
 
 static inline vfloat load(const float* p) {
   vfloat v;
@@ -36,8 +44,8 @@ constexpr int64_t kPrefetchDistance = 8;
 
 // Prefetches the first cache line of a run. Only the first: the loop is bound
 // by its loads, and a prefetch of every line of the run spent a load slot on
-// each (kernel_bench, AVX-512: fwd and igrad 3-8% faster with the first line
-// alone; distances 4 and 16 measured the same as 8).
+// each: the first line alone measured faster, and distances 4 and 16 the
+// same as 8 (see benchmarks/results/NOTES.md).
 static inline void prefetch_run(const float* p) { __builtin_prefetch(p); }
 
 // Where entry p's run starts in the dense operand: a precomputed offset
@@ -247,69 +255,69 @@ static inline void sddmm_group(const float* g, const float* const* x, int64_t le
       for (int e = 0; e < G; ++e) tail[e] += g[l] * x[e][l];
 }
 
-#if SPARSEPROP_SIMD_WIDTH > 1
-// Lane i of the concatenation (x, y) that one halving step of transpose_sum
-// reads: the half of the result from x (or y) holds the even (or, with `odd`,
-// the odd) blocks of S lanes of x (of y), in order.
-constexpr int fold_lane(int i, int s, bool odd) {
-  const int half = kWidth / 2, j = i % half;
-  return (i < half ? 0 : kWidth) + (2 * (j / s) + odd) * s + j % s;
+// Lane i of the concatenation (x, y) of two vectors of `width` lanes that
+// one halving step of transpose_sum reads: the half of the result from x (or
+// y) holds the even (or, with `odd`, the odd) blocks of S lanes of x (of y),
+// in order. (Vectors only; the scalar path has no lanes to fold.)
+constexpr int fold_lane(int i, int s, bool odd, int width) {
+  const int half = width / 2, j = i % half;
+  return (i < half ? 0 : width) + (2 * (j / s) + odd) * s + j % s;
 }
 
 // The even plus the odd blocks of S lanes of x and y: each half of the result
 // holds pairwise sums of the blocks of one input.
-template <int S, int... I>
-static inline vfloat fold(vfloat x, vfloat y, std::integer_sequence<int, I...>) {
-  return __builtin_shufflevector(x, y, fold_lane(I, S, false)...) +
-         __builtin_shufflevector(x, y, fold_lane(I, S, true)...);
+template <int S, typename V, int... I>
+static inline V fold(V x, V y, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(x, y, fold_lane(I, S, false, kWidth)...) +
+         __builtin_shufflevector(x, y, fold_lane(I, S, true, kWidth)...);
 }
 
 // One halving step over the first n vectors of v (in place), then the next,
 // down to blocks of one lane. A missing partner (n odd) is replaced by a live
 // vector, which only affects lanes that are never read.
-template <int S>
-static inline void fold_all(vfloat* v, int n) {
+template <int S, typename V>
+static inline void fold_all(V* v, int n) {
   for (int i = 0; i < (n + 1) / 2; ++i)
     v[i] = fold<S>(v[2 * i], v[2 * i + 1 < n ? 2 * i + 1 : 2 * i],
                    std::make_integer_sequence<int, kWidth>{});
   if constexpr (S > 1) fold_all<S / 2>(v, (n + 1) / 2);
 }
-#endif
 
 // Lane sums of N <= kWidth vectors at once: lane e of the result is the sum
 // of the lanes of a[e] (lanes N and up are left undefined). Halving the
 // vectors pairwise takes kWidth - 1 shuffle-add steps for all of them, where
 // halving each vector alone would take kWidth times log2(kWidth); steps whose
 // inputs are all beyond N are skipped (8 for N = 8 on 16 lanes, 5 for N = 4).
-template <int N>
-static inline vfloat transpose_sum(const vfloat* a) {
-#if SPARSEPROP_SIMD_WIDTH > 1
-  vfloat v[N];
-  for (int e = 0; e < N; ++e) v[e] = a[e];
-  fold_all<kWidth / 2>(v, N);
-  return v[0];
-#else
-  return a[0];
-#endif
+// A float has no lanes to sum. (A template over the vector type V = vfloat,
+// as are fold and finish_sums, so that only the branch that fits vfloat is
+// compiled.)
+template <int N, typename V>
+static inline V transpose_sum(const V* a) {
+  if constexpr (kWidth > 1) {
+    V v[N];
+    for (int e = 0; e < N; ++e) v[e] = a[e];
+    fold_all<kWidth / 2>(v, N);
+    return v[0];
+  } else {
+    return a[0];
+  }
 }
 
 // Entries of one row the weight gradients take together, at most: they
 // share each load of the row's gradient, their independent sums hide the
 // multiply-add latency, and transpose_sum finishes them all at once.
-// (16 on AVX-512 measured no faster and leaves longer padded tails.)
-constexpr int kEntryGroup = kWidth > 1 ? 8 : 4;
+constexpr int kEntryGroup = Isa::kEntryGroup;
 
 // sums[e] = acc[e]'s lanes + tail[e] for e < G, added to what sums holds if
 // `accumulate`.
-template <int G>
-static inline void finish_sums(const vfloat* acc, const float* tail, float* sums,
-                               bool accumulate) {
-#if SPARSEPROP_SIMD_WIDTH > 1
-  const vfloat total = transpose_sum<G>(acc);
-  for (int e = 0; e < G; ++e) sums[e] = (accumulate ? sums[e] : 0.0f) + (total[e] + tail[e]);
-#else
-  for (int e = 0; e < G; ++e) sums[e] = (accumulate ? sums[e] : 0.0f) + (acc[e] + tail[e]);
-#endif
+template <int G, typename V>
+static inline void finish_sums(const V* acc, const float* tail, float* sums, bool accumulate) {
+  if constexpr (kWidth > 1) {
+    const V total = transpose_sum<G>(acc);
+    for (int e = 0; e < G; ++e) sums[e] = (accumulate ? sums[e] : 0.0f) + (total[e] + tail[e]);
+  } else {
+    for (int e = 0; e < G; ++e) sums[e] = (accumulate ? sums[e] : 0.0f) + (acc[e] + tail[e]);
+  }
 }
 
 // The weight gradients' driver: for the rows [row_begin, row_end), every
@@ -387,7 +395,7 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
 }
 
 // The linear layer's entry sums over the whole batch, of two operands in the
-// batch-tiled layout (sparse_kernels.h) with n_rows and n_in rows: one run
+// batch-tiled layout (routines.h) with n_rows and n_in rows: one run
 // per tile each, all summed in the same registers and reduced once.
 struct TiledDot {
   const int32_t* indices;
@@ -407,7 +415,8 @@ struct TiledDot {
     const int64_t full = batch / kBatchTile;
     // The tiles by hand rather than through BatchTiles: whole tiles at a fixed
     // length and fixed strides, then the narrower last one. Recomputing each
-    // tile's offsets through BatchTiles measured 15-20% slower (kernel_bench).
+    // tile's offsets through BatchTiles measured slower (see
+    // benchmarks/results/NOTES.md).
     for (int64_t t = 0; t < full; ++t) {
       sddmm_group<G, /*kWholeVectors=*/kBatchTile % kWidth == 0>(g, x, kBatchTile, acc, tail);
       g += kBatchTile * n_rows;
@@ -439,11 +448,10 @@ static void sddmm_indexed(const int32_t* indptr, const int32_t* indices, const f
 // in registers for the whole row.
 
 // v, kept in a register: without this, the compiler folds the load that
-// made v into each multiply-add that uses it, loading the run twice.
+// made v into each multiply-add that uses it, loading the run twice. How to
+// say so is the instruction set's (Isa::keep_in_register).
 static inline vfloat in_register(vfloat v) {
-#if SPARSEPROP_SIMD_WIDTH > 1
-  __asm__("" : "+v"(v));
-#endif
+  Isa::keep_in_register(v);
   return v;
 }
 
@@ -488,8 +496,8 @@ static inline void spmm_sddmm_rest(int64_t p, int64_t hi, ScaledIndex offset,
 }
 
 // Entries the one-pass backward takes together: as many as the registers
-// hold next to x_m, dx_m and a run (AVX2 has 16 registers, AVX-512 32).
-constexpr int kBackwardGroup = kWidth >= 16 ? 8 : 4;
+// hold next to x_m, dx_m and a run.
+constexpr int kBackwardGroup = Isa::kBackwardGroup;
 
 // One row's entries [lo, hi) on V vectors of the runs: dx[0 : V * kWidth]
 // is written, sums[p] (+)= <dy run of p, x[0 : V * kWidth]>.
@@ -541,7 +549,13 @@ static void spmm_sddmm_indexed(const int32_t* indptr, const int32_t* indices,
                    dx + r * length, sums, length, accumulate);
 }
 
-#if SPARSEPROP_SIMD_WIDTH >= 8
+// The transposes of whole blocks in registers, where the instruction set has
+// them (Isa::kTransposeBlock 16). store_line, transpose16x16 and transpose
+// below are templates over the record I = Isa: the members only an
+// instruction set with kStreamingStores has (stream, store_fence) are then
+// looked up only where it has them, and an instruction set without blocks
+// instantiates none of them. (transpose8x8 is generic vector code, emitted
+// only where used.)
 typedef float vfloat8 __attribute__((vector_size(32)));
 
 // The 8 x 8 block at src (row stride ld_src) into dst (row stride ld_dst),
@@ -568,31 +582,30 @@ static inline void transpose8x8(const float* src, int64_t ld_src, float* dst, in
 }
 
 // Writes the 64-byte line at dst (64-byte aligned) with the 16 floats of
-// `line`; kStream: past the caches (a non-temporal store), which spares the
-// read of the line that a plain store's write-allocate costs. It pays where
-// the destination is larger than the cache, so the line would be evicted
-// before it is read again (the callers decide: streams_past_cache).
-#if SPARSEPROP_SIMD_WIDTH == 16
-template <bool kStream>
+// `line`; kStream: past the caches (a non-temporal store, I::stream), which
+// spares the read of the line that a plain store's write-allocate costs. It
+// pays where the destination is larger than the cache, so the line would be
+// evicted before it is read again (the callers decide: streams_past_cache).
+// From a vector that is the whole line (I::kLineVectors):
+template <bool kStream, typename I = Isa>
 static inline void store_line(float* dst, vfloat line) {
-  if (kStream)
-    _mm512_stream_ps(dst, reinterpret_cast<__m512>(line));
+  if constexpr (kStream)
+    I::stream(dst, line);
   else
     store(dst, line);
 }
-#else
-template <bool kStream>
+// From memory, one vector of I::kWidth floats at a time:
+template <bool kStream, typename I = Isa>
 static inline void store_line(float* dst, const float* line) {
-  for (int h = 0; h < 16; h += 8) {
-    vfloat8 half;
-    __builtin_memcpy(&half, line + h, sizeof half);
-    if (kStream)
-      _mm256_stream_ps(dst + h, reinterpret_cast<__m256>(half));
+  for (int h = 0; h < 16; h += I::kWidth) {
+    vfloat part;
+    __builtin_memcpy(&part, line + h, sizeof part);
+    if constexpr (kStream)
+      I::stream(dst + h, part);
     else
-      __builtin_memcpy(dst + h, &half, sizeof half);
+      __builtin_memcpy(dst + h, &part, sizeof part);
   }
 }
-#endif
 
 // The 16 x 16 block at src into dst: every source and destination row is
 // one whole 64-byte line, read or written at once. Walking 8 x 8 blocks
@@ -600,14 +613,19 @@ static inline void store_line(float* dst, const float* line) {
 // half is visited, and with row strides that are multiples of 4 KiB (e.g.
 // 1024 or 3072 features) all those lines fall in one cache set and evict
 // each other.
-#if SPARSEPROP_SIMD_WIDTH == 16
-// Four rounds of two-source shuffles over 16 registers, with no trip
-// through memory: interleave row pairs, then pairs of pairs (now each
-// 128-bit lane holds 4 rows of one column), then gather the lanes twice.
-template <bool kStream>
-static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
-                                  int64_t ld_dst) {
-  vfloat a[16], t[16];
+//
+// Where a vector is a whole line (I::kLineVectors): four rounds of
+// two-source shuffles over 16 registers, with no trip through memory:
+// interleave row pairs, then pairs of pairs (now each 128-bit lane holds 4
+// rows of one column), then gather the lanes twice. (V is vfloat, named
+// through I so that only such an instruction set compiles these 16-lane
+// shuffles.)
+template <bool kStream, typename I>
+static inline void transpose16x16_in_line_vectors(const float* src, int64_t ld_src, float* dst,
+                                                  int64_t ld_dst) {
+  static_assert(I::kWidth == 16, "kLineVectors: one vector is one 64-byte line");
+  using V = typename VectorOf<I::kWidth>::type;
+  V a[16], t[16];
   for (int i = 0; i < 16; ++i) a[i] = load(src + i * ld_src);
   for (int i = 0; i < 16; i += 2) {
     t[i] = __builtin_shufflevector(a[i], a[i + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12,
@@ -628,7 +646,7 @@ static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
   // t[8 + 4m + k]: the same of a[8 + k], a[12 + k].
   for (int k = 0; k < 4; ++k) {
     for (int g = 0; g < 2; ++g) {
-      const vfloat lo = a[8 * g + k], hi = a[8 * g + 4 + k];
+      const V lo = a[8 * g + k], hi = a[8 * g + 4 + k];
       t[8 * g + k] = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24,
                                              25, 26, 27);
       t[8 * g + 4 + k] = __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22,
@@ -637,21 +655,22 @@ static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
   }
   // Column 4m + k: lanes 0 and 2 of t[4m + k], t[8 + 4m + k]; column 8 + 4m + k: lanes 1 and 3.
   for (int c = 0; c < 8; ++c) {
-    const vfloat lo = t[c], hi = t[8 + c];
-    store_line<kStream>(dst + c * ld_dst, __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10,
-                                                                  11, 16, 17, 18, 19, 24, 25, 26,
-                                                                  27));
-    store_line<kStream>(dst + (8 + c) * ld_dst,
-                        __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22,
-                                                23, 28, 29, 30, 31));
+    const V lo = t[c], hi = t[8 + c];
+    store_line<kStream, I>(dst + c * ld_dst, __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9,
+                                                                     10, 11, 16, 17, 18, 19, 24,
+                                                                     25, 26, 27));
+    store_line<kStream, I>(dst + (8 + c) * ld_dst,
+                           __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                                   22, 23, 28, 29, 30, 31));
   }
 }
-#else
-// Four 8 x 8 blocks; streamed, through a buffer, so that each destination
-// line is written whole at once (two half-line streaming stores in a row).
-template <bool kStream>
-static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
-                                  int64_t ld_dst) {
+
+// Otherwise four 8 x 8 blocks; streamed, through a buffer, so that each
+// destination line is written whole at once (its vectors' streaming stores in
+// a row).
+template <bool kStream, typename I>
+static inline void transpose16x16_in_8x8_blocks(const float* src, int64_t ld_src, float* dst,
+                                                int64_t ld_dst) {
   alignas(64) float block[16 * 16];
   for (int i = 0; i < 16; ++i) __builtin_memcpy(block + 16 * i, src + i * ld_src, 64);
   alignas(64) float lines[16 * 16];
@@ -661,14 +680,18 @@ static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
   transpose8x8(block + 8 * 16, 16, out + 8, ld_out);
   transpose8x8(block + 8, 16, out + 8 * ld_out, ld_out);
   transpose8x8(block + 8 * 16 + 8, 16, out + 8 * ld_out + 8, ld_out);
-  if (kStream)
-    for (int c = 0; c < 16; ++c) store_line<true>(dst + c * ld_dst, lines + 16 * c);
+  if constexpr (kStream)
+    for (int c = 0; c < 16; ++c) store_line<true, I>(dst + c * ld_dst, lines + 16 * c);
 }
-#endif
-constexpr int64_t kTransposeBlock = 16;
-#else
-constexpr int64_t kTransposeBlock = 1;
-#endif
+
+template <bool kStream, typename I = Isa>
+static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
+                                  int64_t ld_dst) {
+  if constexpr (I::kLineVectors)
+    transpose16x16_in_line_vectors<kStream, I>(src, ld_src, dst, ld_dst);
+  else
+    transpose16x16_in_8x8_blocks<kStream, I>(src, ld_src, dst, ld_dst);
+}
 
 // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c in [col_begin,
 // col_end): whole blocks in registers, then the edges one by one. The
@@ -679,50 +702,50 @@ constexpr int64_t kTransposeBlock = 1;
 // output). The other side then moves by whole lines per block, in a few
 // sequential streams the hardware prefetchers follow; the opposite order
 // steps by one line per row of the long side, a page or more apart, and every
-// line is a demand miss when it is not cached: x (256 x 3072) into its tiles
-// took 0.72 ms from memory and 0.17 ms from cache walking the columns, 0.40
-// and 0.09 ms walking the rows (one thread).
+// line is a demand miss when it is not cached. The order chosen measured
+// faster than the opposite one, from memory and from cache alike (see
+// benchmarks/results/NOTES.md).
 // With `stream`, the blocks go past the caches where their destination rows
-// are whole aligned lines; a fence then orders those stores before the
-// caller's later ones (which publish the result to other threads).
+// are whole aligned lines (only where the instruction set has streaming
+// stores); a fence then orders those stores before the caller's later ones
+// (which publish the result to other threads).
+template <typename I = Isa>
 static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
                       int64_t rows, int64_t col_begin, int64_t col_end, bool stream) {
-  constexpr int64_t b = kTransposeBlock;
-  stream = stream && b == 16 && ld_dst % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+  constexpr int64_t b = I::kTransposeBlock;
+  static_assert(b == 1 || b == 16, "blocks are transpose16x16's, or none");
+  stream = stream && I::kStreamingStores && b == 16 && ld_dst % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(dst) % 64 == 0;
   // Rows [0, in_blocks) and columns [col_begin, cols_in_blocks) go in blocks
-  // (none on the scalar path), the rest one by one.
+  // (none where b is 1), the rest one by one.
   const int64_t in_blocks = b > 1 ? rows / b * b : 0;
   const int64_t cols_in_blocks = b > 1 ? col_begin + (col_end - col_begin) / b * b : col_begin;
-#if SPARSEPROP_SIMD_WIDTH >= 8
-  const auto block = [&](int64_t r, int64_t c) {
-    if (stream)
-      transpose16x16<true>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
-    else
-      transpose16x16<false>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
-  };
-  if (ld_src > ld_dst) {
-    for (int64_t r = 0; r < in_blocks; r += b)
-      for (int64_t c = col_begin; c < cols_in_blocks; c += b) block(r, c);
-  } else {
-    for (int64_t c = col_begin; c < cols_in_blocks; c += b)
-      for (int64_t r = 0; r < in_blocks; r += b) block(r, c);
+  if constexpr (b > 1) {
+    // (stream is never set without streaming stores; the template argument
+    // then keeps the streaming variant from being compiled at all.)
+    const auto block = [&](int64_t r, int64_t c) {
+      if (stream)
+        transpose16x16<I::kStreamingStores, I>(src + r * ld_src + c, ld_src,
+                                               dst + c * ld_dst + r, ld_dst);
+      else
+        transpose16x16<false, I>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+    };
+    if (ld_src > ld_dst) {
+      for (int64_t r = 0; r < in_blocks; r += b)
+        for (int64_t c = col_begin; c < cols_in_blocks; c += b) block(r, c);
+    } else {
+      for (int64_t c = col_begin; c < cols_in_blocks; c += b)
+        for (int64_t r = 0; r < in_blocks; r += b) block(r, c);
+    }
   }
-#endif
   for (int64_t c = col_begin; c < col_end; ++c)
     for (int64_t r = c < cols_in_blocks ? in_blocks : 0; r < rows; ++r)
       dst[c * ld_dst + r] = src[r * ld_src + c];
-#if SPARSEPROP_SIMD_WIDTH >= 8
-  if (stream) _mm_sfence();
-#endif
+  if constexpr (I::kStreamingStores)
+    if (stream) I::store_fence();
 }
 
-// Where the one-pass backward pays: on AVX-512 it measured 1.4-1.8x faster
-// than the two passes apart (kernel_bench, Zen 4); on AVX2 about even with
-// them, and the scatter of its sums then made the whole backward slower
-// (64 x 4096 -> 4096 at 95%: 5.0-7.2 against 4.2-4.6 ms). The scalar path
-// runs it, so that on every machine the tests hold the one-pass handler code
-// against the dense reference.
-constexpr bool kOnePassBackward = kWidth != 8;
-
-const KernelTable kKernels = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
-                              &transpose, kOnePassBackward};
+// This instruction set's table, for the dispatch table of simd_dispatch.cc.
+extern const Routines kRoutines;
+const Routines kRoutines = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
+                            &transpose<>, Isa::kOnePassBackward, Isa::kName};

@@ -1,14 +1,14 @@
-// Numeric kernels for sparse x dense products. Plain C++: pointers, sizes and
+// Numeric routines for sparse x dense products. Plain C++: pointers, sizes and
 // strides only, no XLA types, so they can be tested and benchmarked alone.
 //
 // A sparse matrix is given in compressed rows: row r owns the entries
 // p in [indptr[r], indptr[r + 1]) with values[p]. Instead of a column index,
 // each entry carries an element offset into the dense operand: the start of a
-// contiguous run of `length` floats it multiplies. The same two kernels then
+// contiguous run of `length` floats it multiplies. The same two routines then
 // serve every pass of the linear layer (offset = column * batch) and of the
 // convolutions (offset = a shifted window of the padded input).
 //
-// The kernels run over a grid of positions (i, j): position q = i * n_inner + j
+// The routines run over a grid of positions (i, j): position q = i * n_inner + j
 // reads the dense input from `in + i * in_outer + j * in_inner` and its output
 // rows at `out + i * out_outer + j * out_inner`. A linear layer is a 1 x 1 grid.
 #pragma once
@@ -30,8 +30,8 @@ struct Grid {
 // [rows][width(t)], width(t) = min(kBatchTile, batch - t * kBatchTile). A
 // product then reads its scattered rows from one tile, small enough for the
 // core's L2 cache (3072 rows x 64 = 768 KiB), instead of from the whole
-// matrix. 64 floats fill the kernels' registers (4 AVX-512 vectors) and
-// measured fastest; 32 or 128 were 5-25% slower.
+// matrix. 64 floats fill the routines' registers (4 AVX-512 vectors) and
+// measured faster than 32 or 128 (see benchmarks/results/NOTES.md).
 constexpr int64_t kBatchTile = 64;
 
 // The tiles of a batch of `batch` columns: tile t starts at column first(t)
@@ -45,7 +45,9 @@ struct BatchTiles {
   }
 };
 
-struct KernelTable {
+// One instruction set's numeric routines (routines_<isa>.cc); the dispatch
+// table of simd_dispatch.cc lists every instruction set's.
+struct Routines {
   // For grid positions q in [q_begin, q_end) and rows r in [row_begin, row_end):
   //   out_q[r * ld_row + l] = sum_p values[p] * in_q[offsets[p] + l],  l < length.
   // Every output element of the range is written (empty rows get 0).
@@ -108,12 +110,9 @@ struct KernelTable {
   // Whether the linear backward runs spmm_sddmm_indexed when it wants both
   // gradients, rather than spmm_indexed and sddmm_indexed apart.
   bool one_pass_backward;
-};
 
-// One table per instruction set, each compiled in its own translation unit
-// with its own target flags (see CMakeLists.txt).
-namespace scalar { extern const KernelTable kKernels; }
-namespace avx2 { extern const KernelTable kKernels; }
-namespace avx512 { extern const KernelTable kKernels; }
+  // The instruction set's name, as set_simd_path takes it (Isa::kName).
+  const char* name;
+};
 
 }  // namespace sparseprop

@@ -1,12 +1,12 @@
-// Single-thread timings of the sparse kernels on their own, outside XLA and
+// Single-thread timings of the numeric routines on their own, outside XLA and
 // Python: the minimum over repeats, per instruction set, for the three passes
-// of a linear layer. Meant for kernel work, where the noise of a shared
+// of a linear layer. Meant for work on the routines, where the noise of a shared
 // machine and the framework's dispatch would hide small changes.
 //
 // Build and run (see benchmarks/README.md):
-//   cmake -S . -B build/bench -DSPARSEPROP_KERNEL_BENCHMARK=ON && cmake --build build/bench
-//   build/bench/kernel_bench                       # default shapes
-//   build/bench/kernel_bench 64 4096 4096 0.1      # batch in out density ...
+//   cmake -S . -B build/bench -DSPARSEPROP_ROUTINES_BENCHMARK=ON && cmake --build build/bench
+//   build/bench/routines_bench                       # default shapes
+//   build/bench/routines_bench 64 4096 4096 0.1      # batch in out density ...
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -22,7 +22,7 @@
 
 namespace {
 
-using sparseprop::KernelTable;
+using sparseprop::Routines;
 using sparseprop::BatchTiles;
 
 // Dense operands start on a cache line, as XLA's buffers and the handlers'
@@ -106,7 +106,7 @@ float max_abs_diff(const V& a, const V& b) {
   return d;
 }
 
-// The transposed operands in the batch-tiled layout of sparse_kernels.h.
+// The transposed operands in the batch-tiled layout of routines.h.
 Floats tiled(const Floats& transposed, int64_t rows, int64_t batch) {
   const BatchTiles tiles{batch};
   Floats out(transposed.size());
@@ -143,10 +143,13 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
 
   Floats ref_y, ref_dx;
   std::vector<float> ref_dv;
-  for (const std::string& path : {std::string("scalar"), std::string("avx2"),
-                                  std::string("avx512")}) {
+  // Every path the build has and the CPU runs, the scalar reference first
+  // (the dispatch table lists them best first, scalar last).
+  std::vector<std::string> paths = sparseprop::known_simd_paths();
+  std::reverse(paths.begin(), paths.end());
+  for (const std::string& path : paths) {
     if (!sparseprop::set_simd_path(path)) continue;
-    const KernelTable& k = sparseprop::active_kernels();
+    const Routines& k = sparseprop::active_routines();
     Floats yt(n_out * batch), dxt(n_in * batch);
     std::vector<float> dv(w.values.size());
     const double fwd = min_seconds([&] {
@@ -198,7 +201,7 @@ void run(int64_t batch, int64_t n_in, int64_t n_out, double density, int repeats
       });
     }, repeats);
     for (size_t q = 0; q < sums.size(); ++q) dv_fused[wt.perm[q]] = sums[q];
-    // The transpose kernel on a whole out x batch matrix, into batch-major and back.
+    // The transpose routine on a whole out x batch matrix, into batch-major and back.
     Floats y(batch * n_out);
     const double transpose = min_seconds([&] {
       k.transpose(yt.data(), batch, y.data(), n_out, n_out, 0, batch, false);

@@ -1,0 +1,52 @@
+// The avx512 instantiation of the numeric routines: AVX-512 F and VL, 16
+// floats per vector. CMakeLists.txt compiles this file with -mavx512f
+// -mavx512vl -mavx2 -mfma; simd_dispatch.cc runs it only where the CPU has
+// AVX-512 F and VL.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "routines.h"
+
+namespace sparseprop {
+namespace avx512 {
+
+// What routines_impl.h needs to know of the instruction set (the members are
+// explained in routines_avx2.cc).
+struct Isa {
+  static constexpr const char* kName = "avx512";
+  // A 512-bit register.
+  static constexpr int kWidth = 16;
+  // 8: as on AVX2 (16 measured no faster and leaves longer padded tails).
+  static constexpr int kEntryGroup = 8;
+  // 8: the 32 vector registers hold 8 sums next to x_m, dx_m and a run.
+  static constexpr int kBackwardGroup = 8;
+  // Yes: on AVX-512 the one pass measured clearly faster than the two
+  // passes apart (see benchmarks/results/NOTES.md).
+  static constexpr bool kOnePassBackward = true;
+  // 16, each destination row a whole 64-byte line.
+  static constexpr int kTransposeBlock = 16;
+  // Yes: a 16-float vector is one whole line, so a 16 x 16 block is
+  // transposed in 16 registers and each line stored at once.
+  static constexpr bool kLineVectors = true;
+  // Yes: _mm512_stream_ps, ordered by _mm_sfence.
+  static constexpr bool kStreamingStores = true;
+
+  template <typename V>
+  static void stream(float* dst, V v) {
+    _mm512_stream_ps(dst, reinterpret_cast<__m512>(v));
+  }
+  static void store_fence() { _mm_sfence(); }
+  // "v": any SSE/AVX/AVX-512 register.
+  template <typename V>
+  static void keep_in_register(V& v) {
+    __asm__("" : "+v"(v));
+  }
+};
+
+#include "routines_impl.h"
+
+}  // namespace avx512
+}  // namespace sparseprop
