@@ -11,7 +11,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_DTYPES = ("float32",)
+from sparseprop_jax._targets import SUPPORTED_DTYPES
+
+#: The dtype the package makes arrays in (parameters, random test data): the
+#: first of the dtypes its compiled routines support.
+DEFAULT_DTYPE = jnp.dtype(SUPPORTED_DTYPES[0])
 
 
 def as_array(where: str, name: str, value: Any) -> Any:
@@ -42,12 +46,17 @@ def int32_indices(where: str, name: str, array: Any) -> np.ndarray:
     return array.astype(np.int32)
 
 
-def check_float32(where: str, name: str, array: Any) -> None:
-    """Raises TypeError unless `array` is float32, naming the supported dtypes."""
+def is_supported_dtype(dtype: Any) -> bool:
+    """Whether the compiled routines take arrays of `dtype`."""
+    return jnp.dtype(dtype).name in SUPPORTED_DTYPES
+
+
+def check_dtype(where: str, name: str, array: Any) -> None:
+    """Raises TypeError unless `array`'s dtype is supported, naming the supported dtypes."""
     dtype = jnp.result_type(array)
-    if dtype != jnp.float32:
+    if not is_supported_dtype(dtype):
         raise TypeError(
-            f"{where}: {name} must be float32 (supported dtypes: "
+            f"{where}: {name} must be {' or '.join(SUPPORTED_DTYPES)} (supported dtypes: "
             f"{', '.join(SUPPORTED_DTYPES)}), got {dtype}"
         )
 

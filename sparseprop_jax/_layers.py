@@ -67,16 +67,16 @@ def layer_pattern(where: str, shape: tuple[int, ...], sparsity: Optional[float],
 def init_values(where: str, kernel_init: Initializer, key: Array,
                  pattern: SparsityPattern) -> Array:
     """Draws a dense kernel with `kernel_init` and keeps the entries on `pattern`."""
-    kernel = kernel_init(key, pattern.shape, jnp.float32)
-    _checks.check_float32(where, "kernel_init(...) result", kernel)
+    kernel = kernel_init(key, pattern.shape, _checks.DEFAULT_DTYPE)
+    _checks.check_dtype(where, "kernel_init(...) result", kernel)
     _checks.check_shape(where, "kernel_init(...) result", kernel, pattern.shape)
     return SparseWeight.gather(kernel, pattern).values
 
 
 def init_bias(where: str, bias_init: Initializer, key: Array, features: int) -> Array:
     """Draws a `[features]` float32 bias with `bias_init`, checked."""
-    bias = bias_init(key, (features,), jnp.float32)
-    _checks.check_float32(where, "bias_init(...) result", bias)
+    bias = bias_init(key, (features,), _checks.DEFAULT_DTYPE)
+    _checks.check_dtype(where, "bias_init(...) result", bias)
     _checks.check_shape(where, "bias_init(...) result", bias, (features,))
     return bias
 
@@ -95,7 +95,7 @@ def check_dense(where: str, kernel: Any, bias: Any, mask: Any, kernel_name: str 
     if kernel.ndim != len(dims):
         raise ValueError(f"{where}: {kernel_name} must be {len(dims)}-D {_layout(dims)}, "
                          f"got shape {kernel.shape}")
-    _checks.check_float32(where, kernel_name, kernel)
+    _checks.check_dtype(where, kernel_name, kernel)
     for i, dim in enumerate(dims):
         _checks.check_features(where, f"{kernel_name}.shape[{i}] ({dim})", kernel.shape[i])
     if mask is None:
@@ -107,7 +107,7 @@ def check_dense(where: str, kernel: Any, bias: Any, mask: Any, kernel_name: str 
             raise TypeError(f"{where}: mask must be boolean, got {mask.dtype}")
     if bias is not None:
         bias = jnp.asarray(_checks.concrete(where, bias_name, bias))
-        _checks.check_float32(where, bias_name, bias)
+        _checks.check_dtype(where, bias_name, bias)
         _checks.check_shape(where, bias_name, bias, (kernel.shape[-1],))
     return kernel, SparsityPattern.from_mask(mask), bias
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparseprop_jax import _checks
 from sparseprop_jax import linen as sp_linen
 from sparseprop_jax import nnx as sp_nnx
 from sparseprop_jax._layers import apply_conv, conv_config
@@ -131,8 +132,9 @@ def _conv_error(where: str, kernel_size, strides, padding, **kwargs):
 
 
 def _dtype_error(kernel: np.ndarray) -> Optional[str]:
-    if kernel.dtype != np.float32:
-        return f"its kernel is {kernel.dtype} (only float32 is supported)"
+    if not _checks.is_supported_dtype(kernel.dtype):
+        return (f"its kernel is {kernel.dtype} (only {' or '.join(_checks.SUPPORTED_DTYPES)} "
+                "is supported)")
     return None
 
 

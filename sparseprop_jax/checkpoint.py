@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sparseprop_jax import _checks
 from sparseprop_jax import _model_layers as ml
 from sparseprop_jax.sparse_weight import SparsityPattern
 
@@ -195,7 +196,7 @@ def _adapt_nodes(nodes: Mapping[tuple, Any], saved: Mapping[str, dict]) -> list:
         undo.append(lambda m=module, p=pattern, v=values: (m.pattern.set_value(p),
                                                            m.values.set_value(v)))
         module.pattern.set_value(_placeholder_pattern(shape, nnz))
-        module.values.set_value(jnp.zeros((nnz,), jnp.float32))
+        module.values.set_value(jnp.zeros((nnz,), _checks.DEFAULT_DTYPE))
     for node in optimizers:
         undo.append(lambda o=node, s=node.opt_state: setattr(o, "opt_state", s))
         params = nnx.state(models[0], node.wrt, graph=getattr(node, "graph", None))

@@ -133,7 +133,7 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
     weight.check(where)
     kh, kw, cin, cout = weight.shape
     x = _checks.as_array(where, "x", x)
-    _checks.check_float32(where, "x", x)
+    _checks.check_dtype(where, "x", x)
     if x.ndim != 4:
         raise ValueError(f"{where}: x must be 4-D NHWC [N, H, W, {cin}], got shape {x.shape}")
     if x.shape[-1] != cin:
@@ -141,7 +141,7 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
                          f"{x.shape}")
     if bias is not None:
         bias = _checks.as_array(where, "bias", bias)
-        _checks.check_float32(where, "bias", bias)
+        _checks.check_dtype(where, "bias", bias)
         _checks.check_shape(where, "bias", bias, (cout,))
     stride = parse_strides(where, strides)[0]
     pads = explicit_pads(parse_padding(where, padding), x.shape[1:3], (kh, kw), stride)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseprop_jax import _targets
+from sparseprop_jax import _checks, _targets
 from sparseprop_jax.runtime import simd_path
 from sparseprop_jax.sparse_weight import SparseWeight
 
@@ -75,7 +75,7 @@ def _fastest(g: "ConvGeometry", nnz: int) -> str:
     from sparseprop_jax.conv import conv_op  # conv imports this module
 
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((g.n, g.h, g.w, g.kernel_shape[2]), np.float32))
+    x = jnp.asarray(rng.standard_normal((g.n, g.h, g.w, g.kernel_shape[2])).astype(_checks.DEFAULT_DTYPE))
     weight = SparseWeight.random(g.kernel_shape, 1.0 - nnz / np.prod(g.kernel_shape),
                                  jax.random.key(0))
     p = weight.pattern

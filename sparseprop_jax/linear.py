@@ -93,14 +93,14 @@ def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None) -> A
                          f"shape {pattern.shape} (sparse_conv2d takes convolution kernels)")
     n_in, n_out = pattern.shape
     x = _checks.as_array(where, "x", x)
-    _checks.check_float32(where, "x", x)
+    _checks.check_dtype(where, "x", x)
     if x.ndim < 1 or x.shape[-1] != n_in:
         raise ValueError(f"{where}: x must have shape [..., {n_in}] (in_features={n_in}), "
                          f"got {x.shape}")
     weight.check(where)
     if bias is not None:
         bias = _checks.as_array(where, "bias", bias)
-        _checks.check_float32(where, "bias", bias)
+        _checks.check_dtype(where, "bias", bias)
         _checks.check_shape(where, "bias", bias, (n_out,))
     lead = x.shape[:-1]
     # Under shard_map: the weight made varying like x, so its gradient is all-reduced once.

@@ -97,7 +97,7 @@ class SparseDense(nn.Module):
                              f"the variables, whose shape is {pattern.shape} (in, out)")
         values = self.param("values", lambda key: init_values(where, self.kernel_init, key,
                                                                pattern))
-        bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        bias = (self.param("bias", self.bias_init, (self.features,), _checks.DEFAULT_DTYPE)
                 if self.use_bias else None)
         return sparse_linear(inputs, SparseWeight(values, pattern), bias)
 
@@ -235,7 +235,7 @@ class SparseConv(nn.Module):
                 f"{pattern.shape} (check kernel_size and the input's channels)")
         values = self.param("values", lambda key: init_values(where, self.kernel_init, key,
                                                                pattern))
-        bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        bias = (self.param("bias", self.bias_init, (self.features,), _checks.DEFAULT_DTYPE)
                 if self.use_bias else None)
         return apply_conv(where, inputs, SparseWeight(values, pattern), bias, strides, padding,
                           self.conv_kernel)

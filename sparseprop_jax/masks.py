@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparseprop_jax import _checks
 from sparseprop_jax import _model_layers as ml
 from sparseprop_jax.nnx import SparseConv, SparseDense
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
@@ -131,9 +132,8 @@ def from_masks(model_or_variables: Any, masks: Any) -> Any:
         for path, mask in _kernel_masks(where, masks, kernels).items():
             layer_params = ml.tree_get(params, path)
             kernel = np.asarray(layer_params["kernel"])
-            if kernel.dtype != np.float32:
-                raise TypeError(f"{where}: the kernel at {ml.path_name(path + ('kernel',))!r} "
-                                f"must be float32, got {kernel.dtype}")
+            _checks.check_dtype(where, f"the kernel at {ml.path_name(path + ('kernel',))!r}",
+                                kernel)
             pattern = SparsityPattern.from_mask(mask)
             layer_params["values"] = SparseWeight.gather(jnp.asarray(kernel), pattern).values
             del layer_params["kernel"]

@@ -400,7 +400,7 @@ class SparseWeight:
         where = "SparseWeight.from_dense"
         kernel = _checks.concrete(where, "kernel", kernel)
         _kernel_shape(where, kernel.shape, "kernel.shape")
-        _checks.check_float32(where, "kernel", kernel)
+        _checks.check_dtype(where, "kernel", kernel)
         if mask is None:
             mask = kernel != 0
         else:
@@ -449,7 +449,7 @@ class SparseWeight:
             raise TypeError(f"{where}: matrix must be a scipy.sparse matrix, got {type(matrix)}")
         csc = scipy.sparse.csc_array(matrix, copy=True)
         csc.sum_duplicates()  # also sorts indices
-        return cls.from_csc(csc.data.astype(np.float32), csc.indptr, csc.indices, csc.shape)
+        return cls.from_csc(csc.data.astype(_checks.DEFAULT_DTYPE), csc.indptr, csc.indices, csc.shape)
 
     @classmethod
     def from_jax_sparse(cls, matrix: Any) -> "SparseWeight":
@@ -481,11 +481,11 @@ class SparseWeight:
         """Values from `init` on a uniformly random pattern of the given sparsity."""
         mask_key, init_key = jax.random.split(key)
         pattern = SparsityPattern.random(shape, sparsity, mask_key)
-        return cls.gather(init(init_key, pattern.shape, jnp.float32), pattern)
+        return cls.gather(init(init_key, pattern.shape, _checks.DEFAULT_DTYPE), pattern)
 
 
 def _check_values(where: str, values: Any, pattern: SparsityPattern, name: str = "values") -> None:
-    _checks.check_float32(where, name, values)
+    _checks.check_dtype(where, name, values)
     if np.shape(values) != (pattern.nnz,):
         raise ValueError(f"{where}: {name} must have shape ({pattern.nnz},) to match the "
                          f"pattern's nnz, got {np.shape(values)}")

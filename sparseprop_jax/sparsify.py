@@ -173,8 +173,8 @@ def _time_layer(layer: ml.Layer, mask: np.ndarray, repeats: int = 5) -> tuple[fl
             shape = (1,) + tuple(shape)
         elif len(shape) > 4:
             shape = (int(np.prod(shape[:-3])),) + tuple(shape[-3:])
-    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
-    kernel = jnp.asarray(np.where(mask, layer.kernel, 0).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal(shape).astype(_checks.DEFAULT_DTYPE))
+    kernel = jnp.asarray(np.where(mask, layer.kernel, 0).astype(_checks.DEFAULT_DTYPE))
     weight = SparseWeight.from_dense(kernel, mask)
     pattern = weight.pattern
     if layer.kind == "dense":
@@ -190,8 +190,8 @@ def _time_layer(layer: ml.Layer, mask: np.ndarray, repeats: int = 5) -> tuple[fl
 
         def sparse(x, v):
             return sparse_conv2d(x, SparseWeight(v, pattern), None, layer.strides, layer.padding)
-    ct = jnp.asarray(rng.standard_normal(jax.eval_shape(dense, x, kernel).shape,
-                                         dtype=np.float32))
+    ct = jnp.asarray(rng.standard_normal(jax.eval_shape(dense, x, kernel).shape)
+                     .astype(_checks.DEFAULT_DTYPE))
     dense_ms = _median_ms(_train_pass(dense), (x, kernel, ct), repeats)
     sparse_ms = _median_ms(_train_pass(sparse), (x, weight.values, ct), repeats)
     return dense_ms, sparse_ms

@@ -45,14 +45,17 @@ struct BatchTiles {
   }
 };
 
-// One instruction set's numeric routines (routines_<isa>.cc); the dispatch
-// table of simd_dispatch.cc lists every instruction set's.
-struct Routines {
+// One instruction set's numeric routines (routines_<isa>.cc) for elements
+// of type T; the dispatch table of simd_dispatch.cc lists every instruction
+// set's. Only float exists today: the element type is the seam where
+// another (bfloat16 with float accumulation) gets its own tables.
+template <typename T>
+struct RoutinesFor {
   // For grid positions q in [q_begin, q_end) and rows r in [row_begin, row_end):
   //   out_q[r * ld_row + l] = sum_p values[p] * in_q[offsets[p] + l],  l < length.
   // Every output element of the range is written (empty rows get 0).
-  void (*spmm)(const int32_t* indptr, const int64_t* offsets, const float* values,
-               const float* in, float* out, int64_t ld_row, int64_t length,
+  void (*spmm)(const int32_t* indptr, const int64_t* offsets, const T* values,
+               const T* in, T* out, int64_t ld_row, int64_t length,
                const Grid& grid, int64_t q_begin, int64_t q_end, int64_t row_begin,
                int64_t row_end);
 
@@ -63,8 +66,8 @@ struct Routines {
   // output-side operand at position q; added to out_values if `accumulate`,
   // else written. Each entry is summed in an order fixed by its row, so for a
   // fixed sequence of position ranges the results are deterministic.
-  void (*sddmm)(const int32_t* indptr, const int64_t* offsets, const float* rows,
-                int64_t ld_row, const float* in, float* out_values, int64_t length,
+  void (*sddmm)(const int32_t* indptr, const int64_t* offsets, const T* rows,
+                int64_t ld_row, const T* in, T* out_values, int64_t length,
                 const Grid& grid, int64_t q_begin, int64_t q_end, int64_t row_begin,
                 int64_t row_end, bool accumulate);
 
@@ -80,11 +83,11 @@ struct Routines {
   //   added to out_values if `accumulate`, else written. (Called on one tile
   //   at a time, with accumulate for the tiles after the first, it reads
   //   `in` from one tile at a time.)
-  void (*spmm_indexed)(const int32_t* indptr, const int32_t* indices, const float* values,
-                       const float* in, int64_t ld_in, float* out, int64_t ld_row,
+  void (*spmm_indexed)(const int32_t* indptr, const int32_t* indices, const T* values,
+                       const T* in, int64_t ld_in, T* out, int64_t ld_row,
                        int64_t length, int64_t row_begin, int64_t row_end);
-  void (*sddmm_indexed)(const int32_t* indptr, const int32_t* indices, const float* rows,
-                        int64_t n_rows, const float* in, int64_t n_in, float* out_values,
+  void (*sddmm_indexed)(const int32_t* indptr, const int32_t* indices, const T* rows,
+                        int64_t n_rows, const T* in, int64_t n_in, T* out_values,
                         int64_t batch, int64_t row_begin, int64_t row_end, bool accumulate);
 
   // Both backward products of the linear layer in one pass, over one tile of
@@ -96,15 +99,15 @@ struct Routines {
   // `accumulate` (the tiles after the first), else written. Each sum's order
   // depends only on its row and `length`.
   void (*spmm_sddmm_indexed)(const int32_t* indptr, const int32_t* indices,
-                             const float* values, const float* dy, const float* x,
-                             int64_t ld_x, float* dx, float* sums, int64_t length,
+                             const T* values, const T* dy, const T* x,
+                             int64_t ld_x, T* dx, T* sums, int64_t length,
                              int64_t row_begin, int64_t row_end, bool accumulate);
 
   // Out-of-place transpose of the columns [col_begin, col_end) of a
   // rows x cols matrix: dst[c * ld_dst + r] = src[r * ld_src + c]. `stream`
   // asks for stores past the caches where the SIMD path can write whole
   // destination lines (see streams_past_cache in ffi_common.h).
-  void (*transpose)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
+  void (*transpose)(const T* src, int64_t ld_src, T* dst, int64_t ld_dst,
                     int64_t rows, int64_t col_begin, int64_t col_end, bool stream);
 
   // Whether the linear backward runs spmm_sddmm_indexed when it wants both
@@ -114,5 +117,7 @@ struct Routines {
   // The instruction set's name, as set_simd_path takes it (Isa::kName).
   const char* name;
 };
+
+using Routines = RoutinesFor<float>;
 
 }  // namespace sparseprop
