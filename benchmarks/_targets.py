@@ -8,7 +8,7 @@ All speed targets are for 2 threads, float32, forward + backward
   * linear 128x512->256: faster than dense (> 1x) from 90%, at least 3x at 99%;
   * linear forward: faster than `jax.experimental.sparse` BCSR @ dense at
     every sparsity >= 90%;
-  * conv2d, batch 32, the seven ResNet18 layers, kernel="auto": geometric
+  * conv2d, batch 32, the seven ResNet18 layers, variant="auto": geometric
     mean over the layers of the f+b speedup at least 3x at 90%, 5x at 95%,
     10x at 98%; and no layer slower than dense (>= 1x) at 95%;
   * threads: sparse f+b at 95% at least 1.7x faster on 2 threads than on 1,

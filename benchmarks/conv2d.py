@@ -8,7 +8,7 @@ activations, HWIO kernel) and sparsity it times, in one process:
     sparse: `weight.values`), where `loss = vdot(y, ct)` with a fixed random
     cotangent `ct`: the forward convolution plus both backward products, as
     in a training step; dense `lax.conv_general_dilated` against
-    `sparse_conv2d` with kernel="batch", "width" and "auto" (the table names
+    `sparse_conv2d` with variant="batch", "width" and "auto" (the table names
     the variant "auto" chose). (Plain `grad` would not do: the gradient of
     this loss does not need `y`, so XLA would drop the forward.)
   * forward:  `jit(f)(x, w)` for dense, "batch" and "width" (skip: --no-fwd).
@@ -128,13 +128,13 @@ def dense_fns(stride: int) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def sparse_fns(kernel: str, stride: int) -> dict:
+def sparse_fns(variant: str, stride: int) -> dict:
     """Jitted sparse functions: fwd(x, weight); fb, dx, dw (x, values, weight, ct).
 
     As `dense_fns`: fb is `value_and_grad`, dx and dw plain `grad`.
     """
     def conv(x, weight):
-        return sparse_conv2d(x, weight, strides=stride, padding="SAME", kernel=kernel)
+        return sparse_conv2d(x, weight, strides=stride, padding="SAME", variant=variant)
 
     def loss(x, values, weight, ct):
         return jnp.vdot(conv(x, weight.with_values(values)), ct)
@@ -146,14 +146,14 @@ def sparse_fns(kernel: str, stride: int) -> dict:
 
 
 def auto_variant(layer: Layer, batch: int) -> str:
-    """The variant kernel="auto" runs for this layer (the library's rule)."""
-    from sparseprop_jax import conv, conv_variant
+    """The variant that variant="auto" runs for this layer (the library's rule)."""
+    from sparseprop_jax import conv, conv_variants
 
     pads = conv.explicit_pads(conv.parse_padding("benchmark", "SAME"), (layer.h, layer.w),
                               (KSIZE, KSIZE), layer.stride)
     geometry = conv.ConvGeometry("batch", batch, layer.h, layer.w, layer.kernel_shape,
                                  layer.stride, pads)
-    return conv_variant.auto_variant(geometry)
+    return conv_variants.auto_variant(geometry)
 
 
 # -- correctness -------------------------------------------------------------
@@ -237,11 +237,11 @@ def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, rounds:
         weight = SparseWeight.random(layer.kernel_shape, sparsity, k)
         errors = check_sparse(layer, x, weight, ct, label)
         cases = list(dense_cases)
-        for kern in (*VARIANTS, "auto"):
-            fns = sparse_fns(kern, layer.stride)
-            cases.append(_timing.Case(f"{kern}_fb", fns["fb"], x, weight.values, weight, ct))
-            if opts.fwd and kern != "auto":
-                cases.append(_timing.Case(f"{kern}_fwd", fns["fwd"], x, weight))
+        for variant in (*VARIANTS, "auto"):
+            fns = sparse_fns(variant, layer.stride)
+            cases.append(_timing.Case(f"{variant}_fb", fns["fb"], x, weight.values, weight, ct))
+            if opts.fwd and variant != "auto":
+                cases.append(_timing.Case(f"{variant}_fwd", fns["fwd"], x, weight))
         configs.append((sparsity, weight, errors, cases))
     # Every sparsity's cases, with the dense ones, interleaved; the sparsities in rounds.
     all_samples = _timing.run_rounds([cases for *_, cases in configs], rounds=rounds, **timing)
@@ -293,9 +293,9 @@ def bench_layer(layer: Layer, sparsities, batch: int, key, timing: dict, rounds:
             "compile_s": {c.name: c.compile_s for c in cases},
             "max_rel_error": errors,
             "fb_custom_calls": {
-                kern: _timing.custom_call_targets(sparse_fns(kern, layer.stride)["fb"],
-                                                  x, weight.values, weight, ct)
-                for kern in VARIANTS},
+                variant: _timing.custom_call_targets(sparse_fns(variant, layer.stride)["fb"],
+                                                     x, weight.values, weight, ct)
+                for variant in VARIANTS},
         })
         table.row(cells)
         results.append(row)
@@ -360,13 +360,14 @@ def bench_passes(layer: Layer, sparsities, index: int, batch: int, key,
     cases = [_timing.Case("dense_fwd", dense["fwd"], x, kernel)]
     cases += [_timing.Case(f"dense_{p}", dense[p], x, kernel, ct) for p in PASSES[1:]]
     custom_calls = {}
-    for kern in VARIANTS:
-        fns = sparse_fns(kern, layer.stride)
-        cases.append(_timing.Case(f"{kern}_fwd", fns["fwd"], x, weight))
-        cases += [_timing.Case(f"{kern}_{p}", fns[p], x, weight.values, weight, ct)
+    for variant in VARIANTS:
+        fns = sparse_fns(variant, layer.stride)
+        cases.append(_timing.Case(f"{variant}_fwd", fns["fwd"], x, weight))
+        cases += [_timing.Case(f"{variant}_{p}", fns[p], x, weight.values, weight, ct)
                   for p in PASSES[1:]]
-        custom_calls[kern] = {p: _timing.custom_call_targets(fns[p], x, weight.values, weight,
-                                                              ct) for p in PASSES[1:]}
+        custom_calls[variant] = {
+            p: _timing.custom_call_targets(fns[p], x, weight.values, weight, ct)
+            for p in PASSES[1:]}
     samples = _timing.run_interleaved(cases, **timing)
     results = []
     for who in ("dense", *VARIANTS):

@@ -1,7 +1,7 @@
 """Benchmark: whole training steps of sparse models against the same models dense under XLA.
 
 For each model and sparsity it builds the model from plain `nnx.Conv` /
-`nnx.Linear` layers (`sparseprop_jax.models`), makes a sparse copy with
+`nnx.Linear` layers (`sparseprop_jax.reference_models`), makes a sparse copy with
 `sparsify` (uniform sparsity; the stem and the classifier stay dense), and
 times, in one process, with the samples of all variants interleaved:
 
@@ -57,7 +57,7 @@ from jax import lax  # noqa: E402
 
 import _targets  # noqa: E402
 import _timing  # noqa: E402
-from sparseprop_jax import _model_layers, models  # noqa: E402
+from sparseprop_jax import _model_walk, reference_models  # noqa: E402
 from sparseprop_jax.sparsify import densify, sparsify  # noqa: E402
 
 NUM_CLASSES = 100
@@ -78,17 +78,19 @@ class Config:
         rngs = nnx.Rngs(seed)
         if self.family == "resnet18":
             widths = (8, 16, 32, 64) if self.quick else (64, 128, 256, 512)
-            return models.ResNet18(NUM_CLASSES, widths=widths, rngs=rngs)
+            return reference_models.ResNet18(NUM_CLASSES, widths=widths, rngs=rngs)
         if self.quick:
-            return models.MLPMixer(NUM_CLASSES, image_size=self.image_size, patch_size=4, dim=32,
-                                   depth=2, token_hidden=16, channel_hidden=64, rngs=rngs)
-        return models.MLPMixer(NUM_CLASSES, image_size=self.image_size, patch_size=4, dim=256,
-                               depth=8, token_hidden=128, channel_hidden=1024, rngs=rngs)
+            return reference_models.MLPMixer(NUM_CLASSES, image_size=self.image_size,
+                                             patch_size=4, dim=32, depth=2, token_hidden=16,
+                                             channel_hidden=64, rngs=rngs)
+        return reference_models.MLPMixer(NUM_CLASSES, image_size=self.image_size, patch_size=4,
+                                         dim=256, depth=8, token_hidden=128, channel_hidden=1024,
+                                         rngs=rngs)
 
     @property
     def skip(self) -> tuple[str, ...]:
-        return (models.RESNET18_SPARSIFY_SKIP if self.family == "resnet18"
-                else models.MLP_MIXER_SPARSIFY_SKIP)
+        return (reference_models.RESNET18_SPARSIFY_SKIP if self.family == "resnet18"
+                else reference_models.MLP_MIXER_SPARSIFY_SKIP)
 
     def optimizer(self) -> optax.GradientTransformation:
         # As the models are usually trained: SGD with momentum for ResNets, AdamW for Mixers.
@@ -227,8 +229,8 @@ def _module_at(model: nnx.Module, path: tuple) -> nnx.Module:
 def sparsified_layer_groups(dense: nnx.Module, sparse: nnx.Module, report, x) -> list[LayerGroup]:
     """The layers `sparsify` made sparse, grouped by what their timing depends on."""
     sparse_names = {r.name for r in report if r.is_sparse}
-    layers = [layer for layer in _model_layers.nnx_layers(dense) if layer.name in sparse_names]
-    _model_layers.nnx_input_shapes(dense, layers, (x,), {})
+    layers = [layer for layer in _model_walk.nnx_layers(dense) if layer.name in sparse_names]
+    _model_walk.nnx_input_shapes(dense, layers, (x,), {})
     groups: dict[tuple, LayerGroup] = {}
     for layer in layers:
         key = (layer.kind, layer.shape, layer.input_shape, str(layer.strides), str(layer.padding))

@@ -232,8 +232,8 @@ def bench_shape(shape, sparsities, key, timing: dict, rounds: int,
     dense = {name: _timing.summarize(s) for name, s in pooled.items()}
 
     results = []
-    for (sparsity, weight, bcsr, errors, s_fwd, s_fb, b_fwd, _), samples in zip(configs,
-                                                                               all_samples):
+    for config, samples in zip(configs, all_samples):
+        sparsity, weight, bcsr, errors, s_fwd, s_fb, b_fwd, _ = config
         stats = {name: _timing.summarize(s) for name, s in samples.items()}
         dfwd = dense["dense_fwd"]["median_ms"]
         dfb = dense["dense_fwdbwd"]["median_ms"]

@@ -6,7 +6,7 @@
 For `linear.py` results: per shape, the f+b speedup over dense XLA (solid),
 the forward speedup (dashed) and, in results that have it, the traffic
 floor's speedup (thin dotted: the bound on the f+b speedup). For `conv2d.py`
-results: per layer, the kernel="auto" f+b speedup (solid) and the best forward
+results: per layer, the variant="auto" f+b speedup (solid) and the best forward
 speedup (dashed), plus their geometric means over the layers (black, thick).
 Both have the ideal 1/density line (dotted), the dense parity line (1x) and the
 f+b targets (stars, for 2 threads). The y axis is logarithmic. Each PNG is

@@ -10,7 +10,7 @@ the files does not matter), and prints per shape / layer at 95% sparsity (or
 speedup from the second thread), the same ratio for dense XLA for comparison,
 and the target (at least 1.7x at 95% on the three big linear shapes and on each
 of the seven conv layers at batch 32) with whether it is met. For conv2d the
-sparse time is kernel="auto"'s, and a last row gives the geometric mean over
+sparse time is variant="auto"'s, and a last row gives the geometric mean over
 the layers (no target). With no files given it reads
 benchmarks/results/{linear,conv2d}-1thread.json and {linear,conv2d}.json,
 those that exist. Does not import jax.
@@ -57,9 +57,9 @@ def compare(benchmark: str, one: tuple[str, dict], two: tuple[str, dict],
     print(f"# {benchmark}: sparse f+b median at sparsity {sparsity:g}, 1 thread ({path1}) vs "
           f"2 threads ({path2}); ratio = 1-thread ms / 2-thread ms")
     table = TablePrinter([("shape" if benchmark == "linear" else "layer", 16, "s"),
-                    ("sparsity", 8, ".2f"), ("1 thread ms", 11, ".3f"),
-                    ("2 threads ms", 12, ".3f"), ("ratio", 5, ".2f"),
-                    ("dense ratio", 11, ".2f"), ("target", 6, "s"), ("met", 3, "s")])
+                          ("sparsity", 8, ".2f"), ("1 thread ms", 11, ".3f"),
+                          ("2 threads ms", 12, ".3f"), ("ratio", 5, ".2f"),
+                          ("dense ratio", 11, ".2f"), ("target", 6, "s"), ("met", 3, "s")])
     table.header()
     rows = []
     for r2 in p2["results"]:

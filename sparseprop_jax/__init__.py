@@ -1,7 +1,7 @@
 """sparseprop_jax: sparse backpropagation for JAX and Flax on CPUs.
 
 Sparse layers whose forward pass, input gradient and weight gradient all cost
-O(batch x nnz), run by C++ kernels registered as XLA FFI custom calls.
+O(batch x nnz), run by C++ routines registered as XLA FFI custom calls.
 """
 
 from sparseprop_jax.runtime import (

@@ -32,7 +32,7 @@ def as_array(where: str, name: str, value: Any) -> Any:
 def int32_indices(where: str, name: str, array: Any) -> np.ndarray:
     """A concrete integer array as int32, or an error if a value does not fit (never wraps).
 
-    Pattern arrays must be int32 (the kernels read int32); wider integers, as
+    Pattern arrays must be int32 (the compiled routines read int32); wider integers, as
     a checkpoint may hold them, are converted only where every value fits.
     """
     array = np.asarray(array)

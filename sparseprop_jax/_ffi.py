@@ -114,8 +114,8 @@ def call(target: Target, shapes, *operands: jax.Array, dtype: str = "float32", *
     """
     multiple = bool(shapes) and isinstance(shapes[0], tuple)
     shapes = tuple(tuple(s) for s in shapes) if multiple else (tuple(shapes),)
-    if (len(operands), len(shapes), set(attrs)) != (len(target.operands), len(target.results),
-                                                     set(target.attrs)):
+    expected = (len(target.operands), len(target.results), set(target.attrs))
+    if (len(operands), len(shapes), set(attrs)) != expected:
         raise TypeError(f"{target.name} takes operands {[a.name for a in target.operands]}, "
                         f"{len(target.results)} result(s) and attributes {list(target.attrs)}; "
                         f"got {len(operands)} operands, {len(shapes)} result shape(s) and "

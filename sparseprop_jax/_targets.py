@@ -97,7 +97,7 @@ def _conv_backward(variant: str) -> Target:
                   (Array("dx", FLOAT, 0), Array("dvalues", FLOAT, SUM)), CONV_ATTRS)
 
 
-#: The convolution variants (which dims the SIMD lanes run over; see conv_variant.py).
+#: The convolution variants (which dims the SIMD lanes run over; see conv_variants.py).
 CONV_VARIANTS = ("batch", "width")
 CONV_FORWARD = {v: _conv_forward(v) for v in CONV_VARIANTS}
 CONV_BACKWARD = {v: _conv_backward(v) for v in CONV_VARIANTS}

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sparseprop_jax import _checks
-from sparseprop_jax import _model_layers as ml
+from sparseprop_jax import _model_walk as ml
 from sparseprop_jax.sparse_weight import SparsityPattern
 
 FORMAT = "sparseprop_jax"

@@ -3,7 +3,7 @@
 A direct convolution over the nonzeros (no im2col): forward, input gradient and
 weight gradient each cost O(batch x output pixels x nnz). Two variants differ
 in which dimensions the SIMD lanes run over ("batch": runs of output width x
-batch; "width": runs of one output row of one image); `conv_variant` says
+batch; "width": runs of one output row of one image); `conv_variants` says
 which runs a call. Both take the NHWC operands as they are and lay them out
 inside their FFI calls (xla_ffi/conv_*_ffi.cc).
 """
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from sparseprop_jax import _checks, _ffi, _targets, conv_variant
+from sparseprop_jax import _checks, _ffi, _targets, conv_variants
 from sparseprop_jax.sparse_weight import SparseWeight
 
 Array = jax.Array
@@ -32,7 +32,7 @@ ConvPadding = Union[str, tuple[tuple[int, int], tuple[int, int]]]
 class ConvGeometry:
     """Static description of one convolution call (hashable: a custom_vjp nondiff arg)."""
 
-    variant: str  # one of conv_variant.VARIANTS
+    variant: str  # one of conv_variants.VARIANTS
     n: int
     h: int
     w: int
@@ -100,7 +100,7 @@ conv_op.defvjp(_conv_fwd, _conv_bwd)
 
 def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
                   strides: Union[int, Sequence[int]] = 1, padding: Padding = "SAME", *,
-                  kernel: str = "auto") -> Array:
+                  variant: str = "auto") -> Array:
     """2-D convolution of NHWC `x` with a sparse HWIO kernel, in O(batch x pixels x nnz).
 
     Equals `lax.conv_general_dilated(x, weight.to_dense(), strides, padding,
@@ -116,10 +116,12 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
       strides: an int or `(stride_h, stride_w)`; both must be equal.
       padding: "SAME", "VALID", an int, or `((top, bottom), (left, right))`
         (each element may also be one int for both sides), as in `flax.nnx.Conv`.
-      kernel: "batch" or "width" (the vectorisation, see the module doc),
-        "auto" (the batch kernel) or "measure" (time both on random data of this
-        shape and nnz the first time it is met, also while tracing under
-        jit, and keep the faster for every later call).
+      variant: which variant of the convolution runs (`conv_variants`):
+        "batch" or "width" (which dims the SIMD lanes run over), "auto"
+        (`conv_variants.auto_variant`'s rule: the batch variant) or "measure"
+        (time both on random data of this shape and nnz the first time it is
+        met, also while tracing under jit, and keep the faster for every later
+        call).
 
     Returns:
       float32 `[N, H_out, W_out, C_out]`.
@@ -145,8 +147,9 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
         _checks.check_shape(where, "bias", bias, (cout,))
     stride = parse_strides(where, strides)[0]
     pads = explicit_pads(parse_padding(where, padding), x.shape[1:3], (kh, kw), stride)
-    if kernel not in conv_variant.CHOICES:
-        raise ValueError(f"{where}: kernel must be one of {conv_variant.CHOICES}, got {kernel!r}")
+    if variant not in conv_variants.CHOICES:
+        raise ValueError(f"{where}: variant must be one of {conv_variants.CHOICES}, got "
+                         f"{variant!r}")
     geometry = ConvGeometry("batch", x.shape[0], x.shape[1], x.shape[2], weight.shape, stride,
                             pads)
     if geometry.ho < 1 or geometry.wo < 1:
@@ -154,7 +157,7 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
                          f"{geometry.hp}x{geometry.wp} (x {x.shape[1]}x{x.shape[2]}, padding "
                          f"{pads})")
     geometry = dataclasses.replace(
-        geometry, variant=conv_variant.choose(kernel, geometry, weight.nnz))
+        geometry, variant=conv_variants.choose(variant, geometry, weight.nnz))
     p = weight.pattern
     # Under shard_map: the weight made varying like x, so its gradient is all-reduced once.
     y = conv_op(geometry, *_ffi.match_vma(x, weight.values, p.indptr, p.indices, p.t_indptr,

@@ -1,7 +1,7 @@
 """`sparse_linear`: `x @ kernel + bias` with a sparse kernel, forward and backward in C++.
 
 Forward, input gradient and weight gradient each cost O(batch x nnz). The
-kernels want the batch as the minor dimension; the C++ handlers transpose the
+routines want the batch as the minor dimension; the C++ handlers transpose the
 activations themselves, tile by tile of the batch. The residual for the weight
 gradient is x^T, `[in_features, batch]`: the forward transposes x into it
 rather than into scratch, so the backward reads x batch-minor without
@@ -15,7 +15,6 @@ import functools
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sparseprop_jax import _checks, _ffi, _targets

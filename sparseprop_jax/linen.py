@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from sparseprop_jax import _checks
-from sparseprop_jax._layers import (CONV_DIMS, DEFAULT_SPARSITY, DENSE_DIMS, Initializer,
-                                    apply_conv, check_conv_inputs, check_dense, conv_config,
-                                    conv_kernel_size, init_values, random_pattern)
+from sparseprop_jax._layer_helpers import (CONV_DIMS, DEFAULT_SPARSITY, DENSE_DIMS, Initializer,
+                                           apply_conv, check_conv_inputs, check_dense,
+                                           conv_config, conv_kernel_size, init_values,
+                                           random_pattern)
 from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
@@ -95,8 +96,8 @@ class SparseDense(nn.Module):
         if pattern.out_features != self.features:
             raise ValueError(f"{where}: features={self.features} does not match the pattern in "
                              f"the variables, whose shape is {pattern.shape} (in, out)")
-        values = self.param("values", lambda key: init_values(where, self.kernel_init, key,
-                                                               pattern))
+        values = self.param(
+            "values", lambda key: init_values(where, self.kernel_init, key, pattern))
         bias = (self.param("bias", self.bias_init, (self.features,), _checks.DEFAULT_DTYPE)
                 if self.use_bias else None)
         return sparse_linear(inputs, SparseWeight(values, pattern), bias)
@@ -174,7 +175,7 @@ class SparseConv(nn.Module):
         (used at init only; with `variables_from_dense` the pattern decides).
       kernel_init: initializer of the dense HWIO kernel the values are drawn from.
       bias_init: initializer of the bias.
-      conv_kernel: the `kernel` argument of `sparse_conv2d` ("auto",
+      conv_variant: the `variant` argument of `sparse_conv2d` ("auto",
         "measure", "batch" or "width").
       input_dilation, kernel_dilation, feature_group_count: as in
         `flax.linen.Conv`; only 1 is supported.
@@ -188,7 +189,7 @@ class SparseConv(nn.Module):
     sparsity: float = DEFAULT_SPARSITY
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros_init()
-    conv_kernel: str = "auto"
+    conv_variant: str = "auto"
     input_dilation: Any = 1
     kernel_dilation: Any = 1
     feature_group_count: int = 1
@@ -205,7 +206,7 @@ class SparseConv(nn.Module):
                            input_dilation=self.input_dilation,
                            kernel_dilation=self.kernel_dilation,
                            feature_group_count=self.feature_group_count,
-                           conv_kernel=self.conv_kernel)
+                           conv_variant=self.conv_variant)
 
     @nn.compact
     def __call__(self, inputs: Any) -> Array:
@@ -233,12 +234,12 @@ class SparseConv(nn.Module):
                 f"needs a pattern of {shape[0] * shape[1] * shape[2]} rows (kh * kw * in) and "
                 f"kernel shape {shape}, but the pattern in the variables has kernel shape "
                 f"{pattern.shape} (check kernel_size and the input's channels)")
-        values = self.param("values", lambda key: init_values(where, self.kernel_init, key,
-                                                               pattern))
+        values = self.param(
+            "values", lambda key: init_values(where, self.kernel_init, key, pattern))
         bias = (self.param("bias", self.bias_init, (self.features,), _checks.DEFAULT_DTYPE)
                 if self.use_bias else None)
         return apply_conv(where, inputs, SparseWeight(values, pattern), bias, strides, padding,
-                          self.conv_kernel)
+                          self.conv_variant)
 
     # -- conversions ----------------------------------------------------------
     @staticmethod

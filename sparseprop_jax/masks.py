@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from sparseprop_jax import _checks
-from sparseprop_jax import _model_layers as ml
+from sparseprop_jax import _model_walk as ml
 from sparseprop_jax.nnx import SparseConv, SparseDense
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 from sparseprop_jax.sparsify import densify

@@ -23,8 +23,8 @@ from flax.nnx import reprlib
 
 from sparseprop_jax import _checks
 from sparseprop_jax.linear import sparse_linear
-from sparseprop_jax._layers import (CONV_DIMS, Initializer, apply_conv, check_dense,
-                                    conv_config, init_bias, init_values, layer_pattern)
+from sparseprop_jax._layer_helpers import (CONV_DIMS, Initializer, apply_conv, check_dense,
+                                           conv_config, init_bias, init_values, layer_pattern)
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 Array = jax.Array
@@ -208,7 +208,7 @@ class SparseConv(_SparseKernelLayer):
       pattern: `SparsityPatternVar` holding the `SparsityPattern` (HWIO shape).
       strides: `(s, s)`.
       padding: "SAME", "VALID" or `((top, bottom), (left, right))`.
-      conv_kernel: the `sparse_conv2d` kernel choice ("auto", "measure",
+      conv_variant: the `sparse_conv2d` variant ("auto", "measure",
         "batch" or "width").
       use_bias: whether the layer adds a bias.
     """
@@ -218,7 +218,7 @@ class SparseConv(_SparseKernelLayer):
                  sparsity: Optional[float] = None, use_bias: bool = True,
                  kernel_init: Initializer = nnx.initializers.lecun_normal(),
                  bias_init: Initializer = nnx.initializers.zeros_init(),
-                 pattern: Optional[SparsityPattern] = None, conv_kernel: str = "auto",
+                 pattern: Optional[SparsityPattern] = None, conv_variant: str = "auto",
                  kernel_dilation: Any = 1, feature_group_count: int = 1,
                  input_dilation: Any = 1, rngs: nnx.Rngs):
         """Initialises the layer.
@@ -239,7 +239,7 @@ class SparseConv(_SparseKernelLayer):
           pattern: a fixed `SparsityPattern` of shape `(kh, kw, in_features,
             out_features)` to use instead of a random one (then leave
             `sparsity` unset).
-          conv_kernel: the `kernel` argument of `sparse_conv2d` ("auto",
+          conv_variant: the `variant` argument of `sparse_conv2d` ("auto",
             "measure", "batch" or "width").
           kernel_dilation, feature_group_count, input_dilation: as in
             `flax.nnx.Conv`; only 1 is supported.
@@ -251,8 +251,8 @@ class SparseConv(_SparseKernelLayer):
         kernel_size, self.strides, self.padding = conv_config(
             where, kernel_size, strides, padding, input_dilation=input_dilation,
             kernel_dilation=kernel_dilation, feature_group_count=feature_group_count,
-            conv_kernel=conv_kernel)
-        self.conv_kernel = conv_kernel
+            conv_variant=conv_variant)
+        self.conv_variant = conv_variant
         shape = kernel_size + (in_features, out_features)
         pattern = layer_pattern(where, shape, sparsity, pattern, rngs.params, CONV_DIMS)
         self.pattern = SparsityPatternVar(pattern)
@@ -292,7 +292,7 @@ class SparseConv(_SparseKernelLayer):
           float32 `[N, H_out, W_out, out_features]` (same batch dims as `inputs`).
         """
         return apply_conv("nnx.SparseConv", inputs, self.weight, self._bias_value(), self.strides,
-                          self.padding, self.conv_kernel)
+                          self.padding, self.conv_variant)
 
     def __nnx_repr__(self):
         # One line of facts instead of the arrays; also used when nested in a model.
@@ -310,7 +310,7 @@ class SparseConv(_SparseKernelLayer):
     @classmethod
     def from_dense(cls, conv_or_kernel: Any, bias: Optional[Any] = None, *,
                    mask: Optional[Any] = None, strides: Any = None, padding: Any = None,
-                   conv_kernel: str = "auto") -> "SparseConv":
+                   conv_variant: str = "auto") -> "SparseConv":
         """A `SparseConv` holding the nonzeros of a dense conv layer or HWIO kernel.
 
         Draws no random numbers.
@@ -324,7 +324,7 @@ class SparseConv(_SparseKernelLayer):
             nonzeros; without it, the kernel's exact zeros define the pattern.
             Entries outside the mask are dropped.
           strides, padding: only with a kernel array; default 1 and "SAME".
-          conv_kernel: the `kernel` argument of `sparse_conv2d`.
+          conv_variant: the `variant` argument of `sparse_conv2d`.
 
         Returns:
           The layer; `use_bias` is whether a bias was given.
@@ -340,7 +340,7 @@ class SparseConv(_SparseKernelLayer):
             _, strides, padding = conv_config(
                 where, conv.kernel_size, conv.strides, conv.padding,
                 input_dilation=conv.input_dilation, kernel_dilation=conv.kernel_dilation,
-                feature_group_count=conv.feature_group_count, conv_kernel=conv_kernel,
+                feature_group_count=conv.feature_group_count, conv_variant=conv_variant,
                 prefix="conv.")
             kernel = conv.kernel[...]
             if conv.mask is not None:
@@ -356,7 +356,7 @@ class SparseConv(_SparseKernelLayer):
         kh, kw, n_in, n_out = pattern.shape
         return cls(n_in, n_out, (kh, kw), strides, padding, use_bias=bias is not None,
                    kernel_init=_constant(kernel), bias_init=_constant(bias), pattern=pattern,
-                   conv_kernel=conv_kernel, rngs=nnx.Rngs(0))
+                   conv_variant=conv_variant, rngs=nnx.Rngs(0))
 
     def to_dense(self) -> nnx.Conv:
         """The equivalent `nnx.Conv`, with the pruned entries as exact zeros.

@@ -243,7 +243,7 @@ def prune(model: Any, sparsity: float, *, optimizer: Optional[nnx.Optimizer] = N
           distribution: str = "uniform", skip: Any = (), min_sparsity: float = 0.0,
           variables: Optional[Mapping] = None, inputs: Any = None,
           call_kwargs: Optional[Mapping] = None, opt_state: Any = None,
-          tx: Optional[optax.GradientTransformation] = None, conv_kernel: str = "auto"):
+          tx: Optional[optax.GradientTransformation] = None, conv_variant: str = "auto"):
     """A prune event: magnitude-prune to `sparsity` and carry the optimizer state over.
 
     Dense `Linear`/`Dense` and `Conv` layers become sparse; sparse layers
@@ -258,7 +258,7 @@ def prune(model: Any, sparsity: float, *, optimizer: Optional[nnx.Optimizer] = N
       sparsity: the target sparsity in [0, 1), e.g. `schedule(step)`.
       optimizer: nnx: the `nnx.Optimizer` of the model; its `opt_state` is
         replaced by the carried-over state.
-      distribution, skip, min_sparsity, inputs, call_kwargs, conv_kernel:
+      distribution, skip, min_sparsity, inputs, call_kwargs, conv_variant:
         as in `sparsify` (min_sparsity defaults to 0: every layer is pruned).
       variables: linen: the current variables.
       opt_state: linen: the optax state of `variables['params']`.
@@ -275,7 +275,7 @@ def prune(model: Any, sparsity: float, *, optimizer: Optional[nnx.Optimizer] = N
             where, model, sparsity, distribution=distribution, skip=skip,
             min_sparsity=min_sparsity, only_where_faster=False, inputs=inputs,
             call_kwargs=call_kwargs, variables=variables, copy=False, timing_repeats=0,
-            conv_kernel=conv_kernel)
+            conv_variant=conv_variant)
         if opt_state is not None and moves:
             opt_state = carry_opt_state(tx, opt_state, new_vars["params"], moves)
         return new_vars, opt_state, report
@@ -289,7 +289,7 @@ def prune(model: Any, sparsity: float, *, optimizer: Optional[nnx.Optimizer] = N
     new_model, report, moves = _sparsify._run(
         where, model, sparsity, distribution=distribution, skip=skip, min_sparsity=min_sparsity,
         only_where_faster=False, inputs=None, call_kwargs=None, variables=None, copy=False,
-        timing_repeats=0, conv_kernel=conv_kernel)
+        timing_repeats=0, conv_variant=conv_variant)
     if new_model is not model:
         raise ValueError(f"{where}: the model is itself a single layer, which cannot be "
                          "replaced in place; use sparsify, or hold it in a module")

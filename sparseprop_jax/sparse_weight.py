@@ -449,7 +449,8 @@ class SparseWeight:
             raise TypeError(f"{where}: matrix must be a scipy.sparse matrix, got {type(matrix)}")
         csc = scipy.sparse.csc_array(matrix, copy=True)
         csc.sum_duplicates()  # also sorts indices
-        return cls.from_csc(csc.data.astype(_checks.DEFAULT_DTYPE), csc.indptr, csc.indices, csc.shape)
+        return cls.from_csc(csc.data.astype(_checks.DEFAULT_DTYPE), csc.indptr, csc.indices,
+                            csc.shape)
 
     @classmethod
     def from_jax_sparse(cls, matrix: Any) -> "SparseWeight":

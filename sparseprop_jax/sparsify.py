@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from sparseprop_jax import _checks
-from sparseprop_jax import _model_layers as ml
+from sparseprop_jax import _model_walk as ml
 from sparseprop_jax.conv import sparse_conv2d
 from sparseprop_jax.distribution import (check_distribution, check_target_sparsity,
                                          magnitude_masks)
@@ -270,7 +270,7 @@ def _take_fn(positions: np.ndarray) -> Callable:
     return lambda values: jnp.asarray(values)[positions]
 
 
-def _apply_nnx(model: Any, steps: list[_Step], conv_kernel: str) -> tuple[Any, Moves]:
+def _apply_nnx(model: Any, steps: list[_Step], conv_variant: str) -> tuple[Any, Moves]:
     """Swaps or re-packs the nnx layers the plan makes sparse; returns the model and moves."""
     replacements, moves = {}, {}
     for step in steps:
@@ -289,7 +289,7 @@ def _apply_nnx(model: Any, steps: list[_Step], conv_kernel: str) -> tuple[Any, M
         if layer.kind == "dense":
             new = SparseDense.from_dense(module, mask=mask)
         else:
-            new = SparseConv.from_dense(module, mask=mask, conv_kernel=conv_kernel)
+            new = SparseConv.from_dense(module, mask=mask, conv_variant=conv_variant)
         replacements[id(module)] = new
         old_path = ml.norm_path(layer.path) + ("kernel",)
         moves[new_path] = (old_path, _gather_fn(new.pattern.get_value()))
@@ -336,7 +336,7 @@ def _as_inputs(inputs: Any) -> tuple:
 
 def _run(where: str, model: Any, sparsity: Any, *, distribution: str, skip: Any,
          min_sparsity: Any, only_where_faster: bool, inputs: Any, call_kwargs: Any,
-         variables: Any, copy: bool, timing_repeats: int, conv_kernel: str):
+         variables: Any, copy: bool, timing_repeats: int, conv_variant: str):
     """sparsify's body; also returns the moves, for optimizer state (see pruning)."""
     call_kwargs = dict(call_kwargs or {})
     inputs = _as_inputs(inputs)
@@ -366,7 +366,7 @@ def _run(where: str, model: Any, sparsity: Any, *, distribution: str, skip: Any,
             ml.nnx_input_shapes(model, layers, inputs, call_kwargs)
         steps = _plan(where, layers, sparsity, distribution, skip, min_sparsity,
                       only_where_faster, timing_repeats)
-        model, moves = _apply_nnx(model, steps, conv_kernel)
+        model, moves = _apply_nnx(model, steps, conv_variant)
         return model, SparsifyReport([s.report for s in steps]), moves
     raise TypeError(f"{where}: model must be a flax.nnx.Module or a flax.linen.Module (with "
                     f"variables=...), got {type(model).__name__}")
@@ -376,7 +376,7 @@ def sparsify(model: Any, sparsity: float = 0.9, *, distribution: str = "uniform"
              skip: Any = (), min_sparsity: float = 0.0, only_where_faster: bool = False,
              inputs: Any = None, call_kwargs: Optional[Mapping] = None,
              variables: Optional[Mapping] = None, copy: bool = False, timing_repeats: int = 5,
-             conv_kernel: str = "auto") -> tuple[Any, SparsifyReport]:
+             conv_variant: str = "auto") -> tuple[Any, SparsifyReport]:
     """Prunes a model's Linear/Dense and Conv layers by magnitude and makes them sparse.
 
     Args:
@@ -404,7 +404,7 @@ def sparsify(model: Any, sparsity: float = 0.9, *, distribution: str = "uniform"
       copy: nnx only: sparsify a copy (`nnx.clone`) and leave `model` as it
         was; by default the layers are replaced in place.
       timing_repeats: timed runs per layer and implementation (median).
-      conv_kernel: the `kernel` argument of the new nnx `SparseConv` layers.
+      conv_variant: the `conv_variant` of the new nnx `SparseConv` layers.
 
     Returns:
       `(model, report)` for nnx (the same model object unless `copy`, or
@@ -424,7 +424,7 @@ def sparsify(model: Any, sparsity: float = 0.9, *, distribution: str = "uniform"
     model, report, _ = _run("sparsify", model, sparsity, distribution=distribution, skip=skip,
                             min_sparsity=min_sparsity, only_where_faster=only_where_faster,
                             inputs=inputs, call_kwargs=call_kwargs, variables=variables,
-                            copy=copy, timing_repeats=timing_repeats, conv_kernel=conv_kernel)
+                            copy=copy, timing_repeats=timing_repeats, conv_variant=conv_variant)
     return model, report
 
 

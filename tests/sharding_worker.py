@@ -48,8 +48,8 @@ class MLP(nnx.Module):
 class ConvNet(nnx.Module):
     # Both conv kernels, whose custom calls keep the batch in different dims.
     def __init__(self, rngs):
-        self.c1 = SparseConv(3, 8, (3, 3), sparsity=0.6, conv_kernel="batch", rngs=rngs)
-        self.c2 = SparseConv(8, 6, (3, 3), strides=2, sparsity=0.5, conv_kernel="width",
+        self.c1 = SparseConv(3, 8, (3, 3), sparsity=0.6, conv_variant="batch", rngs=rngs)
+        self.c2 = SparseConv(8, 6, (3, 3), strides=2, sparsity=0.5, conv_variant="width",
                              rngs=rngs)
         self.head = SparseDense(6, 5, sparsity=0.5, rngs=rngs)
 

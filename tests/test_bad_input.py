@@ -54,9 +54,9 @@ def test_unsupported_values_and_bias(weight):
 def test_kernel_must_be_float32_with_matching_mask(rng):
     with pytest.raises(ValueError, match="kernel.shape must have at least 2 dims"):
         sp.SparseWeight.from_dense(np.ones(4, np.float32))
-    conv_kernel = sp.SparseWeight.from_dense(random_kernel(rng, 9, 4, 0.5).reshape(3, 3, 1, 4))
+    conv_weight = sp.SparseWeight.from_dense(random_kernel(rng, 9, 4, 0.5).reshape(3, 3, 1, 4))
     with pytest.raises(ValueError, match=r"weight must be a 2-D \(in_features, out_features\)"):
-        sp.sparse_linear(jnp.ones((2, 9)), conv_kernel)
+        sp.sparse_linear(jnp.ones((2, 9)), conv_weight)
     with pytest.raises(TypeError, match="kernel must be float32"):
         sp.SparseWeight.from_dense(np.ones((2, 3), np.int32))
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 3\)"):
@@ -202,9 +202,9 @@ LAYERS = {
     # several (gathered in a phase of their own).
     "linear": (sp.sparse_linear, _linear_reference, (5, 4), (3, 5)),
     "linear-tiles": (sp.sparse_linear, _linear_reference, (5, 4), (70, 5)),
-    "conv-batch": (functools.partial(sp.sparse_conv2d, kernel="batch"), _conv_reference,
+    "conv-batch": (functools.partial(sp.sparse_conv2d, variant="batch"), _conv_reference,
                    (2, 2, 2, 3), (2, 4, 4, 2)),
-    "conv-width": (functools.partial(sp.sparse_conv2d, kernel="width"), _conv_reference,
+    "conv-width": (functools.partial(sp.sparse_conv2d, variant="width"), _conv_reference,
                    (2, 2, 2, 3), (2, 4, 4, 2)),
 }
 

@@ -43,7 +43,7 @@ def _check(rng, n, h, w, kernel_shape, strides, padding, sparsity, variants=VARI
     for variant in variants:
         def loss(x, values, bias, variant=variant):
             y = sp.sparse_conv2d(x, weight.with_values(values), bias, strides, padding,
-                                 kernel=variant)
+                                 variant=variant)
             return jnp.vdot(y, dy), y
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -98,9 +98,9 @@ def test_empty_input_channels_and_output_channels(rng):
     weight = sp.SparseWeight.from_dense(kernel)
     x = rng.standard_normal((4, 7, 7, 6)).astype(np.float32)
     for variant in ("batch", "width"):
-        y = sp.sparse_conv2d(x, weight, kernel=variant)
+        y = sp.sparse_conv2d(x, weight, variant=variant)
         assert_close(y, _dense_conv(x, kernel, 1, "SAME"), 54)
-        dx = jax.grad(lambda x: jnp.sum(sp.sparse_conv2d(x, weight, kernel=variant) ** 2))(x)
+        dx = jax.grad(lambda x: jnp.sum(sp.sparse_conv2d(x, weight, variant=variant) ** 2))(x)
         dx_ref = jax.grad(lambda x: jnp.sum(_dense_conv(x, kernel, 1, "SAME") ** 2))(x)
         assert_close(dx, dx_ref, 45 * 50)
         np.testing.assert_array_equal(np.asarray(y)[..., [1, 3]], 0)
@@ -112,7 +112,7 @@ def test_weight_gradient_is_deterministic(rng):
     x = rng.standard_normal((16, 14, 14, 32)).astype(np.float32)
     for variant in ("batch", "width"):
         step = jax.jit(jax.grad(lambda x, v, variant=variant: jnp.sum(jnp.sin(sp.sparse_conv2d(
-            x, weight.with_values(v), strides=2, kernel=variant))), argnums=(0, 1)))
+            x, weight.with_values(v), strides=2, variant=variant))), argnums=(0, 1)))
         first = step(x, weight.values)
         for tasks in (0, 0, 3):
             with tasks_per_call(tasks):
@@ -124,15 +124,15 @@ def test_weight_gradient_is_deterministic(rng):
 def test_variants_agree_and_measure_caches(rng):
     weight = sp.SparseWeight.from_dense(_random_conv_kernel(rng, 3, 3, 4, 8, 0.8))
     x = rng.standard_normal((5, 12, 12, 4)).astype(np.float32)
-    expected = sp.sparse_conv2d(x, weight, kernel="batch")
+    expected = sp.sparse_conv2d(x, weight, variant="batch")
     for variant in ("width", "auto", "measure"):
-        assert_close(sp.sparse_conv2d(x, weight, kernel=variant), expected, 36)
-    from sparseprop_jax import conv_variant
-    assert any(key[:3] == (5, 12, 12) for key in conv_variant._MEASURED)
+        assert_close(sp.sparse_conv2d(x, weight, variant=variant), expected, 36)
+    from sparseprop_jax import conv_variants
+    assert any(key[:3] == (5, 12, 12) for key in conv_variants._MEASURED)
     # Under jit "measure" times too (it needs only shapes): a new shape is measured.
-    conv_variant._MEASURED.clear()
-    assert_close(jax.jit(lambda x: sp.sparse_conv2d(x, weight, kernel="measure"))(x), expected, 36)
-    assert list(conv_variant._MEASURED.values())[0] in ("batch", "width")
+    conv_variants._MEASURED.clear()
+    assert_close(jax.jit(lambda x: sp.sparse_conv2d(x, weight, variant="measure"))(x), expected, 36)
+    assert list(conv_variants._MEASURED.values())[0] in ("batch", "width")
 
 
 def test_vmap_jit_and_remat(rng):
@@ -143,7 +143,7 @@ def test_vmap_jit_and_remat(rng):
     np.testing.assert_allclose(jax.jit(jax.vmap(f))(xs), expected, rtol=1e-6, atol=1e-6)
 
     def loss(values, x):
-        return jnp.sum(jnp.sin(sp.sparse_conv2d(x, weight.with_values(values), kernel="width")))
+        return jnp.sum(jnp.sin(sp.sparse_conv2d(x, weight.with_values(values), variant="width")))
 
     direct = jax.grad(loss)(weight.values, xs[0])
     remat = jax.grad(jax.checkpoint(loss))(weight.values, xs[0])
@@ -175,7 +175,7 @@ def test_bad_inputs(conv_weight):
         (ValueError, r"strides must be an int or a pair of ints", dict(strides=True)),
         (ValueError, r"strides must be an int or a pair of ints", dict(strides=(1, 1, 1))),
         (ValueError, r"padding must be 'SAME', 'VALID', an int or \(\(top", dict(padding=True)),
-        (ValueError, r"kernel must be one of", dict(kernel="fast")),
+        (ValueError, r"variant must be one of", dict(variant="fast")),
         (ValueError, r"bias must have shape \(5,\)", dict(bias=jnp.ones(4))),
     ]
     for error, message, kwargs in cases:
@@ -204,8 +204,8 @@ def test_cpp_backward_rejects_corrupt_transposed_pattern(conv_weight):
     bad = sp.SparseWeight(conv_weight.values, sp.SparsityPattern(
         p.indptr, p.indices, p.t_indptr, p.t_indices, jnp.asarray(perm), shape=p.shape))
     x = jnp.ones((2, 8, 8, 4))
-    for kernel in ("batch", "width"):
-        grad = jax.grad(lambda x: jnp.sum(sp.sparse_conv2d(x, bad, kernel=kernel)))
+    for variant in ("batch", "width"):
+        grad = jax.grad(lambda x: jnp.sum(sp.sparse_conv2d(x, bad, variant=variant)))
         with pytest.raises(Exception, match="transposed permutation"):
             jax.block_until_ready(grad(x))
 
@@ -218,7 +218,7 @@ def test_cpp_handlers_check_shapes_and_attributes(variant, conv_weight):
                  pad_bottom=np.int64(1), pad_left=np.int64(1), pad_right=np.int64(1))
     forward = functools.partial(_ffi.call, _targets.CONV_FORWARD[variant])
     ok = forward((2, 8, 8, 5), x, conv_weight.values, p.indptr, p.indices, **attrs)
-    np.testing.assert_allclose(ok, sp.sparse_conv2d(x, conv_weight, kernel=variant), rtol=1e-6)
+    np.testing.assert_allclose(ok, sp.sparse_conv2d(x, conv_weight, variant=variant), rtol=1e-6)
     with pytest.raises(Exception, match="output height is 7, expected 8"):
         jax.block_until_ready(forward((2, 7, 8, 5), x, conv_weight.values, p.indptr, p.indices,
                                       **attrs))
@@ -246,7 +246,7 @@ def test_nested_vmap_with_operands_batched_at_different_levels(variant, rng):
     def value_and_grads(x, values, op):
         def loss(x, values):
             w = weight.with_values(values)
-            y = (sp.sparse_conv2d(x, w, strides=2, kernel=variant) if op == "sparse"
+            y = (sp.sparse_conv2d(x, w, strides=2, variant=variant) if op == "sparse"
                  else _dense_conv(x, w.to_dense(), 2, "SAME"))
             return jnp.sum(jnp.sin(y))
         return jax.value_and_grad(loss, argnums=(0, 1))(x, values)
@@ -265,10 +265,10 @@ def test_nested_vmap_with_operands_batched_at_different_levels(variant, rng):
 @pytest.mark.parametrize("variant", ["batch", "width"])
 def test_empty_batch(variant, conv_weight):
     x = np.zeros((0, 5, 5, 4), np.float32)
-    assert sp.sparse_conv2d(x, conv_weight, kernel=variant).shape == (0, 5, 5, 5)
+    assert sp.sparse_conv2d(x, conv_weight, variant=variant).shape == (0, 5, 5, 5)
 
     def loss(x, values):
-        return jnp.sum(sp.sparse_conv2d(x, conv_weight.with_values(values), kernel=variant))
+        return jnp.sum(sp.sparse_conv2d(x, conv_weight.with_values(values), variant=variant))
 
     dx, dvalues = jax.grad(loss, argnums=(0, 1))(x, conv_weight.values)
     assert dx.shape == x.shape

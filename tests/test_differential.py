@@ -198,7 +198,7 @@ class ConvOp:
     def call(self, x, weight, bias):
         strides = (self.stride, self.stride) if self.stride_pair else self.stride
         return sp.sparse_conv2d(x, weight, bias, strides=strides, padding=self.padding,
-                                kernel=self.variant)
+                                variant=self.variant)
 
 
 # -- vmap structures -------------------------------------------------------------

@@ -60,9 +60,9 @@ def test_explicit_padding_no_bias_unbatched_and_kernel_choice(rng):
     x = rng.standard_normal((3, 9, 8, 4)).astype(np.float32)
     conv, dense_variables = _dense_conv(kernel, None, 2, ((2, 0), (1, 1)))
     expected = conv.apply(dense_variables, x)
-    for conv_kernel in ("batch", "width"):
+    for conv_variant in ("batch", "width"):
         model = SparseConv(6, (3, 2), (2, 2), ((2, 0), 1), use_bias=False,
-                           conv_kernel=conv_kernel)
+                           conv_variant=conv_variant)
         y = model.apply(variables, x)
         assert_close(y, expected, scale_terms=24)
         assert_close(model.apply(variables, x[1]), expected[1], scale_terms=24)
@@ -214,8 +214,8 @@ def _vars(kh=3, kw=3, cin=2, cout=3):
      "input_dilation=2 is not supported"),
     (lambda: SparseConv(3, (3, 3), feature_group_count=3), ValueError,
      "feature_group_count=3 is not supported"),
-    (lambda: SparseConv(3, (3, 3), conv_kernel="im2col"), ValueError,
-     "conv_kernel must be one of"),
+    (lambda: SparseConv(3, (3, 3), conv_variant="im2col"), ValueError,
+     "conv_variant must be one of"),
     (lambda: SparseConv(3, (3, 3)).apply({"params": {}}, jnp.ones((1, 4, 4, 2))), ValueError,
      f"must include the '{PATTERN_COLLECTION}' collection"),
     (lambda: SparseConv(5, (3, 3)).apply(_vars(), jnp.ones((1, 4, 4, 2))), ValueError,

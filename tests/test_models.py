@@ -1,4 +1,4 @@
-"""The reference models (sparseprop_jax.models): shapes, and sparse == densified dense.
+"""The reference models (sparseprop_jax.reference_models): shapes, and sparse == densified dense.
 
 The models are what the end-to-end benchmark and notebook 04 time; here a
 narrow ResNet18 and a small MLP-Mixer are sparsified as the benchmark does
@@ -13,18 +13,18 @@ import optax
 import pytest
 from flax import nnx
 
-from sparseprop_jax import SparseWeight, models
+from sparseprop_jax import SparseWeight, reference_models
 from sparseprop_jax.nnx import SparseConv, SparseDense
 from sparseprop_jax.sparsify import densify, sparsify
 
 
 def _resnet():
-    return models.ResNet18(10, widths=(8, 16, 16, 24), rngs=nnx.Rngs(0))
+    return reference_models.ResNet18(10, widths=(8, 16, 16, 24), rngs=nnx.Rngs(0))
 
 
 def _mixer():
-    return models.MLPMixer(10, image_size=12, patch_size=4, dim=16, depth=2, token_hidden=8,
-                           channel_hidden=24, rngs=nnx.Rngs(0))
+    return reference_models.MLPMixer(10, image_size=12, patch_size=4, dim=16, depth=2,
+                                     token_hidden=8, channel_hidden=24, rngs=nnx.Rngs(0))
 
 
 def _images(n, size, seed=0):
@@ -33,7 +33,7 @@ def _images(n, size, seed=0):
 
 
 def test_resnet18_is_resnet18():
-    model = models.ResNet18(1000, rngs=nnx.Rngs(0))
+    model = reference_models.ResNet18(1000, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     # torchvision's resnet18 has 11,689,512 parameters.
     assert sum(p.size for p in jax.tree.leaves(params)) == 11_689_512
@@ -58,12 +58,12 @@ def test_resnet18_downsamples_like_torchvision():
 
 def test_mixer_checks_patch_size():
     with pytest.raises(ValueError, match="image_size .* multiple of patch_size"):
-        models.MLPMixer(10, image_size=30, patch_size=4, rngs=nnx.Rngs(0))
+        reference_models.MLPMixer(10, image_size=30, patch_size=4, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("make, skip, size, n_sparse", [
-    (_resnet, models.RESNET18_SPARSIFY_SKIP, 32, 19),
-    (_mixer, models.MLP_MIXER_SPARSIFY_SKIP, 12, 8),
+    (_resnet, reference_models.RESNET18_SPARSIFY_SKIP, 32, 19),
+    (_mixer, reference_models.MLP_MIXER_SPARSIFY_SKIP, 12, 8),
 ], ids=["resnet18", "mixer"])
 def test_sparse_model_trains_like_its_densified_copy(make, skip, size, n_sparse):
     sparse, report = sparsify(make(), 0.9, skip=skip)

@@ -47,11 +47,11 @@ def test_output_matches_nnx_conv(rng, ksize, padding, strides):
     assert_close(y, layer.to_dense()(x), scale_terms=ksize * ksize * 3)
 
 
-@pytest.mark.parametrize("conv_kernel", ["batch", "width", "measure"])
-def test_explicit_padding_no_bias_and_kernel_choice(rng, conv_kernel):
+@pytest.mark.parametrize("conv_variant", ["batch", "width", "measure"])
+def test_explicit_padding_no_bias_and_variant_choice(rng, conv_variant):
     kernel = _conv_kernel(rng, 3, 2, 4, 6, 0.7)
     layer = SparseConv.from_dense(kernel, strides=(2, 2), padding=((2, 0), 1),
-                                  conv_kernel=conv_kernel)
+                                  conv_variant=conv_variant)
     assert layer.bias is None and layer.padding == ((2, 0), (1, 1))
     x = rng.standard_normal((3, 9, 8, 4)).astype(np.float32)
     expected = _dense_conv(kernel, None, 2, ((2, 0), (1, 1)))(x)
@@ -234,7 +234,7 @@ def _k(*shape):
     (_make(kernel_dilation=2), ValueError, "kernel_dilation=2 is not supported"),
     (_make(input_dilation=(1, 2)), ValueError, r"input_dilation=\(1, 2\) is not supported"),
     (_make(feature_group_count=2), ValueError, "feature_group_count=2 is not supported"),
-    (_make(conv_kernel="fast"), ValueError, "conv_kernel must be one of"),
+    (_make(conv_variant="fast"), ValueError, "conv_variant must be one of"),
     (_make(sparsity=1.5), ValueError, r"sparsity must be in \[0, 1\]"),
     (_make(sparsity=0.5, pattern=sp.SparsityPattern.from_mask(np.ones((3, 3, 2, 3), bool))),
      ValueError, "sparsity or pattern"),

@@ -190,8 +190,8 @@ def test_gmp_linen_reaches_the_schedule_and_recompiles_only_at_events():
                     old_nu = np.asarray(old_state[0].nu[name]["values"])
                     new_nu = np.asarray(opt_state[0].nu[name]["values"])
                     index = {v: i for i, v in enumerate(old_v.tolist())}
-                    np.testing.assert_array_equal(new_nu, old_nu[[index[v] for v in
-                                                                   new_v.tolist()]])
+                    moved = [index[v] for v in new_v.tolist()]
+                    np.testing.assert_array_equal(new_nu, old_nu[moved])
         variables, opt_state, loss = train_step(variables, opt_state)
     assert len(traces) == 1 + len(events)
     assert variables["params"]["Dense_1"]["values"].shape == (77,)  # 10% of 16 * 48

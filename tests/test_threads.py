@@ -28,9 +28,9 @@ SCRIPT = textwrap.dedent("""
     cw = sp.SparseWeight.from_dense(ck)
     cx = rng.standard_normal((8, 12, 12, 16)).astype(np.float32)
     conv_grads = {}
-    for kernel in ("batch", "width"):
-        conv_grads[kernel] = jax.jit(jax.grad(lambda x, v: jnp.sum(jnp.sin(sp.sparse_conv2d(
-            x, cw.with_values(v), strides=2, kernel=kernel))), argnums=(0, 1)))(cx, cw.values)
+    for variant in ("batch", "width"):
+        conv_grads[variant] = jax.jit(jax.grad(lambda x, v: jnp.sum(jnp.sin(sp.sparse_conv2d(
+            x, cw.with_values(v), strides=2, variant=variant))), argnums=(0, 1)))(cx, cw.values)
     np.savez(sys.argv[2], dx=grads[0], dv=grads[1], y=sp.sparse_linear(x, w),
              conv_b_dx=conv_grads["batch"][0], conv_b_dv=conv_grads["batch"][1],
              conv_w_dx=conv_grads["width"][0], conv_w_dv=conv_grads["width"][1])

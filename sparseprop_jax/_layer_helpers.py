@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseprop_jax import _checks
-from sparseprop_jax.conv_variant import CHOICES as CONV_KERNELS
+from sparseprop_jax.conv_variants import CHOICES as CONV_KERNELS
 from sparseprop_jax.conv import (ConvPadding, conv_pair, parse_padding, parse_strides,
                                  sparse_conv2d)
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
@@ -30,7 +30,7 @@ def _layout(dims: tuple[str, ...]) -> str:
 
 
 def random_pattern(where: str, shape: tuple[int, ...], sparsity: float,
-                    key: Array) -> SparsityPattern:
+                   key: Array) -> SparsityPattern:
     """A uniformly random pattern, with a clear error when `key` is traced."""
     # The number of nonzeros fixes array shapes, so patterns are built eagerly.
     if isinstance(key, jax.core.Tracer):
@@ -65,7 +65,7 @@ def layer_pattern(where: str, shape: tuple[int, ...], sparsity: Optional[float],
 
 
 def init_values(where: str, kernel_init: Initializer, key: Array,
-                 pattern: SparsityPattern) -> Array:
+                pattern: SparsityPattern) -> Array:
     """Draws a dense kernel with `kernel_init` and keeps the entries on `pattern`."""
     kernel = kernel_init(key, pattern.shape, _checks.DEFAULT_DTYPE)
     _checks.check_dtype(where, "kernel_init(...) result", kernel)
@@ -82,8 +82,8 @@ def init_bias(where: str, bias_init: Initializer, key: Array, features: int) -> 
 
 
 def check_dense(where: str, kernel: Any, bias: Any, mask: Any, kernel_name: str = "kernel",
-                 bias_name: str = "bias", dims: tuple[str, ...] = DENSE_DIMS,
-                 ) -> tuple[np.ndarray, SparsityPattern, Optional[Array]]:
+                bias_name: str = "bias", dims: tuple[str, ...] = DENSE_DIMS,
+                ) -> tuple[np.ndarray, SparsityPattern, Optional[Array]]:
     """Validates a dense kernel, bias and mask; returns the kernel, pattern and bias.
 
     `dims` names the kernel's dims (its length is the required rank): the
@@ -132,7 +132,7 @@ def conv_kernel_size(where: str, kernel_size: Any, name: str = "kernel_size") ->
 
 def conv_config(where: str, kernel_size: Any, strides: Any, padding: Any, *,
                 input_dilation: Any = 1, kernel_dilation: Any = 1, feature_group_count: Any = 1,
-                conv_kernel: str = "auto", prefix: str = "",
+                conv_variant: str = "auto", prefix: str = "",
                 ) -> tuple[tuple[int, int], tuple[int, int], ConvPadding]:
     """Checks a conv layer's arguments (flax's forms); returns kernel_size, strides, padding.
 
@@ -150,9 +150,9 @@ def conv_config(where: str, kernel_size: Any, strides: Any, padding: Any, *,
     if not (_checks.is_int(feature_group_count) and feature_group_count == 1):
         raise ValueError(f"{where}: {prefix}feature_group_count={feature_group_count!r} is not "
                          "supported (only 1: no grouped or depthwise convolutions)")
-    if not isinstance(conv_kernel, str) or conv_kernel not in CONV_KERNELS:
-        raise ValueError(f"{where}: conv_kernel must be one of {CONV_KERNELS}, "
-                         f"got {conv_kernel!r}")
+    if not isinstance(conv_variant, str) or conv_variant not in CONV_KERNELS:
+        raise ValueError(f"{where}: conv_variant must be one of {CONV_KERNELS}, "
+                         f"got {conv_variant!r}")
     return kernel_size, strides, padding
 
 
@@ -166,7 +166,7 @@ def check_conv_inputs(where: str, inputs: Any) -> Array:
 
 
 def apply_conv(where: str, inputs: Any, weight: SparseWeight, bias: Optional[Array],
-               strides: tuple[int, int], padding: ConvPadding, conv_kernel: str) -> Array:
+               strides: tuple[int, int], padding: ConvPadding, conv_variant: str) -> Array:
     """`sparse_conv2d` on `[*batch, H, W, C]` inputs, as flax's Conv takes them.
 
     Unbatched `[H, W, C]` inputs get a batch dim that is removed again; several
@@ -175,5 +175,5 @@ def apply_conv(where: str, inputs: Any, weight: SparseWeight, bias: Optional[Arr
     inputs = check_conv_inputs(where, inputs)
     batch = inputs.shape[:-3]
     x = inputs.reshape((int(np.prod(batch)),) + inputs.shape[-3:]) if len(batch) != 1 else inputs
-    y = sparse_conv2d(x, weight, bias, strides, padding, kernel=conv_kernel)
+    y = sparse_conv2d(x, weight, bias, strides, padding, variant=conv_variant)
     return y.reshape(batch + y.shape[1:]) if len(batch) != 1 else y

@@ -25,7 +25,7 @@ from flax import nnx
 from sparseprop_jax import _checks
 from sparseprop_jax import linen as sp_linen
 from sparseprop_jax import nnx as sp_nnx
-from sparseprop_jax._layers import apply_conv, conv_config
+from sparseprop_jax._layer_helpers import apply_conv, conv_config
 from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
@@ -346,7 +346,7 @@ def linen_interceptor(record: Optional[Callable[[Any, tuple], None]] = None):
 
     A `nn.Dense` or `nn.Conv` whose variables hold `values` (in `params`)
     and a pattern (in `PATTERN_COLLECTION`) instead of a kernel runs the sparse
-    kernels; every other call runs as usual. `record(module, input_shape)` is
+    routines; every other call runs as usual. `record(module, input_shape)` is
     called for each call of a Dense/Conv (sparse or not) layer.
     """
     def interceptor(next_fun, args, kwargs, context):

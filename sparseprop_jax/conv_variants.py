@@ -7,7 +7,7 @@ The variants differ in which dimensions the SIMD lanes run over:
 - "width": the output width is the contiguous dimension, one run per output
   row of one image (layout N, C, rows, s, W).
 
-`sparse_conv2d(..., kernel=...)` takes a variant by name, "auto" (the rule of
+`sparse_conv2d(..., variant=...)` takes a variant by name, "auto" (the rule of
 `auto_variant`) or "measure" (both timed once per geometry, the faster kept).
 """
 
@@ -75,7 +75,8 @@ def _fastest(g: "ConvGeometry", nnz: int) -> str:
     from sparseprop_jax.conv import conv_op  # conv imports this module
 
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((g.n, g.h, g.w, g.kernel_shape[2])).astype(_checks.DEFAULT_DTYPE))
+    x = jnp.asarray(rng.standard_normal((g.n, g.h, g.w, g.kernel_shape[2]))
+                    .astype(_checks.DEFAULT_DTYPE))
     weight = SparseWeight.random(g.kernel_shape, 1.0 - nnz / np.prod(g.kernel_shape),
                                  jax.random.key(0))
     p = weight.pattern
