@@ -87,12 +87,10 @@ ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char*
 // Whether a copy into a destination of `floats` floats should use streaming
 // (non-temporal) stores: a plain store first reads each line into the cache,
 // which is wasted where the destination outgrows the cache and is evicted
-// before it is read again. Measured, f+b on 1 thread: the conv layouts at
-// 98% sparsity 20-26% faster at 26 MB, 8% at 8 MiB, even at 5 MiB; the
-// linear 1024 x 768 -> 3072 at 95% 5-8% faster; but 1.2-1.5x slower when
-// forced on the 3 MiB operands of 256 x 768 -> 3072 at 99%. Hence from the
-// 4 MiB that is a core's share of the last-level cache (block_positions in
-// conv_ffi.cc budgets the same share).
+// before it is read again; on destinations that fit the cache they measured
+// slower (see benchmarks/results/NOTES.md). Hence from the 4 MiB that is a
+// core's share of the last-level cache (block_positions in conv_common.cc
+// budgets the same share).
 constexpr int64_t kStreamMinBytes = int64_t{4} << 20;
 inline bool streams_past_cache(int64_t floats) { return 4 * floats >= kStreamMinBytes; }
 

@@ -119,9 +119,8 @@ void spmm_batch_major(const Routines& k, const int32_t* indptr, const int32_t* i
 // scattered rows of x^T come from one tile in L2, at the price of one
 // reduction per entry and tile; or over the whole batch at once, reducing
 // each entry once. Per tile wins when rows are long (reading x^T dominates),
-// the whole batch when they are short (the reductions do): one thread,
-// 256 x 768 -> 3072, 2.57 against 2.95 ms at 90% (77 entries a row) and 0.42
-// against 0.35 ms at 99% (8 a row); they break even at 97% (23 a row). The
+// the whole batch when they are short (the reductions do); they measured
+// even at about 23 entries a row (see benchmarks/results/NOTES.md). The
 // caller decides from the whole pattern, so each sum's order depends only on
 // the pattern, the batch size and the entry's row, not on the task split.
 constexpr int64_t kPerTileMinEntriesPerRow = 24;
