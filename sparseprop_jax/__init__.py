@@ -16,6 +16,7 @@ from sparseprop_jax.runtime import (
 )
 from sparseprop_jax.conv import sparse_conv2d
 from sparseprop_jax.linear import sparse_linear
+from sparseprop_jax.pooling import max_pool
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "SparseWeight",
     "SparsityPattern",
     "cached_memory_bytes",
+    "max_pool",
     "release_cached_memory",
     "set_simd_path",
     "simd_path",
