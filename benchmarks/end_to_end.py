@@ -16,8 +16,9 @@ times, in one process, with the samples of all variants interleaved:
     step (BatchNorm, activations, pooling, the dense stem and head, the loss)
     is the step time minus those two.
 
-Variants: "dense" is the model as Flax and XLA run it; "sparse" the
-sparsified copy. For convolutional models there is also "dense*": the dense
+Variants: "dense" is the model as Flax and XLA run it (the ResNet18's max
+pool is `sparseprop_jax.max_pool` in every variant); "sparse" the sparsified
+copy. For convolutional models there is also "dense*": the dense
 model with each of those conv layers computed by whichever of
 `lax.conv_general_dilated` and an im2col matrix product (patches by strided
 slices, then one `dot`) was faster for it alone. XLA's CPU convolution has

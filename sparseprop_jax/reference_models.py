@@ -6,7 +6,8 @@ layers. `SPARSIFY_SKIP` names the layers that stay dense in the benchmarks
 (the stem and the classifier, as in the SparseProp paper).
 
 - `ResNet18`: torchvision's ResNet-18 in NHWC with BatchNorm (7x7/2 stem,
-  3x3/2 max pool, four stages of two basic blocks, global average pool).
+  3x3/2 max pool, four stages of two basic blocks, global average pool). Its
+  max pool is `sparseprop_jax.max_pool`: Flax's values and gradients, faster.
 - `MLPMixer`: an MLP-Mixer (Tolstikhin et al., 2021) over image patches: the
   token- and channel-mixing MLPs hold almost all of its weights and FLOPs.
 """
@@ -18,6 +19,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sparseprop_jax.pooling import max_pool
 
 # fnmatch patterns for `sparsify(skip=...)`: the layers kept dense.
 RESNET18_SPARSIFY_SKIP = ("stem_conv", "head")
@@ -69,7 +72,7 @@ class ResNet18(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nnx.relu(self.stem_bn(self.stem_conv(x)))
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for block in self.blocks:
             x = block(x)
         return self.head(jnp.mean(x, axis=(-3, -2)))
