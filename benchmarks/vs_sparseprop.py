@@ -1,16 +1,18 @@
-"""Benchmark: ResNet18 training steps and inference against PyTorch and SparseProp's own code.
+"""Benchmark: whole models' training steps and inference against PyTorch and SparseProp.
 
-In one process, samples interleaved, on the same inputs' shapes:
+For ResNet18 and the MLP-Mixer of `benchmarks/end_to_end.py`, in one process,
+samples interleaved, on inputs of the same shapes:
 
-  * PyTorch dense: torchvision's ResNet-18 (written out here: torchvision
-    does not import beside the CPU build of torch this project uses), NCHW,
-    SGD with momentum, cross-entropy;
+  * PyTorch dense: the same architecture in PyTorch (written out here:
+    torchvision does not import beside the CPU build of torch this project
+    uses; the ResNet is torchvision's resnet18, NCHW), with the optimizer of
+    end_to_end.py (SGD with momentum for ResNet18, AdamW for the Mixer);
   * SparseProp (PyTorch): that model pruned by magnitude to the sparsity on
-    every conv but the stem (the classifier stays dense), then
-    `sparseprop.utils.swap_modules_with_sparse`, as its users run it (it keeps
-    a layer dense where dense measured faster);
-  * XLA dense: `sparseprop_jax.reference_models.ResNet18` under XLA;
-  * sparseprop_jax: the same model after `sparsify` at the same sparsity,
+    every layer `sparsify` makes sparse (not the stem or patch embedding, not
+    the classifier), then `sparseprop.utils.swap_modules_with_sparse`, as its
+    users run it (it keeps a layer dense where dense measured faster);
+  * XLA dense: the `sparseprop_jax.reference_models` model under XLA;
+  * sparseprop_jax: that model after `sparsify` at the same sparsity,
     skipping the same layers.
 
 Train step: forward, loss, backward and optimizer update. Inference: the
@@ -18,13 +20,15 @@ eval-mode forward (BatchNorm on running averages), in images per second.
 Needs the `compare` extra (see the README: torch 2.13.0 CPU and
 sparseprop 0.1.14, which builds against it).
 
-    python benchmarks/vs_sparseprop.py --threads 2 | tee benchmarks/results/vs_sparseprop.txt
+    python benchmarks/vs_sparseprop.py --threads 2 --json benchmarks/results/vs_sparseprop.json \
+        | tee benchmarks/results/vs_sparseprop.txt
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import sys
@@ -38,11 +42,9 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import _timing  # noqa: E402
 import end_to_end  # noqa: E402
-from sparseprop_jax import reference_models  # noqa: E402
 from sparseprop_jax.sparsify import sparsify  # noqa: E402
 
 try:
@@ -54,7 +56,6 @@ except ImportError as err:
                      "the README's Benchmarks section says") from None
 
 NUM_CLASSES = end_to_end.NUM_CLASSES
-STEM_AND_HEAD = "conv1,fc"  # the layers SparseProp skips: as RESNET18_SPARSIFY_SKIP
 
 
 class BasicBlock(torch.nn.Module):
@@ -99,11 +100,77 @@ class TorchResNet18(torch.nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class MixerBlock(torch.nn.Module):
+    def __init__(self, tokens: int, dim: int, token_hidden: int, channel_hidden: int):
+        super().__init__()
+        self.token_norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.token_fc1 = torch.nn.Linear(tokens, token_hidden)
+        self.token_fc2 = torch.nn.Linear(token_hidden, tokens)
+        self.channel_norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.channel_fc1 = torch.nn.Linear(dim, channel_hidden)
+        self.channel_fc2 = torch.nn.Linear(channel_hidden, dim)
+
+    def forward(self, x):  # x: [batch, tokens, dim]
+        y = self.token_norm(x).transpose(1, 2)
+        y = self.token_fc2(F.gelu(self.token_fc1(y), approximate="tanh"))
+        x = x + y.transpose(1, 2)
+        y = self.channel_fc2(F.gelu(self.channel_fc1(self.channel_norm(x)), approximate="tanh"))
+        return x + y
+
+
+class TorchMLPMixer(torch.nn.Module):
+    """`reference_models.MLPMixer` (LayerNorm epsilon and tanh GELU as Flax's)."""
+
+    def __init__(self, num_classes: int, image_size: int, patch_size: int = 4, dim: int = 256,
+                 depth: int = 8, token_hidden: int = 128, channel_hidden: int = 1024):
+        super().__init__()
+        self.patch_size = patch_size
+        tokens = (image_size // patch_size) ** 2
+        self.patch_embed = torch.nn.Linear(patch_size * patch_size * 3, dim)
+        self.blocks = torch.nn.Sequential(*[
+            MixerBlock(tokens, dim, token_hidden, channel_hidden) for _ in range(depth)])
+        self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.head = torch.nn.Linear(dim, num_classes)
+
+    def forward(self, x):  # x: NCHW images
+        b, c, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        x = self.patch_embed(patches.reshape(b, (h // p) * (w // p), p * p * c))
+        return self.head(self.norm(self.blocks(x)).mean(dim=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model in both frameworks, the layers both leave dense, and its optimizer."""
+
+    name: str
+    config: end_to_end.Config  # the JAX model and optimizer
+    torch_skip: tuple[str, ...]  # as the config's skip, in the PyTorch model's names
+
+    def torch_model(self) -> torch.nn.Module:
+        if self.config.family == "resnet18":
+            return TorchResNet18(NUM_CLASSES)
+        return TorchMLPMixer(NUM_CLASSES, self.config.image_size)
+
+    def torch_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        if self.config.family == "resnet18":
+            return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+
+
+FAMILIES = {
+    "resnet18-64": Family("resnet18 64x64", end_to_end.CONFIGS[0], ("conv1", "fc")),
+    "resnet18-128": Family("resnet18 128x128", end_to_end.CONFIGS[1], ("conv1", "fc")),
+    "mixer": Family("mixer 32x32", end_to_end.CONFIGS[2], ("patch_embed", "head")),
+}
+
+
 @torch.no_grad()
-def prune_convs(model: torch.nn.Module, sparsity: float) -> None:
-    """Uniform magnitude pruning of every conv but the stem (`conv1`)."""
+def prune(model: torch.nn.Module, sparsity: float, skip: tuple[str, ...]) -> None:
+    """Uniform magnitude pruning of every conv and linear layer not in `skip`."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Conv2d) and name != "conv1":
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and name not in skip:
             w = module.weight
             k = int(round(sparsity * w.numel()))
             threshold = w.abs().flatten().kthvalue(k).values
@@ -111,10 +178,9 @@ def prune_convs(model: torch.nn.Module, sparsity: float) -> None:
 
 
 class TorchTrainStep:
-    def __init__(self, model: torch.nn.Module, x, y):
-        self.model, self.x, self.y = model, x, y
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x, y):
+        self.model, self.optimizer, self.x, self.y = model, optimizer, x, y
         self.model.train()
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
     def __call__(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -134,52 +200,56 @@ class TorchInference:
         return self.model(self.x)
 
 
-def run(size: int, sparsity: float, batch: int, min_time: float, min_repeats: int) -> dict:
+def run(family: Family, sparsity: float, batch: int, min_time: float,
+        min_repeats: int) -> dict:
+    size = family.config.image_size
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
     labels = rng.integers(0, NUM_CLASSES, batch)
 
     torch.manual_seed(0)
-    torch_dense = TorchResNet18(NUM_CLASSES)
-    torch_sparse = TorchResNet18(NUM_CLASSES)
+    torch_dense = family.torch_model()
+    torch_sparse = family.torch_model()
     torch_sparse.load_state_dict(torch_dense.state_dict())
-    prune_convs(torch_sparse, sparsity)
+    prune(torch_sparse, sparsity, family.torch_skip)
     with contextlib.redirect_stdout(io.StringIO()) as log:  # it prints a line per layer
         torch_sparse = swap_modules_with_sparse(torch_sparse, (batch, 3, size, size),
-                                                inplace=True, skip_modules=STEM_AND_HEAD)
+                                                inplace=True,
+                                                skip_modules=",".join(family.torch_skip))
     swapped = sum("replaced" in line for line in log.getvalue().splitlines())
     tx = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     ty = torch.from_numpy(labels)
 
-    jax_dense = reference_models.ResNet18(NUM_CLASSES, rngs=nnx.Rngs(0))
-    jax_sparse, report = sparsify(jax_dense, sparsity, skip=reference_models.RESNET18_SPARSIFY_SKIP,
-                                  copy=True)
+    jax_dense = family.config.build(0)
+    jax_sparse, report = sparsify(jax_dense, sparsity, skip=family.config.skip, copy=True)
     jx, jy = jax.numpy.asarray(images), jax.numpy.asarray(labels)
-    tx_opt = end_to_end.CONFIGS[0].optimizer()
     peers = {"pytorch dense": torch_dense, "sparseprop": torch_sparse,
              "xla dense": jax_dense, "sparseprop_jax": jax_sparse}
     step_cases, infer_cases = [], []
     for name, model in peers.items():
         if isinstance(model, torch.nn.Module):
-            step_cases.append(_timing.Case(name, TorchTrainStep(model, tx, ty)))
+            step = TorchTrainStep(model, family.torch_optimizer(model), tx, ty)
+            step_cases.append(_timing.Case(name, step))
             infer_cases.append(_timing.Case(name, TorchInference(model, tx)))
         else:
-            step_cases.append(_timing.Case(name, end_to_end.TrainLoop(model, tx_opt, jx, jy)))
+            loop = end_to_end.TrainLoop(model, family.config.optimizer(), jx, jy)
+            step_cases.append(_timing.Case(name, loop))
             fn, state = end_to_end.forward_fn(model)
             infer_cases.append(_timing.Case(name, fn, state, jx))
     timing = dict(min_time=min_time, min_repeats=min_repeats)
-    step, infer = _timing.run_interleaved(step_cases, **timing), \
-        _timing.run_interleaved(infer_cases, **timing)
-    return {"size": size, "sparsity": sparsity, "batch": batch,
+    steps = _timing.run_interleaved(step_cases, **timing)
+    forwards = _timing.run_interleaved(infer_cases, **timing)
+    return {"model": family.name, "sparsity": sparsity, "batch": batch,
             "sparseprop_sparse_layers": swapped,
             "sparseprop_jax_sparse_layers": sum(r.is_sparse for r in report),
-            "train_step": {k: _timing.summarize(v) for k, v in step.items()},
-            "inference": {k: _timing.summarize(v) for k, v in infer.items()}}
+            "train_step": {k: _timing.summarize(v) for k, v in steps.items()},
+            "inference": {k: _timing.summarize(v) for k, v in forwards.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=_timing.comma_list(int), default=(64, 128))
+    parser.add_argument("--models", type=_timing.comma_list(str), default=tuple(FAMILIES),
+                        help=f"comma-separated, of {', '.join(FAMILIES)} (default: all)")
     parser.add_argument("--sparsity", type=float, default=0.95)
     parser.add_argument("--batch", type=int, default=end_to_end.BATCH)
     parser.add_argument("--min-time", type=float, default=3.0)
@@ -191,21 +261,25 @@ def main() -> None:
     info = _timing.machine_info()
     print(f"# {_timing.machine_summary(info)}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
-    print(f"# ResNet18, {NUM_CLASSES} classes, batch {args.batch}, sparsity {args.sparsity} on "
-          f"every conv but the stem; medians; ratio = peer / sparseprop_jax")
-    table = _timing.TablePrinter([("image", 7, "s"), ("measure", 14, "s"), ("peer", 14, "s"),
+    unknown = sorted(set(args.models) - set(FAMILIES))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {list(FAMILIES)}")
+    print(f"# {NUM_CLASSES} classes, batch {args.batch}, sparsity {args.sparsity} on every layer "
+          f"but the stem (patch embedding) and the classifier; medians; "
+          f"ratio = peer ms / sparseprop_jax ms")
+    table = _timing.TablePrinter([("model", 16, "s"), ("measure", 10, "s"), ("peer", 14, "s"),
                                   ("ms", 9, ".1f"), ("images/s", 9, ".0f"), ("ratio", 6, ".2f")])
     table.header()
     results = []
-    for size in args.sizes:
-        r = run(size, args.sparsity, args.batch, args.min_time, args.repeats)
+    for key in args.models:
+        r = run(FAMILIES[key], args.sparsity, args.batch, args.min_time, args.repeats)
         results.append(r)
         for measure in ("train_step", "inference"):
             ours = r[measure]["sparseprop_jax"]["median_ms"]
             for peer, stats in r[measure].items():
                 ms = stats["median_ms"]
-                table.row([f"{size}x{size}", measure, peer, ms, args.batch / ms * 1e3, ms / ours])
-        print(f"# {size}x{size}: SparseProp made {r['sparseprop_sparse_layers']} layers sparse, "
+                table.row([r["model"], measure, peer, ms, args.batch / ms * 1e3, ms / ours])
+        print(f"# {r['model']}: SparseProp made {r['sparseprop_sparse_layers']} layers sparse, "
               f"sparsify {r['sparseprop_jax_sparse_layers']}")
     if args.json:
         _timing.write_json(args.json, {"machine": info, "torch": torch.__version__,
