@@ -58,7 +58,7 @@ from jax import lax  # noqa: E402
 
 import _targets  # noqa: E402
 import _timing  # noqa: E402
-from sparseprop_jax import _model_walk, reference_models  # noqa: E402
+from sparseprop_jax import _model_walk, keep_freed_memory, reference_models  # noqa: E402
 from sparseprop_jax.sparsify import densify, sparsify  # noqa: E402
 
 NUM_CLASSES = 100
@@ -432,7 +432,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="small models and few samples: a smoke run, no targets, no JSON")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call sparseprop_jax.keep_freed_memory() first (glibc's malloc "
+                             "keeps freed memory: steps stop faulting their buffers in)")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory and not keep_freed_memory():
+        parser.error("--keep-freed-memory: keep_freed_memory() took no effect here")
     error = _threads.check(args.threads)
     if error:
         parser.error(error)
@@ -449,12 +454,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     threads = _threads.usable()
     evaluate = _targets.evaluates(threads)
     default_run = (not args.quick and args.models is None
-                   and args.batch == BATCH)
+                   and args.batch == BATCH and not args.keep_freed_memory)
     path = None if args.no_json else (
         args.json or (_targets.default_json_path("end_to_end", threads) if default_run else None))
 
     info = _timing.machine_info()
-    print(f"# end-to-end training steps, batch {args.batch}: {_timing.machine_summary(info)}")
+    info["keep_freed_memory"] = args.keep_freed_memory
+    print(f"# end-to-end training steps, batch {args.batch}: {_timing.machine_summary(info)}"
+          + (", malloc keeps freed memory" if args.keep_freed_memory else ""))
     print(_targets.note(threads), flush=True)
     results = []
     for config in (QUICK_CONFIGS if args.quick else CONFIGS):

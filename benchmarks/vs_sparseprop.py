@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 import _timing  # noqa: E402
 import end_to_end  # noqa: E402
+from sparseprop_jax import keep_freed_memory  # noqa: E402
 from sparseprop_jax.sparsify import sparsify  # noqa: E402
 
 try:
@@ -256,11 +257,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="minimum samples per measurement")
     parser.add_argument("--threads", type=int, help="run on this many CPUs (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call sparseprop_jax.keep_freed_memory() first (the whole process, "
+                             "PyTorch too, then allocates from a heap that keeps freed memory)")
     args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        parser.error("--keep-freed-memory: keep_freed_memory() took no effect here")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     info = _timing.machine_info()
+    info["keep_freed_memory"] = args.keep_freed_memory
     print(f"# {_timing.machine_summary(info)}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+          f"({torch.get_num_threads()} threads)"
+          + (", malloc keeps freed memory" if args.keep_freed_memory else ""))
     unknown = sorted(set(args.models) - set(FAMILIES))
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {list(FAMILIES)}")

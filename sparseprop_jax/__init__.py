@@ -14,6 +14,7 @@ from sparseprop_jax.runtime import (
     simd_path,
     supported_simd_paths,
 )
+from sparseprop_jax.allocator import keep_freed_memory
 from sparseprop_jax.conv import sparse_conv2d
 from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax.pooling import max_pool
@@ -25,6 +26,7 @@ __all__ = [
     "SparseWeight",
     "SparsityPattern",
     "cached_memory_bytes",
+    "keep_freed_memory",
     "max_pool",
     "release_cached_memory",
     "set_simd_path",

@@ -1,0 +1,49 @@
+"""`keep_freed_memory`: a jitted op stops faulting its buffers back in; late calls warn."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# Page faults per call of a jitted op with a 64 MiB result, once warm.
+_PROBE = """
+import json, resource, sys, warnings
+import sparseprop_jax as sp
+import jax, jax.numpy as jnp
+if sys.argv[1] == "late":
+    jnp.ones(3).block_until_ready()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    kept = sp.keep_freed_memory() if sys.argv[1] != "default" else None
+step = jax.jit(lambda x: jnp.sin(x) * 2.0 + x)
+x = jnp.ones((4096, 4096), jnp.float32)
+for _ in range(30):  # the heap grows to cover the working set
+    step(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step(x).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+print(json.dumps({"kept": kept, "faults": faults, "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def _probe(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], check=True, capture_output=True,
+                         text=True, timeout=300).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_freed_memory_is_reused():
+    default, kept = _probe("default"), _probe("keep")
+    # By default each call maps the result's 16384 pages afresh.
+    assert default["faults"] > 8000, default
+    assert kept["kept"] is True and not kept["warnings"], kept
+    assert kept["faults"] < 500, kept
+
+
+def test_too_late_warns_and_changes_nothing():
+    late = _probe("late")
+    assert late["kept"] is False
+    assert any("before the first JAX computation" in w for w in late["warnings"]), late
+    assert late["faults"] > 8000, late
