@@ -16,6 +16,7 @@ from sparseprop_jax.runtime import (
 )
 from sparseprop_jax.allocator import keep_freed_memory
 from sparseprop_jax.conv import sparse_conv2d
+from sparseprop_jax.dense_conv import conv_general_dilated
 from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax.pooling import max_pool
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
@@ -26,6 +27,7 @@ __all__ = [
     "SparseWeight",
     "SparsityPattern",
     "cached_memory_bytes",
+    "conv_general_dilated",
     "keep_freed_memory",
     "max_pool",
     "release_cached_memory",

@@ -161,6 +161,28 @@ def test_skip_patterns_and_min_sparsity_are_honoured():
     assert isinstance(model.blocks[1], SparseConv)
 
 
+def test_convs_that_stay_dense_get_the_fast_dense_convolution():
+    import sparseprop_jax as sp
+    model = CNN(nnx.Rngs(0))
+    reference = nnx.clone(model)
+    def own(*args, **kwargs):
+        return jax.lax.conv_general_dilated(*args, **kwargs)
+
+    model.blocks[0].conv_general_dilated = own
+    fast, _ = sparsify(model, 0.9, skip=["stem", "blocks/0"], copy=True)
+    assert fast.stem.conv_general_dilated is sp.conv_general_dilated
+    assert fast.blocks[0].conv_general_dilated is own  # a layer's own function stays
+    assert model.stem.conv_general_dilated is jax.lax.conv_general_dilated  # copy=True
+    flax_ops, _ = sparsify(model, 0.9, skip=["stem", "blocks/0"], copy=True, keep_flax_ops=True)
+    assert flax_ops.stem.conv_general_dilated is jax.lax.conv_general_dilated
+    x = jnp.asarray(X_IMG)
+    np.testing.assert_allclose(fast(x), flax_ops(x), rtol=1e-4, atol=1e-5)
+    # The stem's output, gradient included, is the dense layer's.
+    grads = [nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m.stem) for m in (fast, reference)]
+    np.testing.assert_allclose(grads[0]["kernel"][...], grads[1]["kernel"][...],
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_copy_leaves_the_model_alone():
     model = CNN(nnx.Rngs(0))
     new, _ = sparsify(model, 0.5, copy=True)

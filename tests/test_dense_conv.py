@@ -1,0 +1,149 @@
+"""sparseprop_jax.conv_general_dilated against lax.conv_general_dilated: values and gradients."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from jax import lax
+
+import sparseprop_jax as sp
+from sparseprop_jax import dense_conv
+
+LAYOUTS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+def _value_and_grads(conv, x, w, ct, *args, **kwargs):
+    def loss(x, w):
+        return jnp.sum(conv(x, w, *args, **kwargs) * ct)
+    y = conv(x, w, *args, **kwargs)
+    return (y, *jax.grad(loss, argnums=(0, 1))(x, w))
+
+
+def _check(x_shape, w_shape, strides, padding, dimension_numbers, **kwargs):
+    rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    x = jnp.asarray(rng.standard_normal(x_shape, dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal(w_shape, dtype=np.float32))
+    args = (strides, padding)
+    kwargs = dict(dimension_numbers=dimension_numbers, **kwargs)
+    y_ref = lax.conv_general_dilated(x, w, *args, **kwargs)
+    ct = jnp.asarray(rng.standard_normal(y_ref.shape, dtype=np.float32))
+    want = _value_and_grads(lax.conv_general_dilated, x, w, ct, *args, **kwargs)
+    got = jax.jit(lambda x, w: _value_and_grads(sp.conv_general_dilated, x, w, ct, *args,
+                                                **kwargs))(x, w)
+    for name, g, r in zip(("y", "dx", "dw"), got, want):
+        assert g.shape == r.shape, name
+        scale = float(np.max(np.abs(r), initial=0.0)) + 1.0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4,
+                                   atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", [
+    ((4, 17, 15, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),   # the stem: two-step patches
+    ((3, 9, 11, 20), (3, 3, 20, 6), (1, 1), "SAME"),             # one-step patches
+    ((2, 8, 8, 16), (3, 3, 16, 5), (2, 2), "SAME"),
+    ((2, 7, 9, 5), (2, 3, 5, 4), (3, 2), ((0, 2), (1, 0))),      # asymmetric everything
+    ((5, 6, 6, 32), (1, 1, 32, 7), (1, 1), "VALID"),             # a 1x1 conv: a plain dot
+    ((5, 6, 6, 32), (1, 1, 32, 7), (2, 2), "VALID"),             # strided 1x1 (a shortcut)
+    ((1, 4, 4, 2), (4, 4, 2, 3), (1, 1), "VALID"),               # output 1x1
+    ((0, 5, 5, 3), (3, 3, 3, 2), (1, 1), "SAME"),                # empty batch
+])
+def test_2d_matches_lax(x_shape, w_shape, strides, padding):
+    _check(x_shape, w_shape, strides, padding, LAYOUTS[2])
+
+
+@pytest.mark.parametrize("spatial", [1, 3])
+@pytest.mark.parametrize("channels", [3, 17])
+def test_1d_and_3d_match_lax(spatial, channels):
+    size = (9, 7, 6)[:spatial]
+    window = (3, 2, 3)[:spatial]
+    _check((2, *size, channels), (*window, channels, 4), (2,) * spatial, "SAME",
+           LAYOUTS[spatial])
+
+
+def test_dimension_number_forms():
+    dn = lax.conv_dimension_numbers((2, 8, 8, 3), (3, 3, 3, 4), LAYOUTS[2])
+    _check((2, 8, 8, 3), (3, 3, 3, 4), (1, 1), "SAME", dn)
+
+
+@pytest.mark.parametrize("case", ["lhs_dilation", "rhs_dilation", "groups", "nchw", "default",
+                                  "negative_padding"])
+def test_other_convolutions_go_to_lax(case, monkeypatch):
+    calls = []
+    real = lax.conv_general_dilated
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dense_conv.lax, "conv_general_dilated", spy)
+    x_shape, w_shape, dn, padding, kwargs = (2, 8, 8, 4), (3, 3, 4, 6), LAYOUTS[2], "SAME", {}
+    if case == "lhs_dilation":
+        padding, kwargs = ((1, 1), (1, 1)), dict(lhs_dilation=(2, 2))
+    elif case == "rhs_dilation":
+        kwargs = dict(rhs_dilation=(2, 1))
+    elif case == "groups":
+        w_shape, kwargs = (3, 3, 2, 6), dict(feature_group_count=2)
+    elif case == "nchw":
+        x_shape, w_shape, dn = (2, 4, 8, 8), (6, 4, 3, 3), ("NCHW", "OIHW", "NCHW")
+    elif case == "default":
+        x_shape, w_shape, dn = (2, 4, 8, 8), (6, 4, 3, 3), None
+    else:
+        padding = ((-1, 1), (1, 1))
+    monkeypatch.setattr(dense_conv.lax, "conv_general_dilated", real)
+    _check(x_shape, w_shape, (1, 1), padding, dn, **kwargs)
+    monkeypatch.setattr(dense_conv.lax, "conv_general_dilated", spy)
+    x = jnp.ones(x_shape)
+    sp.conv_general_dilated(x, jnp.ones(w_shape), (1, 1), padding, dimension_numbers=dn,
+                            **kwargs)
+    assert calls, "expected lax.conv_general_dilated to run this case"
+
+
+def test_channels_last_runs_no_lax_convolution():
+    x = jnp.ones((2, 8, 8, 3))
+    w = jnp.ones((3, 3, 3, 4))
+    text = jax.jit(jax.grad(lambda w: jnp.sum(sp.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=LAYOUTS[2])))).lower(w).as_text()
+    assert "convolution" not in text
+    assert "dot_general" in text
+    # Nor as Flax's layers call it (with out_sharding=None, dimension numbers as a tuple).
+    layer = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0), conv_general_dilated=sp.conv_general_dilated)
+    graphdef, state = nnx.split(layer)
+    text = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x)))).lower(state).as_text()
+    assert "convolution" not in text
+
+
+def test_bad_arguments_get_lax_errors():
+    x = jnp.ones((2, 8, 8, 3))
+    for w, padding in ((jnp.ones((3, 3, 4, 4)), "SAME"),   # kernel in-features 4, input 3
+                       (jnp.ones((3, 3, 3, 4)), "BOGUS")):
+        with pytest.raises(Exception) as want:
+            lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=LAYOUTS[2])
+        with pytest.raises(want.type, match=re.escape(str(want.value).splitlines()[0][:40])):
+            sp.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=LAYOUTS[2])
+
+
+def test_in_flax_conv_layers():
+    x = jax.random.normal(jax.random.key(0), (3, 10, 10, 3))
+    ref = nnx.Conv(3, 8, (7, 7), strides=2, padding=3, rngs=nnx.Rngs(0))
+    fast = nnx.Conv(3, 8, (7, 7), strides=2, padding=3, rngs=nnx.Rngs(0),
+                    conv_general_dilated=sp.conv_general_dilated)
+    np.testing.assert_allclose(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+    module = nn.Conv(8, (3, 3), strides=2)
+    params = module.init(jax.random.key(1), x)
+    fast = nn.Conv(8, (3, 3), strides=2, conv_general_dilated=sp.conv_general_dilated)
+    np.testing.assert_allclose(fast.apply(params, x), module.apply(params, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_vmap():
+    x = jax.random.normal(jax.random.key(0), (4, 2, 6, 6, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+
+    def conv(fn):
+        return jax.vmap(lambda x: fn(x, w, (1, 1), "SAME", dimension_numbers=LAYOUTS[2]))(x)
+    np.testing.assert_allclose(conv(sp.conv_general_dilated), conv(lax.conv_general_dilated),
+                               rtol=1e-5, atol=1e-5)
