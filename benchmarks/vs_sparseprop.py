@@ -17,6 +17,12 @@ samples interleaved, on inputs of the same shapes:
 
 Train step: forward, loss, backward and optimizer update. Inference: the
 eval-mode forward (BatchNorm on running averages), in images per second.
+
+Then each layer alone (`--layers`; the shapes of `benchmarks/linear.py` and
+the ResNet18 conv layers of `benchmarks/conv2d.py`, at the same sparsity):
+forward and both gradients (input and weight), pruned by magnitude, for the
+same four peers. SparseProp's layer is what `swap_modules_with_sparse` makes
+of it (it may keep the layer dense, as it would in a model).
 Needs the `compare` extra (see the README: torch 2.13.0 CPU and
 sparseprop 0.1.14, which builds against it).
 
@@ -44,8 +50,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _timing  # noqa: E402
+import conv2d  # noqa: E402
 import end_to_end  # noqa: E402
-from sparseprop_jax import keep_freed_memory  # noqa: E402
+import linear  # noqa: E402
+from sparseprop_jax import SparseWeight, keep_freed_memory  # noqa: E402
 from sparseprop_jax.sparsify import sparsify  # noqa: E402
 
 try:
@@ -247,6 +255,96 @@ def run(family: Family, sparsity: float, batch: int, min_time: float,
             "inference": {k: _timing.summarize(v) for k, v in forwards.items()}}
 
 
+# -- single layers -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LayerCase:
+    """One layer of the per-layer section: a linear shape or a 3x3 conv layer."""
+
+    label: str
+    kernel_shape: tuple[int, ...]  # Flax's: (in, out) or HWIO
+    x_shape: tuple[int, ...]  # NHWC for convs
+    stride: int = 1
+
+
+def layer_cases(batch: int) -> list[LayerCase]:
+    cases = [LayerCase(f"linear {b}x{i}->{o}", (i, o), (b, i)) for b, i, o in linear.DEFAULT_SHAPES]
+    cases += [LayerCase(f"conv {layer.label} B={batch}", layer.kernel_shape,
+                        (batch, layer.h, layer.w, layer.cin), layer.stride)
+              for layer in conv2d.DEFAULT_LAYERS]
+    return cases
+
+
+def _magnitude_pruned(kernel: np.ndarray, sparsity: float) -> np.ndarray:
+    k = int(round(sparsity * kernel.size))
+    threshold = np.partition(np.abs(kernel).ravel(), k - 1)[k - 1] if k else -1.0
+    return np.where(np.abs(kernel) > threshold, kernel, 0.0).astype(np.float32)
+
+
+class TorchLayerPass:
+    """Forward and both gradients of one torch layer."""
+
+    def __init__(self, module: torch.nn.Module, x: torch.Tensor, ct_shape):
+        self.module, self.x = module, x.clone().requires_grad_(True)
+        self.ct = torch.randn(ct_shape)
+
+    def __call__(self):
+        self.x.grad = None
+        self.module.zero_grad(set_to_none=True)
+        y = self.module(self.x)
+        y.backward(self.ct)
+        return y.detach()
+
+
+def _torch_layer(case: LayerCase, kernel: np.ndarray) -> torch.nn.Module:
+    conv = len(case.kernel_shape) == 4
+    if conv:
+        kh, _, cin, cout = case.kernel_shape
+        module = torch.nn.Conv2d(cin, cout, kh, stride=case.stride, padding=kh // 2, bias=False)
+        weight = kernel.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    else:
+        module = torch.nn.Linear(*case.kernel_shape, bias=False)
+        weight = kernel.T
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+    return module
+
+
+def run_layer(case: LayerCase, sparsity: float, min_time: float, min_repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    kernel = _magnitude_pruned(rng.standard_normal(case.kernel_shape, dtype=np.float32)
+                               / np.sqrt(np.prod(case.kernel_shape[:-1])), sparsity)
+    x = rng.standard_normal(case.x_shape, dtype=np.float32)
+    conv = len(case.kernel_shape) == 4
+    torch_x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy() if conv else x)
+    dense = _torch_layer(case, kernel)
+    sparse = torch.nn.Sequential(_torch_layer(case, kernel))
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        sparse = swap_modules_with_sparse(sparse, tuple(torch_x.shape), inplace=True)
+    kept_dense = "replaced" not in log.getvalue()
+    torch_ct = tuple(dense(torch_x).shape)
+
+    jx, jkernel = jax.numpy.asarray(x), jax.numpy.asarray(kernel)
+    weight = SparseWeight.from_dense(jkernel)
+    if conv:
+        y_shape = (case.x_shape[0], *(-(-n // case.stride) for n in case.x_shape[1:3]),
+                   case.kernel_shape[-1])
+        ct = jax.numpy.asarray(rng.standard_normal(y_shape, dtype=np.float32))
+        xla = (conv2d.dense_fns(case.stride)["fb"], jx, jkernel, ct)
+        ours = (conv2d.sparse_fns("auto", case.stride)["fb"], jx, weight.values, weight, ct)
+    else:
+        ct = jax.numpy.asarray(rng.standard_normal((case.x_shape[0], case.kernel_shape[1]),
+                                                   dtype=np.float32))
+        xla = (linear.dense_fwdbwd, jx, jkernel, ct)
+        ours = (linear.sparse_fwdbwd, jx, weight.values, weight, ct)
+    cases = [_timing.Case("pytorch dense", TorchLayerPass(dense, torch_x, torch_ct)),
+             _timing.Case("sparseprop", TorchLayerPass(sparse, torch_x, torch_ct)),
+             _timing.Case("xla dense", *xla), _timing.Case("sparseprop_jax", *ours)]
+    samples = _timing.run_interleaved(cases, min_time=min_time, min_repeats=min_repeats)
+    return {"layer": case.label, "sparsity": sparsity, "sparseprop_kept_dense": kept_dense,
+            "fwd_bwd": {k: _timing.summarize(v) for k, v in samples.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=_timing.comma_list(str), default=tuple(FAMILIES),
@@ -257,6 +355,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="minimum samples per measurement")
     parser.add_argument("--threads", type=int, help="run on this many CPUs (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
+    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time each layer alone (default: on)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="call sparseprop_jax.keep_freed_memory() first (the whole process, "
                              "PyTorch too, then allocates from a heap that keeps freed memory)")
@@ -289,9 +389,29 @@ def main() -> None:
                 table.row([r["model"], measure, peer, ms, args.batch / ms * 1e3, ms / ours])
         print(f"# {r['model']}: SparseProp made {r['sparseprop_sparse_layers']} layers sparse, "
               f"sparsify {r['sparseprop_jax_sparse_layers']}")
+    layers = []
+    if args.layers:
+        print(f"\n# each layer alone: forward + input and weight gradients, sparsity "
+              f"{args.sparsity}, ms (medians); ratio = peer ms / sparseprop_jax ms; * = "
+              "SparseProp kept the layer dense")
+        columns = [("layer", 28, "s")]
+        for peer in ("pytorch dense", "sparseprop", "xla dense", "sparseprop_jax"):
+            columns += [(peer, 14, ".2f")] + ([("ratio", 6, ".2f")] if peer != "sparseprop_jax"
+                                              else [])
+        layer_table = _timing.TablePrinter(columns)
+        layer_table.header()
+        for case in layer_cases(args.batch):
+            r = run_layer(case, args.sparsity, min(args.min_time, 1.0), args.repeats)
+            layers.append(r)
+            ms = {k: v["median_ms"] for k, v in r["fwd_bwd"].items()}
+            ours = ms["sparseprop_jax"]
+            label = case.label + (" *" if r["sparseprop_kept_dense"] else "")
+            layer_table.row([label, ms["pytorch dense"], ms["pytorch dense"] / ours,
+                             ms["sparseprop"], ms["sparseprop"] / ours, ms["xla dense"],
+                             ms["xla dense"] / ours, ours])
     if args.json:
         _timing.write_json(args.json, {"machine": info, "torch": torch.__version__,
-                                       "results": results})
+                                       "results": results, "layers": layers})
 
 
 if __name__ == "__main__":

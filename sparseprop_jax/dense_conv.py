@@ -1,19 +1,21 @@
-"""A dense convolution that XLA's CPU backend runs fast: patches, then one matrix product.
+"""A dense convolution whose gradients XLA's CPU backend runs fast: patches times a matrix.
 
 `conv_general_dilated` has the signature of `jax.lax.conv_general_dilated`,
 so it can be given to `flax.nnx.Conv(..., conv_general_dilated=...)` or
 `flax.linen.Conv(conv_general_dilated=...)` for the convolutions a model keeps
 dense (`sparsify` does that for nnx models by default). For an undilated,
-ungrouped convolution it gathers the input patches with strided slices into a
-`[..., kh * kw * in]` array and multiplies it by the kernel as a matrix; the
-gradients are the same slices transposed (pads and adds that XLA fuses) and
-two more products. XLA's CPU convolution, and above all its weight gradient
-(for a 7x7 stem on 3 channels), is several times slower than that
-(`benchmarks/results/NOTES.md`). The price is memory: the patches hold
-kh * kw copies of the input while the gradient needs them.
+ungrouped convolution the forward pass is XLA's, and the gradients are
+products with the input's patches (gathered by strided slices): the weight
+gradient multiplies the patches, laid out feature-major, by the output
+gradient; the input gradient multiplies the output gradient by the kernel
+and scatters the product back through the slices' transpose (pads and adds
+that XLA fuses). XLA's own convolution gradients, above all the weight
+gradient of a 7x7 stem on 3 channels, are several times slower
+(`benchmarks/results/NOTES.md`). The price is memory in the backward pass:
+the patches hold kh * kw copies of the input.
 
-Other convolutions (dilated, grouped, transposed, other layouts than the
-channels last, negative padding) go to `lax.conv_general_dilated` unchanged.
+Other convolutions (dilated, grouped, other layouts than channels last,
+negative padding) go to `lax.conv_general_dilated` unchanged.
 """
 
 from __future__ import annotations
@@ -100,10 +102,11 @@ def _pad(x, pads, spatial_first):
 
 
 def _patch_conv_fwd(x, kernel, strides, pads, precision):
-    window, out = _geometry(x, kernel, strides, pads)
-    patches = _patches(_pad(x, pads, 1), window, strides, out, -1)
-    y = lax.dot_general(patches, kernel.reshape(-1, kernel.shape[-1]),
-                        (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    # XLA's forward convolution is as fast as patches times the kernel (and
+    # needs no patches in memory); its gradients are what is slow.
+    spec = "N" + "DHW"[3 - (x.ndim - 2):] + "C"
+    y = lax.conv_general_dilated(x, kernel, strides, pads, precision=precision,
+                                 dimension_numbers=(spec, spec[1:-1] + "IO", spec))
     return y, (x, kernel)
 
 
@@ -155,10 +158,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     """`jax.lax.conv_general_dilated`, computed as patches times the kernel where it can be.
 
     Takes exactly `lax.conv_general_dilated`'s arguments and gives its
-    result (to float rounding). Channels-last convolutions (NHWC inputs and
-    outputs, an HWIO kernel, or their 1-D and 3-D forms) without dilation,
-    groups, negative padding or `out_sharding` run as strided slices and one
-    `dot`; any other goes to `lax.conv_general_dilated`.
+    result (to float rounding). For channels-last convolutions (NHWC inputs
+    and outputs, an HWIO kernel, or their 1-D and 3-D forms) without
+    dilation, groups, negative padding or `out_sharding`, the gradients are
+    products with the input's patches (see the module doc); any other goes
+    to `lax.conv_general_dilated`.
     """
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     ndim = lhs.ndim

@@ -158,13 +158,15 @@ def _median_ms(fn: Callable, args: tuple, repeats: int) -> float:
     return float(np.median(times)) * 1e3
 
 
-def _time_layer(layer: ml.Layer, mask: np.ndarray, repeats: int = 5) -> tuple[float, float]:
+def _time_layer(layer: ml.Layer, mask: np.ndarray, repeats: int = 5,
+                dense_conv_fn: Callable = jax.lax.conv_general_dilated) -> tuple[float, float]:
     """Milliseconds of a dense and a sparse forward + backward pass of one layer.
 
     Args:
       layer: the layer, with its `input_shape` set.
       mask: the pattern the sparse layer would have.
       repeats: timed runs after one warm-up run; the median is returned.
+      dense_conv_fn: what a conv layer computes with if it stays dense.
 
     Returns:
       `(dense_ms, sparse_ms)`.
@@ -188,8 +190,8 @@ def _time_layer(layer: ml.Layer, mask: np.ndarray, repeats: int = 5) -> tuple[fl
             return sparse_linear(x, SparseWeight(v, pattern))
     else:
         def dense(x, k):
-            return jax.lax.conv_general_dilated(x, k, layer.strides, layer.padding,
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return dense_conv_fn(x, k, layer.strides, layer.padding,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
         def sparse(x, v):
             return sparse_conv2d(x, SparseWeight(v, pattern), None, layer.strides, layer.padding)
@@ -209,7 +211,8 @@ class _Step:
 
 
 def _plan(where: str, layers: list[ml.Layer], sparsity: Any, distribution: str, skip: Any,
-          min_sparsity: Any, only_where_faster: bool, repeats: int) -> list[_Step]:
+          min_sparsity: Any, only_where_faster: bool, repeats: int,
+          keep_flax_ops: bool = True) -> list[_Step]:
     sparsity = check_target_sparsity(where, sparsity)
     distribution = check_distribution(where, distribution)
     min_sparsity = _checks.check_sparsity(where, min_sparsity)
@@ -243,7 +246,8 @@ def _plan(where: str, layers: list[ml.Layer], sparsity: Any, distribution: str, 
                 raise ValueError(f"{where}: layer {layer.name!r} was not called by the model on "
                                  "the example inputs, so it cannot be timed (skip it, or give "
                                  "inputs that reach it)")
-            dense_ms, sparse_ms = _time_layer(layer, mask, repeats)
+            dense_ms, sparse_ms = _time_layer(layer, mask, repeats,
+                                              _dense_conv_fn(layer, keep_flax_ops))
             decision = SPARSE if sparse_ms < dense_ms else DENSE_FASTER
         else:
             decision = SPARSE
@@ -273,12 +277,21 @@ def _take_fn(positions: np.ndarray) -> Callable:
     return lambda values: jnp.asarray(values)[positions]
 
 
+def _dense_conv_fn(layer: ml.Layer, keep_flax_ops: bool) -> Callable:
+    """What an nnx conv layer computes with if it stays dense (lax for linen layers)."""
+    own = getattr(layer.module, "conv_general_dilated", jax.lax.conv_general_dilated)
+    if (isinstance(layer.module, nnx.Conv) and not keep_flax_ops
+            and own is jax.lax.conv_general_dilated):
+        return dense_conv.conv_general_dilated
+    return own
+
+
 def _fast_dense_conv(layer: ml.Layer) -> None:
     """Gives a Flax conv that stays dense the fast dense convolution, unless it has its own."""
-    module = layer.module
-    if (layer.kind == "conv" and isinstance(module, nnx.Conv)
-            and module.conv_general_dilated is jax.lax.conv_general_dilated):
-        module.conv_general_dilated = dense_conv.conv_general_dilated
+    if layer.kind == "conv":
+        fn = _dense_conv_fn(layer, keep_flax_ops=False)
+        if fn is not layer.module.conv_general_dilated:
+            layer.module.conv_general_dilated = fn
 
 
 def _apply_nnx(model: Any, steps: list[_Step], conv_variant: str,
@@ -380,7 +393,7 @@ def _run(where: str, model: Any, sparsity: Any, *, distribution: str, skip: Any,
                                  "model's real input shapes: give example inputs (inputs=x)")
             ml.nnx_input_shapes(model, layers, inputs, call_kwargs)
         steps = _plan(where, layers, sparsity, distribution, skip, min_sparsity,
-                      only_where_faster, timing_repeats)
+                      only_where_faster, timing_repeats, keep_flax_ops)
         model, moves = _apply_nnx(model, steps, conv_variant, keep_flax_ops)
         return model, SparsifyReport([s.report for s in steps]), moves
     raise TypeError(f"{where}: model must be a flax.nnx.Module or a flax.linen.Module (with "
@@ -408,8 +421,9 @@ def sparsify(model: Any, sparsity: float = 0.9, *, distribution: str = "uniform"
         dense and unpruned. A pattern matching no layer is an error.
       min_sparsity: a layer the distribution gives less sparsity stays dense
         and unpruned (the SparseProp paper uses 0.8).
-      only_where_faster: time each candidate layer dense and sparse (forward
-        + backward) on the input shape it gets from `inputs`, and keep it
+      only_where_faster: time each candidate layer dense (computed as it
+        would be if kept dense: see `keep_flax_ops`) and sparse (forward +
+        backward) on the input shape it gets from `inputs`, and keep it
         dense (unpruned) where dense is faster.
       inputs: example inputs (an array, or a tuple of positional arguments)
         for `model(*inputs)` / `module.apply(variables, *inputs)`; only

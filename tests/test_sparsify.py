@@ -266,7 +266,7 @@ def test_only_where_faster_times_real_shapes_and_decides_by_them():
 def test_only_where_faster_keeps_the_faster_one(monkeypatch):
     seen = {}
 
-    def fake_time(layer, mask, repeats=5):
+    def fake_time(layer, mask, repeats=5, dense_conv_fn=None):
         seen[layer.name] = layer.input_shape
         return (1.0, 2.0) if layer.kind == "conv" else (2.0, 1.0)
     monkeypatch.setattr(sparsify_module, "_time_layer", fake_time)
