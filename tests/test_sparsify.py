@@ -165,6 +165,7 @@ def test_convs_that_stay_dense_get_the_fast_dense_convolution():
     import sparseprop_jax as sp
     model = CNN(nnx.Rngs(0))
     reference = nnx.clone(model)
+
     def own(*args, **kwargs):
         return jax.lax.conv_general_dilated(*args, **kwargs)
 
