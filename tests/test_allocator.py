@@ -28,22 +28,24 @@ print(json.dumps({"kept": kept, "faults": faults, "warnings": [str(w.message) fo
 """
 
 
-def _probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], check=True, capture_output=True,
-                         text=True, timeout=300).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def _probe(mode: str, cwd) -> dict:
+    # Run outside the checkout, so that the installed package is imported, not the source tree.
+    proc = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_freed_memory_is_reused():
-    default, kept = _probe("default"), _probe("keep")
+def test_freed_memory_is_reused(tmp_path):
+    default, kept = _probe("default", tmp_path), _probe("keep", tmp_path)
     # By default each call maps the result's 16384 pages afresh.
     assert default["faults"] > 8000, default
     assert kept["kept"] is True and not kept["warnings"], kept
     assert kept["faults"] < 500, kept
 
 
-def test_too_late_warns_and_changes_nothing():
-    late = _probe("late")
+def test_too_late_warns_and_changes_nothing(tmp_path):
+    late = _probe("late", tmp_path)
     assert late["kept"] is False
     assert any("before the first JAX computation" in w for w in late["warnings"]), late
     assert late["faults"] > 8000, late
