@@ -20,14 +20,14 @@ Variants: "dense" is the model as Flax and XLA run it (the ResNet18's max
 pool is `sparseprop_jax.max_pool` in every variant); "sparse" the sparsified
 copy. For convolutional models there is also "dense*": the dense
 model with each of those conv layers computed by whichever of
-`lax.conv_general_dilated` and an im2col matrix product
-(`sparseprop_jax.conv_general_dilated`: patches by strided slices, then one
-`dot`) was faster for it alone, and the convs that stay dense in the sparse
-model (the stem) computed as there, by the latter. XLA's CPU convolution has
+`lax.conv_general_dilated` and `sparseprop_jax.conv_general_dilated` (XLA's
+forward, gradients as matrix products with the input's patches; "im2col" in
+the tables) was faster for it alone, and the convs that stay dense in the
+sparse model (the stem) computed as there, by the latter. XLA's CPU convolution has
 slow paths (e.g. 3x3 convs on 2x2 or 4x4 inputs, and the input gradient of
 some strided convs, run tens of times slower than the FLOPs suggest), so
 "dense*" is the fairer baseline; both are reported. The sparse variant's
-stem is what `sparsify` makes of it by default: the im2col product.
+stem is what `sparsify` makes of it by default: the latter too.
 
 Targets (`_targets.py`, 2 threads, batch 32, speedup of the train step over
 "dense"): ResNet18 at 95% at least 2x at 64x64 and at 128x128, the
@@ -292,20 +292,20 @@ def bench_model(config: Config, sparsity: float, *, batch: int = BATCH,
     layers_total = {"dense": 0.0, "sparse": 0.0}
     if convs:
         best = nnx.clone(dense)
+        fast_conv = sparseprop_jax.conv_general_dilated
         layers_total["dense*"] = 0.0
         for i, group in enumerate(groups):
             dense_ms = layer_ms[f"layer{i}/dense"]
             im2col_ms = layer_ms.get(f"layer{i}/im2col", float("inf"))
             if im2col_ms < dense_ms:
                 for path in group.paths:
-                    fast = sparseprop_jax.conv_general_dilated
-                    _module_at(best, path).conv_general_dilated = fast
+                    _module_at(best, path).conv_general_dilated = fast_conv
             layers_total["dense*"] += len(group.names) * min(dense_ms, im2col_ms)
         # The convs sparsify keeps dense (the stem) compute as in the sparse model.
         grouped = {tuple(map(str, p)) for g in groups for p in g.paths}
         for path, module in nnx.iter_modules(best):
             if isinstance(module, nnx.Conv) and tuple(map(str, path)) not in grouped:
-                module.conv_general_dilated = sparseprop_jax.conv_general_dilated
+                module.conv_general_dilated = fast_conv
         variants = {"dense": dense, "dense*": best, "sparse": sparse}
     for i, group in enumerate(groups):
         layers_total["dense"] += len(group.names) * layer_ms[f"layer{i}/dense"]
@@ -459,8 +459,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"{r['variants']['sparse']['train_ms']:.1f} ms sparse", flush=True)
     print_tables(results)
     print("\n# dense*: the dense model with each sparsified conv computed by the faster of "
-          "lax.conv_general_dilated and im2col + dot (timed alone), the stem by im2col + dot "
-          "as in the sparse model")
+          "lax.conv_general_dilated and im2col (sparseprop_jax.conv_general_dilated; timed "
+          "alone), the stem by the latter as in the sparse model")
     print("# layers: the sparsified layers, each timed alone (forward + input and weight "
           "gradients) and summed; rest = step - layers - optimizer")
     if path is not None:

@@ -54,6 +54,7 @@ import conv2d  # noqa: E402
 import end_to_end  # noqa: E402
 import linear  # noqa: E402
 from sparseprop_jax import SparseWeight, keep_freed_memory  # noqa: E402
+from sparseprop_jax.distribution import magnitude_masks  # noqa: E402
 from sparseprop_jax.sparsify import sparsify  # noqa: E402
 
 try:
@@ -264,21 +265,18 @@ class LayerCase:
     label: str
     kernel_shape: tuple[int, ...]  # Flax's: (in, out) or HWIO
     x_shape: tuple[int, ...]  # NHWC for convs
+    y_shape: tuple[int, ...]
     stride: int = 1
 
 
 def layer_cases(batch: int) -> list[LayerCase]:
-    cases = [LayerCase(f"linear {b}x{i}->{o}", (i, o), (b, i)) for b, i, o in linear.DEFAULT_SHAPES]
+    cases = [LayerCase(f"linear {b}x{i}->{o}", (i, o), (b, i), (b, o))
+             for b, i, o in linear.DEFAULT_SHAPES]
     cases += [LayerCase(f"conv {layer.label} B={batch}", layer.kernel_shape,
-                        (batch, layer.h, layer.w, layer.cin), layer.stride)
+                        (batch, layer.h, layer.w, layer.cin),
+                        (batch, *layer.out_hw, layer.cout), layer.stride)
               for layer in conv2d.DEFAULT_LAYERS]
     return cases
-
-
-def _magnitude_pruned(kernel: np.ndarray, sparsity: float) -> np.ndarray:
-    k = int(round(sparsity * kernel.size))
-    threshold = np.partition(np.abs(kernel).ravel(), k - 1)[k - 1] if k else -1.0
-    return np.where(np.abs(kernel) > threshold, kernel, 0.0).astype(np.float32)
 
 
 class TorchLayerPass:
@@ -312,8 +310,9 @@ def _torch_layer(case: LayerCase, kernel: np.ndarray) -> torch.nn.Module:
 
 def run_layer(case: LayerCase, sparsity: float, min_time: float, min_repeats: int) -> dict:
     rng = np.random.default_rng(0)
-    kernel = _magnitude_pruned(rng.standard_normal(case.kernel_shape, dtype=np.float32)
-                               / np.sqrt(np.prod(case.kernel_shape[:-1])), sparsity)
+    kernel = (rng.standard_normal(case.kernel_shape, dtype=np.float32)
+              / np.sqrt(np.prod(case.kernel_shape[:-1])))
+    kernel = np.where(magnitude_masks([kernel], sparsity)[0], kernel, 0.0).astype(np.float32)
     x = rng.standard_normal(case.x_shape, dtype=np.float32)
     conv = len(case.kernel_shape) == 4
     torch_x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy() if conv else x)
@@ -326,15 +325,11 @@ def run_layer(case: LayerCase, sparsity: float, min_time: float, min_repeats: in
 
     jx, jkernel = jax.numpy.asarray(x), jax.numpy.asarray(kernel)
     weight = SparseWeight.from_dense(jkernel)
+    ct = jax.numpy.asarray(rng.standard_normal(case.y_shape, dtype=np.float32))
     if conv:
-        y_shape = (case.x_shape[0], *(-(-n // case.stride) for n in case.x_shape[1:3]),
-                   case.kernel_shape[-1])
-        ct = jax.numpy.asarray(rng.standard_normal(y_shape, dtype=np.float32))
         xla = (conv2d.dense_fns(case.stride)["fb"], jx, jkernel, ct)
         ours = (conv2d.sparse_fns("auto", case.stride)["fb"], jx, weight.values, weight, ct)
     else:
-        ct = jax.numpy.asarray(rng.standard_normal((case.x_shape[0], case.kernel_shape[1]),
-                                                   dtype=np.float32))
         xla = (linear.dense_fwdbwd, jx, jkernel, ct)
         ours = (linear.sparse_fwdbwd, jx, weight.values, weight, ct)
     cases = [_timing.Case("pytorch dense", TorchLayerPass(dense, torch_x, torch_ct)),

@@ -80,14 +80,15 @@ def _patches(x: jax.Array, window: tuple[int, ...], strides: tuple[int, ...],
     return join(pieces)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _patch_conv(x, kernel, strides, pads, precision):
-    return _patch_conv_fwd(x, kernel, strides, pads, precision)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _patch_conv(x, kernel, strides, pads, dimension_numbers, precision):
+    return _patch_conv_fwd(x, kernel, strides, pads, dimension_numbers, precision)[0]
 
 
-def _geometry(x, kernel, strides, pads):
-    window = kernel.shape[:-2]
-    out = tuple((x.shape[1 + a] + lo + hi - window[a]) // strides[a] + 1
+def _geometry(x_shape, kernel_shape, strides, pads):
+    """(window, output spatial shape) of a channels-last convolution."""
+    window = tuple(kernel_shape[:-2])
+    out = tuple((x_shape[1 + a] + lo + hi - window[a]) // strides[a] + 1
                 for a, (lo, hi) in enumerate(pads))
     return window, out
 
@@ -101,18 +102,18 @@ def _pad(x, pads, spatial_first):
     return jnp.pad(x, widths)
 
 
-def _patch_conv_fwd(x, kernel, strides, pads, precision):
+def _patch_conv_fwd(x, kernel, strides, pads, dimension_numbers, precision):
     # XLA's forward convolution is as fast as patches times the kernel (and
     # needs no patches in memory); its gradients are what is slow.
-    spec = "N" + "DHW"[3 - (x.ndim - 2):] + "C"
     y = lax.conv_general_dilated(x, kernel, strides, pads, precision=precision,
-                                 dimension_numbers=(spec, spec[1:-1] + "IO", spec))
+                                 dimension_numbers=dimension_numbers)
     return y, (x, kernel)
 
 
-def _patch_conv_bwd(strides, pads, precision, residuals, dy):
+def _patch_conv_bwd(strides, pads, dimension_numbers, precision, residuals, dy):
+    del dimension_numbers  # channels last, which the patches assume
     x, kernel = residuals
-    window, out = _geometry(x, kernel, strides, pads)
+    window, out = _geometry(x.shape, kernel.shape, strides, pads)
     cout = kernel.shape[-1]
     rows = dy.reshape(-1, cout)
     # The weight gradient from feature-major patches [K, N * pixels]: a plain
@@ -155,7 +156,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          batch_group_count: int = 1, precision: Any = None,
                          preferred_element_type: Any = None, out_sharding: Any = None,
                          **kwargs) -> jax.Array:
-    """`jax.lax.conv_general_dilated`, computed as patches times the kernel where it can be.
+    """`jax.lax.conv_general_dilated`, with gradients as products with patches where it can.
 
     Takes exactly `lax.conv_general_dilated`'s arguments and gives its
     result (to float rounding). For channels-last convolutions (NHWC inputs
@@ -171,14 +172,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     pads = None
     if (ndim >= 3 and rhs.ndim == ndim and not dilated and feature_group_count == 1
             and batch_group_count == 1 and out_sharding is None and not kwargs
-            and _channels_last(ndim, dimension_numbers) is not None
+            and (channels_last := _channels_last(ndim, dimension_numbers)) is not None
             and len(tuple(window_strides)) == spatial):
-        window = tuple(rhs.shape[:spatial])
         strides = tuple(int(s) for s in window_strides)
-        pads = _pads(padding, tuple(lhs.shape[1:-1]), window, strides)
+        pads = _pads(padding, tuple(lhs.shape[1:-1]), tuple(rhs.shape[:spatial]), strides)
     if pads is not None:
-        out = tuple((lhs.shape[1 + a] + lo + hi - window[a]) // strides[a] + 1
-                    for a, (lo, hi) in enumerate(pads))
+        _, out = _geometry(lhs.shape, rhs.shape, strides, pads)
         promoted = jnp.result_type(lhs, rhs)
         if (any(o <= 0 for o in out) or rhs.shape[-2] != lhs.shape[-1]
                 or not jnp.issubdtype(promoted, jnp.floating)
@@ -190,7 +189,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                                         batch_group_count, precision, preferred_element_type,
                                         out_sharding=out_sharding, **kwargs)
     return _patch_conv(lhs.astype(promoted), rhs.astype(promoted), strides, tuple(pads),
-                       precision)
+                       channels_last, precision)
 
 
 __all__ = ["conv_general_dilated"]

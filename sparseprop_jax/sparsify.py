@@ -212,7 +212,7 @@ class _Step:
 
 def _plan(where: str, layers: list[ml.Layer], sparsity: Any, distribution: str, skip: Any,
           min_sparsity: Any, only_where_faster: bool, repeats: int,
-          keep_flax_ops: bool = True) -> list[_Step]:
+          keep_flax_ops: bool) -> list[_Step]:
     sparsity = check_target_sparsity(where, sparsity)
     distribution = check_distribution(where, distribution)
     min_sparsity = _checks.check_sparsity(where, min_sparsity)
@@ -377,7 +377,7 @@ def _run(where: str, model: Any, sparsity: Any, *, distribution: str, skip: Any,
                              "tuple of arguments) to find its Dense and Conv layers")
         layers = ml.linen_layers(model, variables, inputs, call_kwargs)
         steps = _plan(where, layers, sparsity, distribution, skip, min_sparsity,
-                      only_where_faster, timing_repeats)
+                      only_where_faster, timing_repeats, keep_flax_ops)
         new, moves = _apply_linen(variables, steps)
         return new, SparsifyReport([s.report for s in steps]), moves
     if isinstance(model, nnx.Module):
@@ -437,8 +437,8 @@ def sparsify(model: Any, sparsity: float = 0.9, *, distribution: str = "uniform"
       conv_variant: the `conv_variant` of the new nnx `SparseConv` layers.
       keep_flax_ops: nnx only. By default the `nnx.Conv` layers that stay
         dense (skipped, below `min_sparsity`, or faster dense) compute with
-        `sparseprop_jax.conv_general_dilated` (patches and one matrix product,
-        several times faster than XLA's CPU convolution in a training step);
+        `sparseprop_jax.conv_general_dilated` (XLA's forward, gradients as
+        matrix products, several times faster than XLA's in a training step);
         True leaves them as they were. A layer given its own
         `conv_general_dilated` keeps it either way.
 
