@@ -20,6 +20,11 @@ struct Isa {
   static constexpr const char* kName = "avx2";
   // Floats per vector: a 256-bit register.
   static constexpr int kWidth = 8;
+  // Vectors of a run the products hold in accumulators at once: 8, a whole
+  // 64-float batch tile in one pass over a row's entries, with 8 independent
+  // multiply-add chains (4 left the two FMA ports half idle on their 4-cycle
+  // latency, and read each row's indices and values twice per tile).
+  static constexpr int kRunVectors = 8;
   // Entries of a row the weight gradients take together: 8, the lanes of
   // one vector. They share each load of the row's gradient, and
   // transpose_sum turns their 8 vectors into one of 8 sums in 7 shuffle-add

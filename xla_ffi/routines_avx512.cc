@@ -19,6 +19,9 @@ struct Isa {
   static constexpr const char* kName = "avx512";
   // A 512-bit register.
   static constexpr int kWidth = 16;
+  // Vectors of a run the products hold in accumulators at once: 4, a whole
+  // 64-float batch tile.
+  static constexpr int kRunVectors = 4;
   // 8: as on AVX2 (16 measured no faster and leaves longer padded tails).
   static constexpr int kEntryGroup = 8;
   // 8: the 32 vector registers hold 8 sums next to x_m, dx_m and a run.

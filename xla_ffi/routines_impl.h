@@ -10,9 +10,13 @@
 // Include only from within a namespace, after defining `Isa`.
 
 constexpr int kWidth = Isa::kWidth;
-// At most this many vectors of a run are held in registers at once; four
-// independent accumulators hide the multiply-add latency.
-constexpr int kMaxVectors = 4;
+// At most this many vectors of a run are held in registers at once by the
+// products (Isa::kRunVectors: one accumulator each, enough independent
+// multiply-adds to hide their latency).
+constexpr int kMaxVectors = Isa::kRunVectors;
+// The same bound for the one-pass backward, which also holds the run of x in
+// registers beside its accumulators.
+constexpr int kMaxBackwardVectors = 4;
 
 // A vector of W floats; for W = 1 a plain float (the scalar path).
 template <int W>
@@ -78,15 +82,22 @@ static inline void spmm_tile(int64_t lo, int64_t hi, Offset offset, const float*
   for (int v = 0; v < V; ++v) store(out + v * kWidth, acc[v]);
 }
 
-// Cuts a run of `length` floats into chunks of kMaxVectors vectors, then one
-// of 3, 2 or 1 for what is left, calling chunk(std::integral_constant<int,
-// V>{}, l) for the chunk of V vectors at l, in order. Returns where the last
-// length % kWidth lanes start, which the caller finishes one by one.
-template <typename Chunk>
+// Cuts a run of `length` floats into chunks of M vectors, then (M being 8)
+// one of 4, then one of 3, 2 or 1 for what is left, calling
+// chunk(std::integral_constant<int, V>{}, l) for the chunk of V vectors at l,
+// in order. Returns where the last length % kWidth lanes start, which the
+// caller finishes one by one.
+template <int M = kMaxVectors, typename Chunk>
 static inline int64_t in_vector_chunks(int64_t length, Chunk&& chunk) {
+  static_assert(M == 4 || M == 8, "runs are cut into chunks of 4 or 8 vectors");
   int64_t l = 0;
-  for (; l + kMaxVectors * kWidth <= length; l += kMaxVectors * kWidth)
-    chunk(std::integral_constant<int, kMaxVectors>{}, l);
+  for (; l + M * kWidth <= length; l += M * kWidth) chunk(std::integral_constant<int, M>{}, l);
+  if constexpr (M == 8) {
+    if (l + 4 * kWidth <= length) {
+      chunk(std::integral_constant<int, 4>{}, l);
+      l += 4 * kWidth;
+    }
+  }
   switch ((length - l) / kWidth) {
     case 3: chunk(std::integral_constant<int, 3>{}, l); return l + 3 * kWidth;
     case 2: chunk(std::integral_constant<int, 2>{}, l); return l + 2 * kWidth;
@@ -517,13 +528,14 @@ static inline void spmm_sddmm_tile(int64_t lo, int64_t hi, ScaledIndex offset,
   for (int v = 0; v < V; ++v) store(dx + v * kWidth, acc[v]);
 }
 
-// One row over runs of `length` floats: in chunks of at most kMaxVectors
-// vectors (each a pass over the row's entries), then the last lanes one by
-// one. The first chunk writes the sums unless `accumulate`, the rest add.
+// One row over runs of `length` floats: in chunks of at most
+// kMaxBackwardVectors vectors (each a pass over the row's entries), then the
+// last lanes one by one. The first chunk writes the sums unless `accumulate`,
+// the rest add.
 static inline void spmm_sddmm_row(int64_t lo, int64_t hi, ScaledIndex offset,
                                   const float* values, const float* dy, const float* x,
                                   float* dx, float* sums, int64_t length, bool accumulate) {
-  int64_t l = in_vector_chunks(length, [&](auto vectors, int64_t at) {
+  int64_t l = in_vector_chunks<kMaxBackwardVectors>(length, [&](auto vectors, int64_t at) {
     spmm_sddmm_tile<decltype(vectors)::value>(lo, hi, offset, values, dy + at, x + at, dx + at,
                                               sums, accumulate);
     accumulate = true;

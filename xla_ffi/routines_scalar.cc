@@ -16,6 +16,8 @@ struct Isa {
   static constexpr const char* kName = "scalar";
   // One float: no vectors.
   static constexpr int kWidth = 1;
+  // Floats of a run the products hold in accumulators at once: 4.
+  static constexpr int kRunVectors = 4;
   // 4, the size of the groups that finish every row anyway: a float has no
   // lanes for a larger group's transpose_sum to share.
   static constexpr int kEntryGroup = 4;
