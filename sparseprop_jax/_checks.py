@@ -84,6 +84,16 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def check_axis(where: str, name: str, axis: Any, ndim: int) -> int:
+    """`axis` of an array with `ndim` dims as an index in [0, ndim), or an error naming it."""
+    if not is_int(axis):
+        raise TypeError(f"{where}: {name} must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{where}: {name}={axis} is out of range for an input with {ndim} "
+                         f"dims")
+    return int(axis) % ndim
+
+
 def check_features(where: str, name: str, value: Any) -> int:
     """Returns `value` as a positive int, or raises ValueError."""
     if not is_int(value) or value < 1:

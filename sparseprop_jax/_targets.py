@@ -82,6 +82,21 @@ LINEAR_WEIGHT_GRAD = Target("sparseprop_linear_weight_grad",
                             (Array("dy", FLOAT, 0), Array("xt", FLOAT, 1), *PATTERN),
                             (Array("dvalues", FLOAT, SUM),))
 
+# -- the feature-major linear layer: x, y [G, features, n], a batch of G x n -------
+LINEAR_FEATURE_MAJOR_FORWARD = Target(
+    "sparseprop_linear_feature_major_forward", (Array("x", FLOAT, 0), VALUES, *PATTERN),
+    (Array("y", FLOAT, 0),))
+LINEAR_FEATURE_MAJOR_BACKWARD = Target(
+    "sparseprop_linear_feature_major_backward",
+    (Array("dy", FLOAT, 0), Array("x", FLOAT, 0), VALUES, *BOTH_PATTERNS),
+    (Array("dx", FLOAT, 0), Array("dvalues", FLOAT, SUM)))
+LINEAR_FEATURE_MAJOR_INPUT_GRAD = Target(
+    "sparseprop_linear_feature_major_input_grad", (Array("dy", FLOAT, 0), VALUES, *BOTH_PATTERNS),
+    (Array("dx", FLOAT, 0),))
+LINEAR_FEATURE_MAJOR_WEIGHT_GRAD = Target(
+    "sparseprop_linear_feature_major_weight_grad",
+    (Array("dy", FLOAT, 0), Array("x", FLOAT, 0), *PATTERN), (Array("dvalues", FLOAT, SUM),))
+
 # -- the convolution: NHWC activations, one pair of targets per variant ------------
 CONV_ATTRS = ("stride", "kh", "kw", "pad_top", "pad_bottom", "pad_left", "pad_right")
 
@@ -103,7 +118,9 @@ CONV_FORWARD = {v: _conv_forward(v) for v in CONV_VARIANTS}
 CONV_BACKWARD = {v: _conv_backward(v) for v in CONV_VARIANTS}
 
 ALL: tuple[Target, ...] = (LINEAR_FORWARD, LINEAR_FORWARD_AND_XT, LINEAR_BACKWARD,
-                           LINEAR_INPUT_GRAD, LINEAR_WEIGHT_GRAD,
+                           LINEAR_INPUT_GRAD, LINEAR_WEIGHT_GRAD, LINEAR_FEATURE_MAJOR_FORWARD,
+                           LINEAR_FEATURE_MAJOR_BACKWARD, LINEAR_FEATURE_MAJOR_INPUT_GRAD,
+                           LINEAR_FEATURE_MAJOR_WEIGHT_GRAD,
                            *CONV_FORWARD.values(), *CONV_BACKWARD.values())
 
 

@@ -7,6 +7,12 @@ gradient is x^T, `[in_features, batch]`: the forward transposes x into it
 rather than into scratch, so the backward reads x batch-minor without
 transposing it again. With both gradients wanted, one pass over the kernel's
 columns computes both.
+
+With `feature_axis` other than the last, x is viewed as [groups, in, n] (the
+dims before the axis, the axis, the dims after it): each group is already
+batch-minor, so the feature-major targets read and write the activations in
+place, and consecutive layers along one axis (a Mixer's token mixing) pay no
+transposes at all.
 """
 
 from __future__ import annotations
@@ -69,19 +75,71 @@ def _linear_2d_bwd(shape, residuals, dy):
 _linear_2d.defvjp(_linear_2d_fwd, _linear_2d_bwd, symbolic_zeros=True)
 
 
-def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None) -> Array:
+# The feature-major layer on x [groups, in, n]: x is its own residual (it is
+# already batch-minor), and the same symbolic zeros as above.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _linear_feature_major(shape, x, values, indptr, indices, t_indptr, t_indices, t_perm):
+    return _ffi.call(_targets.LINEAR_FEATURE_MAJOR_FORWARD, (x.shape[0], shape[1], x.shape[2]),
+                     x, values, indptr, indices)
+
+
+def _linear_feature_major_fwd(shape, x, values, indptr, indices, t_indptr, t_indices, t_perm):
+    want_dx, want_dw = x.perturbed, values.perturbed
+    x, values = x.value, values.value
+    pattern = tuple(a.value for a in (indptr, indices, t_indptr, t_indices, t_perm))
+    y = _ffi.call(_targets.LINEAR_FEATURE_MAJOR_FORWARD, (x.shape[0], shape[1], x.shape[2]), x,
+                  values, *pattern[:2])
+    return y, (x if want_dw else None, values if want_dx else None, pattern)
+
+
+def _linear_feature_major_bwd(shape, residuals, dy):
+    x, values, (indptr, indices, t_indptr, t_indices, t_perm) = residuals
+    none = (None,) * 5
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+        return (None, None) + none
+    dx_shape = (dy.shape[0], shape[0], dy.shape[2])
+    if x is not None and values is not None:
+        dx, dvalues = _ffi.call(_targets.LINEAR_FEATURE_MAJOR_BACKWARD,
+                                (dx_shape, (indices.shape[0],)), dy, x, values, indptr, indices,
+                                t_indptr, t_indices, t_perm)
+        return (dx, dvalues) + none
+    if values is not None:
+        dx = _ffi.call(_targets.LINEAR_FEATURE_MAJOR_INPUT_GRAD, dx_shape, dy, values, indptr,
+                       indices, t_indptr, t_indices, t_perm)
+        return (dx, None) + none
+    if x is not None:
+        dvalues = _ffi.call(_targets.LINEAR_FEATURE_MAJOR_WEIGHT_GRAD, (indices.shape[0],), dy, x,
+                            indptr, indices)
+        return (None, dvalues) + none
+    return (None, None) + none
+
+
+_linear_feature_major.defvjp(_linear_feature_major_fwd, _linear_feature_major_bwd,
+                             symbolic_zeros=True)
+
+
+def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None, *,
+                  feature_axis: int = -1) -> Array:
     """Applies a sparse kernel: `x @ weight.to_dense() + bias`, in O(batch x nnz).
 
     Differentiable (`jax.custom_vjp`) with respect to `x`, `weight.values` and
     `bias`; works under `jit`, `grad`, `vmap` and `checkpoint`.
 
     Args:
-      x: float32 `[..., in_features]`.
+      x: float32 `[..., in_features]`, or with `feature_axis`, `in_features`
+        along that axis.
       weight: the sparse `(in_features, out_features)` kernel.
       bias: optional float32 `[out_features]`.
+      feature_axis: the axis of x the kernel contracts; the result has the
+        out_features in its place. Other than the last, every other dim is
+        batch, and x is read in place: a token-mixing layer on
+        `[batch, tokens, dim]` is `sparse_linear(x, w, feature_axis=-2)`, the
+        same as `jnp.swapaxes(sparse_linear(jnp.swapaxes(x, -1, -2), w), -1, -2)`
+        but without the transposes.
 
     Returns:
-      float32 `[..., out_features]`.
+      float32 `[..., out_features]`, or x's shape with out_features at
+      `feature_axis`.
     """
     where = "sparse_linear"
     if not isinstance(weight, SparseWeight):
@@ -93,20 +151,33 @@ def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None) -> A
     n_in, n_out = pattern.shape
     x = _checks.as_array(where, "x", x)
     _checks.check_dtype(where, "x", x)
-    if x.ndim < 1 or x.shape[-1] != n_in:
+    if x.ndim < 1:
         raise ValueError(f"{where}: x must have shape [..., {n_in}] (in_features={n_in}), "
                          f"got {x.shape}")
+    axis = _checks.check_axis(where, "feature_axis", feature_axis, x.ndim)
+    if x.shape[axis] != n_in:
+        expected = (f"shape [..., {n_in}]" if axis == x.ndim - 1 else
+                    f"{n_in} along feature_axis {feature_axis}")
+        raise ValueError(f"{where}: x must have {expected} (in_features={n_in}), got shape "
+                         f"{x.shape}")
     weight.check(where)
     if bias is not None:
         bias = _checks.as_array(where, "bias", bias)
         _checks.check_dtype(where, "bias", bias)
         _checks.check_shape(where, "bias", bias, (n_out,))
-    lead = x.shape[:-1]
+    lead, trail = x.shape[:axis], x.shape[axis + 1:]
+    size = functools.partial(np.prod, dtype=np.int64)
+    if trail:
+        x = x.reshape(int(size(lead)), n_in, int(size(trail)))
+        layer = _linear_feature_major
+    else:
+        x = x.reshape(int(size(lead)), n_in)
+        layer = _linear_2d
     # Under shard_map: the weight made varying like x, so its gradient is all-reduced once.
-    operands = _ffi.match_vma(x.reshape(int(np.prod(lead, dtype=np.int64)), n_in),
-                              weight.values, pattern.indptr, pattern.indices, pattern.t_indptr,
-                              pattern.t_indices, pattern.t_perm)
-    y = _linear_2d(pattern.shape, *operands)
-    y = y.reshape(*lead, n_out)
-    return y if bias is None else y + bias
+    operands = _ffi.match_vma(x, weight.values, pattern.indptr, pattern.indices,
+                              pattern.t_indptr, pattern.t_indices, pattern.t_perm)
+    y = layer(pattern.shape, *operands).reshape(*lead, n_out, *trail)
+    if bias is None:
+        return y
+    return y + bias.reshape(n_out, *(1,) * len(trail))
 

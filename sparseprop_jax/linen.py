@@ -75,20 +75,25 @@ class SparseDense(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, inputs: Any) -> Array:
+    def __call__(self, inputs: Any, *, feature_axis: int = -1) -> Array:
         """Applies the layer.
 
         Args:
-          inputs: float32 `[..., in_features]`.
+          inputs: float32 `[..., in_features]`, or with `feature_axis`,
+            in_features along that axis.
+          feature_axis: the axis of `inputs` the kernel contracts; the output
+            has `features` in its place (see `sparse_linear`).
 
         Returns:
-          float32 `[..., features]`.
+          float32 `[..., features]`, or the shape of `inputs` with `features`
+          at `feature_axis`.
         """
         where = "linen.SparseDense"
         inputs = jnp.asarray(inputs)
         if inputs.ndim < 1:
             raise ValueError(f"{where}: inputs must have shape [..., in_features], got a scalar")
-        pattern = _module_pattern(self, where, (inputs.shape[-1], self.features), self.sparsity,
+        axis = _checks.check_axis(where, "feature_axis", feature_axis, inputs.ndim)
+        pattern = _module_pattern(self, where, (inputs.shape[axis], self.features), self.sparsity,
                                   window=())
         if len(pattern.shape) != 2:
             raise ValueError(f"{where}: the pattern in the variables is for a kernel of shape "
@@ -100,7 +105,8 @@ class SparseDense(nn.Module):
             "values", lambda key: init_values(where, self.kernel_init, key, pattern))
         bias = (self.param("bias", self.bias_init, (self.features,), _checks.DEFAULT_DTYPE)
                 if self.use_bias else None)
-        return sparse_linear(inputs, SparseWeight(values, pattern), bias)
+        return sparse_linear(inputs, SparseWeight(values, pattern), bias,
+                             feature_axis=feature_axis)
 
     # -- conversions ----------------------------------------------------------
     @staticmethod

@@ -124,16 +124,22 @@ class SparseDense(_SparseKernelLayer):
     def out_features(self) -> int:
         return self.pattern.get_value().out_features
 
-    def __call__(self, inputs: Any) -> Array:
+    def __call__(self, inputs: Any, *, feature_axis: int = -1) -> Array:
         """Applies the layer.
 
         Args:
-          inputs: float32 `[..., in_features]`.
+          inputs: float32 `[..., in_features]`, or with `feature_axis`,
+            in_features along that axis.
+          feature_axis: the axis of `inputs` the kernel contracts; the output
+            has out_features in its place. A token-mixing layer on
+            `[batch, tokens, dim]` is `layer(x, feature_axis=-2)`: no
+            transposes (see `sparse_linear`).
 
         Returns:
-          float32 `[..., out_features]`.
+          float32 `[..., out_features]`, or the shape of `inputs` with
+          out_features at `feature_axis`.
         """
-        return sparse_linear(inputs, self.weight, self._bias_value())
+        return sparse_linear(inputs, self.weight, self._bias_value(), feature_axis=feature_axis)
 
     def __nnx_repr__(self):
         # One line of facts instead of the arrays; also used when nested in a model.

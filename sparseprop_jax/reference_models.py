@@ -9,7 +9,9 @@ layers. `SPARSIFY_SKIP` names the layers that stay dense in the benchmarks
   3x3/2 max pool, four stages of two basic blocks, global average pool). Its
   max pool is `sparseprop_jax.max_pool`: Flax's values and gradients, faster.
 - `MLPMixer`: an MLP-Mixer (Tolstikhin et al., 2021) over image patches: the
-  token- and channel-mixing MLPs hold almost all of its weights and FLOPs.
+  token- and channel-mixing MLPs hold almost all of its weights and FLOPs. Its
+  token mixing applies a sparse layer along the tokens axis in place
+  (`feature_axis=-2`), a dense one between two swapaxes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparseprop_jax.nnx import SparseDense
 from sparseprop_jax.pooling import max_pool
 
 # fnmatch patterns for `sparsify(skip=...)`: the layers kept dense.
@@ -78,6 +81,18 @@ class ResNet18(nnx.Module):
         return self.head(jnp.mean(x, axis=(-3, -2)))
 
 
+def _across_tokens(layer: nnx.Module, x: jax.Array) -> jax.Array:
+    """A linear layer along the tokens axis of `x` `[..., tokens, dim]`.
+
+    A `SparseDense` contracts that axis in place (`feature_axis=-2`): no
+    transposes around its custom calls. A dense `nnx.Linear` goes between two
+    swapaxes, which XLA folds into its dots.
+    """
+    if isinstance(layer, SparseDense):
+        return layer(x, feature_axis=-2)
+    return jnp.swapaxes(layer(jnp.swapaxes(x, -1, -2)), -1, -2)
+
+
 class MixerBlock(nnx.Module):
     """LayerNorm, token-mixing MLP (across patches), LayerNorm, channel-mixing MLP."""
 
@@ -91,8 +106,8 @@ class MixerBlock(nnx.Module):
         self.channel_fc2 = nnx.Linear(channel_hidden, dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., tokens, dim]
-        y = jnp.swapaxes(self.token_norm(x), -1, -2)
-        x = x + jnp.swapaxes(self.token_fc2(nnx.gelu(self.token_fc1(y))), -1, -2)
+        y = self.token_norm(x)
+        x = x + _across_tokens(self.token_fc2, nnx.gelu(_across_tokens(self.token_fc1, y)))
         y = self.channel_norm(x)
         return x + self.channel_fc2(nnx.gelu(self.channel_fc1(y)))
 

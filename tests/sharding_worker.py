@@ -37,12 +37,16 @@ N_DEVICES = 4
 
 
 class MLP(nnx.Module):
+    # On [batch, 3, 12]: both linear targets, batch-major and feature-major
+    # (the batch in dim 0 of [batch, 3, 40], as a Mixer's token mixing has it).
     def __init__(self, rngs):
         self.l1 = SparseDense(12, 40, sparsity=0.8, rngs=rngs)
+        self.mix = SparseDense(3, 6, sparsity=0.5, rngs=rngs)
         self.l2 = SparseDense(40, 5, sparsity=0.7, rngs=rngs)
 
     def __call__(self, x):
-        return self.l2(jax.nn.relu(self.l1(x)))
+        h = jax.nn.relu(self.mix(jax.nn.relu(self.l1(x)), feature_axis=-2))
+        return self.l2(h.mean(axis=1))
 
 
 class ConvNet(nnx.Module):
@@ -63,7 +67,7 @@ def _setup(name):
     rng = np.random.default_rng(0)
     if name == "dense":
         model = MLP(nnx.Rngs(0))
-        x = rng.standard_normal((16, 12)).astype(np.float32)
+        x = rng.standard_normal((16, 3, 12)).astype(np.float32)
     else:
         model = ConvNet(nnx.Rngs(0))
         x = rng.standard_normal((12, 6, 6, 3)).astype(np.float32)

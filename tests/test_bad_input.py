@@ -167,6 +167,35 @@ def test_cpp_handlers_check_the_saved_xt_layout(weight):
         np.testing.assert_array_equal(y, sp.sparse_linear(x, weight))
 
 
+def test_cpp_feature_major_handlers_check_shapes(weight):
+    # x, y and their gradients are [groups, features, n]: the handlers reject
+    # groups or columns that disagree, and features that disagree with the pattern.
+    p = weight.pattern
+    nnz = weight.values.shape[0]
+    x = jnp.ones((2, 8, 3))
+    with pytest.raises(Exception, match="x columns"):
+        jax.block_until_ready(_ffi.call(_targets.LINEAR_FEATURE_MAJOR_FORWARD, (2, 5, 4), x,
+                                        weight.values, p.indptr, p.indices))
+    with pytest.raises(Exception, match="x groups"):
+        jax.block_until_ready(_ffi.call(_targets.LINEAR_FEATURE_MAJOR_FORWARD, (1, 5, 3), x,
+                                        weight.values, p.indptr, p.indices))
+    with pytest.raises(Exception, match="pattern"):
+        jax.block_until_ready(_ffi.call(_targets.LINEAR_FEATURE_MAJOR_FORWARD, (2, 6, 3), x,
+                                        weight.values, p.indptr, p.indices))
+    dy = jnp.ones((2, 5, 3))
+    with pytest.raises(Exception, match="x features"):
+        jax.block_until_ready(_ffi.call(
+            _targets.LINEAR_FEATURE_MAJOR_BACKWARD, ((2, 8, 3), (nnz,)), dy, jnp.ones((2, 7, 3)),
+            weight.values, p.indptr, p.indices, p.t_indptr, p.t_indices, p.t_perm))
+    with pytest.raises(Exception, match="dx columns"):
+        jax.block_until_ready(_ffi.call(
+            _targets.LINEAR_FEATURE_MAJOR_INPUT_GRAD, (2, 8, 4), dy, weight.values, p.indptr,
+            p.indices, p.t_indptr, p.t_indices, p.t_perm))
+    with pytest.raises(Exception, match="dvalues output length"):
+        jax.block_until_ready(_ffi.call(
+            _targets.LINEAR_FEATURE_MAJOR_WEIGHT_GRAD, (nnz + 1,), dy, x, p.indptr, p.indices))
+
+
 # -- every corruption of a pattern leaf --------------------------------------------
 def _corruptions(pattern):
     """(leaf name, SparseWeight pattern) for every in-range change of one entry of one leaf."""
@@ -190,6 +219,10 @@ def _linear_reference(x, kernel):
     return x @ kernel
 
 
+def _linear_feature_major_reference(x, kernel):
+    return jnp.einsum("gin,io->gon", x, kernel, precision=jax.lax.Precision.HIGHEST)
+
+
 def _conv_reference(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -202,6 +235,9 @@ LAYERS = {
     # several (gathered in a phase of their own).
     "linear": (sp.sparse_linear, _linear_reference, (5, 4), (3, 5)),
     "linear-tiles": (sp.sparse_linear, _linear_reference, (5, 4), (70, 5)),
+    # Along the middle axis: two groups of a tile and a bit.
+    "linear-feature-major": (functools.partial(sp.sparse_linear, feature_axis=1),
+                             _linear_feature_major_reference, (5, 4), (2, 5, 70)),
     "conv-batch": (functools.partial(sp.sparse_conv2d, variant="batch"), _conv_reference,
                    (2, 2, 2, 3), (2, 4, 4, 2)),
     "conv-width": (functools.partial(sp.sparse_conv2d, variant="width"), _conv_reference,

@@ -45,6 +45,7 @@ def test_each_device_computes_its_shard(results, model, mode):
     r = results[model][mode]
     assert r["all_gather"] == 0 and r["all_to_all"] == 0
     # Every sparse custom call sees the local batch: 16 (dense) or 12 (conv) over 4 devices.
+    # (The dense model's first layer sees it as 3 x 4 rows.)
     local, full = {"dense": (4, 16), "conv": (3, 12)}[model]
     calls = r["custom_call_results"]
     assert calls and all(f"f32[{full}," not in c and f",{full}]" not in c for c in calls), calls

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "ffi_common.h"
+#include "linear_backward.h"
 #include "linear_ffi.h"
 #include "pattern.h"
 #include "permute.h"
@@ -294,22 +295,6 @@ ffi::Future LinearForwardAndXt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return linear_forward(pool, x, values, indptr, indices, y, &xt);
 }
 
-// What one backward call computes; the handlers below fill the parts they
-// have. The input gradient needs the values and the transposed pattern (and
-// the pattern, to check the two against each other), the weight gradient
-// x^T ([in, batch], as the forward returns it) and the pattern.
-struct Backward {
-  ffi::Buffer<ffi::F32>* xt = nullptr;
-  ffi::Buffer<ffi::F32>* values = nullptr;
-  ffi::Buffer<ffi::S32>* indptr = nullptr;
-  ffi::Buffer<ffi::S32>* indices = nullptr;
-  ffi::Buffer<ffi::S32>* t_indptr = nullptr;
-  ffi::Buffer<ffi::S32>* t_indices = nullptr;
-  ffi::Buffer<ffi::S32>* t_perm = nullptr;
-  ffi::Result<ffi::Buffer<ffi::F32>>* dx = nullptr;
-  ffi::Result<ffi::Buffer<ffi::F32>>* dvalues = nullptr;
-};
-
 // dx = dy W (iterating W by columns, the transposed pattern, so each row of
 // dx^T accumulates in registers) and dvalues[p] = <dy^T[n, :], x^T[m, :]> for
 // every nonzero (n, m) of W. A first phase transposes dy (both read it) and,
@@ -321,8 +306,8 @@ struct Backward {
 // transposed pattern's order, which each task scatters into dvalues through
 // the permutation at the end. Otherwise the weight gradient runs over W by
 // rows.
-ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, const Backward& b,
-                            const char* op) {
+ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                            const LinearBackwardOperands& b, const char* op) {
   // The results first: the operands' leading (vmap) dims broadcast against theirs.
   Stack dxs, ds, dys, xs, vs, ps;
   if (b.dx != nullptr)
@@ -343,7 +328,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
     SPARSEPROP_RETURN_IF_ERROR(check_size(dxs.dims[0], batch, op, "dx batch size"));
   }
   if (b.dvalues != nullptr) {
-    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.xt->dimensions(), 2, result, op, "x^T", &xs));
+    SPARSEPROP_RETURN_IF_ERROR(decode_operand(b.x->dimensions(), 2, result, op, "x^T", &xs));
     SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[1], batch, op, "x^T batch size"));
     if (b.dx != nullptr)
       SPARSEPROP_RETURN_IF_ERROR(check_size(xs.dims[0], n_in, op, "x^T features"));
@@ -356,17 +341,8 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   if (b.dvalues != nullptr)
     SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "dvalues output length"));
   if (b.dx != nullptr) {
-    SPARSEPROP_RETURN_IF_ERROR(
-        decode_operand(b.values->dimensions(), 1, result, op, "values", &vs));
-    SPARSEPROP_RETURN_IF_ERROR(
-        decode_operand(b.t_perm->dimensions(), 1, result, op, "transposed permutation", &ps));
-    SPARSEPROP_RETURN_IF_ERROR(decode_pattern(*b.t_indptr, *b.t_indices, n_in, n_out, result, op,
-                                              "transposed pattern", &tpat,
-                                              /*rows_checked_by_tasks=*/true));
-    SPARSEPROP_RETURN_IF_ERROR(check_size(tpat.nnz, pat.nnz, op, "transposed pattern nnz"));
-    SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], tpat.nnz, op, "values length"));
-    SPARSEPROP_RETURN_IF_ERROR(
-        check_size(ps.dims[0], tpat.nnz, op, "transposed permutation length"));
+    SPARSEPROP_RETURN_IF_ERROR(decode_transposed(*b.values, *b.t_indptr, *b.t_indices,
+                                                 *b.t_perm, pat, result, op, &vs, &tpat, &ps));
   }
 
   const Routines& k = active_routines();
@@ -388,7 +364,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, cons
   // The weight gradient over W by rows reads x^T tile by tile: with several
   // tiles, copied into the tiled layout.
   const BatchTiles tiles{batch};
-  const float* xt = want_dw ? b.xt->typed_data() : nullptr;
+  const float* xt = want_dw ? b.x->typed_data() : nullptr;
   if (want_dw && !one_pass && tiles.count() > 1) {
     xt_tiles = scratch<float>(xs.count * xs.slice());
     Phase copies;
@@ -502,25 +478,15 @@ ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                             ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> t_indptr,
                             ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
                             ffi::ResultBuffer<ffi::F32> dx) {
-  Backward b;
-  b.values = &values;
-  b.indptr = &indptr;
-  b.indices = &indices;
-  b.t_indptr = &t_indptr;
-  b.t_indices = &t_indices;
-  b.t_perm = &t_perm;
-  b.dx = &dx;
+  const auto b = LinearBackwardOperands::input_grad(values, indptr, indices, t_indptr,
+                                                    t_indices, t_perm, dx);
   return linear_backward(pool, dy, b, "sparse_linear input gradient");
 }
 
 ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                              ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::S32> indptr,
                              ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> dvalues) {
-  Backward b;
-  b.xt = &xt;
-  b.indptr = &indptr;
-  b.indices = &indices;
-  b.dvalues = &dvalues;
+  const auto b = LinearBackwardOperands::weight_grad(xt, indptr, indices, dvalues);
   return linear_backward(pool, dy, b, "sparse_linear weight gradient");
 }
 
@@ -530,7 +496,8 @@ ffi::Future LinearBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                            ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
                            ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<ffi::F32> dx,
                            ffi::ResultBuffer<ffi::F32> dvalues) {
-  Backward b{&xt, &values, &indptr, &indices, &t_indptr, &t_indices, &t_perm, &dx, &dvalues};
+  LinearBackwardOperands b{&xt, &values, &indptr, &indices, &t_indptr,
+                           &t_indices, &t_perm, &dx, &dvalues};
   return linear_backward(pool, dy, b, "sparse_linear backward");
 }
 

@@ -10,6 +10,7 @@
 
 #include "conv_ffi.h"
 #include "ffi_common.h"
+#include "linear_feature_major_ffi.h"
 #include "linear_ffi.h"
 #include "simd_dispatch.h"
 
@@ -36,6 +37,14 @@ const Target kTargets[] = {
     {"sparseprop_linear_input_grad", sparseprop::kLinearInputGrad,
      &sparseprop::kLinearInputGradSignature},
     {"sparseprop_linear_weight_grad", sparseprop::kLinearWeightGrad,
+     &sparseprop::kLinearWeightGradSignature},
+    {"sparseprop_linear_feature_major_forward", sparseprop::kLinearFeatureMajorForward,
+     &sparseprop::kLinearForwardSignature},
+    {"sparseprop_linear_feature_major_backward", sparseprop::kLinearFeatureMajorBackward,
+     &sparseprop::kLinearBackwardSignature},
+    {"sparseprop_linear_feature_major_input_grad", sparseprop::kLinearFeatureMajorInputGrad,
+     &sparseprop::kLinearInputGradSignature},
+    {"sparseprop_linear_feature_major_weight_grad", sparseprop::kLinearFeatureMajorWeightGrad,
      &sparseprop::kLinearWeightGradSignature},
     {"sparseprop_conv_batch_forward", sparseprop::kConvBatchForward,
      &sparseprop::kConvForwardSignature},

@@ -149,6 +149,22 @@ ffi::Error check_permutation(const int32_t* perm, int64_t lo, int64_t hi, int64_
   return ffi::Error::Success();
 }
 
+ffi::Error decode_transposed(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
+                             ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
+                             const Pattern& pat, const Stack& result, const char* op,
+                             Stack* vs, Pattern* tpat, Stack* ps) {
+  ffi::Error error = decode_operand(values.dimensions(), 1, result, op, "values", vs);
+  if (error.success())
+    error = decode_operand(t_perm.dimensions(), 1, result, op, "transposed permutation", ps);
+  if (error.success())
+    error = decode_pattern(t_indptr, t_indices, pat.cols, pat.rows, result, op,
+                           "transposed pattern", tpat, /*rows_checked_by_tasks=*/true);
+  if (error.success()) error = check_size(tpat->nnz, pat.nnz, op, "transposed pattern nnz");
+  if (error.success()) error = check_size(vs->dims[0], tpat->nnz, op, "values length");
+  if (error.failure()) return error;
+  return check_size(ps->dims[0], tpat->nnz, op, "transposed permutation length");
+}
+
 ffi::Error check_transposed_rows(const Pattern& tpat, const int32_t* perm, const Pattern& pat,
                                  int64_t v, int64_t row_begin, int64_t row_end,
                                  const char* op) {

@@ -66,6 +66,16 @@ ffi::Error check_transposed_rows(const Pattern& tpat, const int32_t* perm, const
                                  int64_t v, int64_t row_begin, int64_t row_end,
                                  const char* op);
 
+// Decodes what the linear layer's input gradient reads besides dy, for a
+// call stacked like `result`: the values (`vs`), the transposed pattern of
+// the decoded `pat` (`tpat`, its indices left to check_transposed_rows) and
+// its permutation into the values (`ps`), each checked to hold pat's nnz
+// entries.
+ffi::Error decode_transposed(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
+                             ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
+                             const Pattern& pat, const Stack& result, const char* op,
+                             Stack* vs, Pattern* tpat, Stack* ps);
+
 // The routines' offsets `offset(index)` of every entry, for each stacked slice of
 // the pattern's indices; `of(v)` finds the one result slice v reads.
 struct EntryOffsets {
