@@ -21,6 +21,7 @@ CASES = [
     ((2, 3, 6, 6, 2), (2, 3), (1, 2), "SAME"),  # two batch dims
     ((2, 5, 5, 4, 3), (2, 2, 2), (1, 2, 1), "VALID"),  # three window dims
     ((1, 1, 1, 3), (1, 1), (1, 1), "VALID"),
+    ((2, 11, 10, 2), (2, 2), (3, 3), ((0, 1), (2, 0))),  # stride past the window: phases no tap reads
 ]
 
 
