@@ -21,7 +21,9 @@ CASES = [
     ((2, 3, 6, 6, 2), (2, 3), (1, 2), "SAME"),  # two batch dims
     ((2, 5, 5, 4, 3), (2, 2, 2), (1, 2, 1), "VALID"),  # three window dims
     ((1, 1, 1, 3), (1, 1), (1, 1), "VALID"),
-    ((2, 11, 10, 2), (2, 2), (3, 3), ((0, 1), (2, 0))),  # stride past the window: phases no tap reads
+    ((2, 11, 10, 2), (2, 2), (3, 3), ((0, 1), (2, 0))),  # stride longer than the window
+    ((1, 13, 13, 2), (12, 12), (1, 1), "VALID"),  # 144 taps: int32 tap numbers
+    ((2, 5, 5, 3), (3, 3), (1, 1), ((2, 2), (2, 2))),  # corner windows mostly padding
 ]
 
 
@@ -82,6 +84,21 @@ def test_jit_vmap_and_integer_inputs(rng):
     ints = jnp.asarray(rng.integers(0, 9, (2, 6, 6, 3)), jnp.int32)
     np.testing.assert_array_equal(sp.max_pool(ints, (3, 3), (2, 2), "SAME"),
                                   nnx.max_pool(ints, (3, 3), (2, 2), "SAME"))
+
+
+def test_gradient_under_vmap(rng):
+    x = jnp.asarray(rng.standard_normal((3, 2, 7, 7, 4)).astype(np.float32))
+    ct = jnp.asarray(rng.standard_normal((3, 2, 4, 4, 4)).astype(np.float32))
+
+    def grad(x, ct):
+        return jax.grad(lambda x: jnp.vdot(sp.max_pool(x, (3, 3), (2, 2), "SAME"), ct))(x)
+
+    def grad_ref(x, ct):
+        return jax.grad(lambda x: jnp.vdot(nnx.max_pool(x, (3, 3), (2, 2), "SAME"), ct))(x)
+
+    np.testing.assert_allclose(jax.jit(jax.vmap(grad))(x, ct),
+                               np.stack([grad_ref(a, b) for a, b in zip(x, ct)]),
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("args,error,match", [
