@@ -173,12 +173,15 @@ def forward_fn(model: nnx.Module) -> tuple[Callable, Any]:
     return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
 
 
-def layer_pass_fn(module: nnx.Module) -> tuple[Callable, Any]:
-    """A layer's forward and both gradients alone: `fn(params, x, ct)`, and its params."""
+def layer_pass_fn(module: nnx.Module, **call_kwargs) -> tuple[Callable, Any]:
+    """A layer's forward and both gradients alone: `fn(params, x, ct)`, and its params.
+
+    `call_kwargs`: what the model passes the layer besides its input.
+    """
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
     def loss(params, x, ct):
-        return jnp.vdot(nnx.merge(graphdef, params, rest)(x), ct)
+        return jnp.vdot(nnx.merge(graphdef, params, rest)(x, **call_kwargs), ct)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
 
@@ -187,7 +190,12 @@ def layer_pass_fn(module: nnx.Module) -> tuple[Callable, Any]:
 
 @dataclasses.dataclass
 class LayerGroup:
-    """Layers of one kind, kernel shape, input shape and geometry: timed once, counted n times."""
+    """Layers of one kind, kernel shape, input shape and geometry: timed once, counted n times.
+
+    The sparse layer is timed as the sparse model calls it, which may differ from
+    the dense model's call: the reference Mixer applies its sparse token-mixing
+    layers along the tokens axis in place, its dense ones between swapaxes.
+    """
 
     key: tuple
     names: list[str]
@@ -195,6 +203,38 @@ class LayerGroup:
     input_shape: tuple
     dense_module: nnx.Module
     sparse_module: nnx.Module
+    sparse_input_shape: tuple
+    sparse_kwargs: dict
+
+
+def sparse_layer_calls(model: nnx.Module, paths: list[tuple], x: jax.Array) -> dict:
+    """{path: (input shape, keyword arguments)} of the layers at `paths` as `model(x)` calls them.
+
+    Runs a clone of the model once, eagerly, with the layers' classes' `__call__`
+    wrapped to note each call (a stand-in module would fail the model's own
+    isinstance checks).
+    """
+    model = nnx.clone(model)
+    modules = {id(_module_at(model, path)): path for path in paths}
+    classes = {type(_module_at(model, path)) for path in paths}
+    originals = {cls: cls.__call__ for cls in classes}
+    calls: dict = {}
+
+    def noting(original):
+        def call(self, inputs, *args, **kwargs):
+            if id(self) in modules:
+                calls.setdefault(modules[id(self)], (tuple(np.shape(inputs)), dict(kwargs)))
+            return original(self, inputs, *args, **kwargs)
+        return call
+
+    try:
+        for cls in classes:
+            cls.__call__ = noting(originals[cls])
+        model(x)
+    finally:
+        for cls in classes:
+            cls.__call__ = originals[cls]
+    return calls
 
 
 def _module_at(model: nnx.Module, path: tuple) -> nnx.Module:
@@ -208,15 +248,19 @@ def sparsified_layer_groups(dense: nnx.Module, sparse: nnx.Module, report, x) ->
     sparse_names = {r.name for r in report if r.is_sparse}
     layers = [layer for layer in _model_walk.nnx_layers(dense) if layer.name in sparse_names]
     _model_walk.nnx_input_shapes(dense, layers, (x,), {})
+    sparse_calls = sparse_layer_calls(sparse, [layer.path for layer in layers], x)
     groups: dict[tuple, LayerGroup] = {}
     for layer in layers:
-        key = (layer.kind, layer.shape, layer.input_shape, str(layer.strides), str(layer.padding))
+        sparse_shape, sparse_kwargs = sparse_calls[layer.path]
+        key = (layer.kind, layer.shape, layer.input_shape, str(layer.strides), str(layer.padding),
+               sparse_shape, str(sorted(sparse_kwargs.items())))
         if key in groups:
             groups[key].names.append(layer.name)
             groups[key].paths.append(layer.path)
         else:
             groups[key] = LayerGroup(key, [layer.name], [layer.path], layer.input_shape,
-                                     layer.module, _module_at(sparse, layer.path))
+                                     layer.module, _module_at(sparse, layer.path), sparse_shape,
+                                     sparse_kwargs)
     return list(groups.values())
 
 
@@ -270,19 +314,20 @@ def bench_model(config: Config, sparsity: float, *, batch: int = BATCH,
     # Each sparsified layer alone, dense (lax and, for convs, im2col) and sparse.
     cases = []
     for i, group in enumerate(groups):
-        ct = jnp.asarray(rng.standard_normal(
-            jax.eval_shape(group.dense_module, jax.ShapeDtypeStruct(group.input_shape,
-                                                                    jnp.float32)).shape,
-            dtype=np.float32))
-        lx = jnp.asarray(rng.standard_normal(group.input_shape, dtype=np.float32))
-        for variant, module in (("dense", group.dense_module), ("sparse", group.sparse_module)):
-            fn, params = layer_pass_fn(module)
+        calls = (("dense", group.dense_module, group.input_shape, {}),
+                 ("sparse", group.sparse_module, group.sparse_input_shape, group.sparse_kwargs))
+        for variant, module, shape, kwargs in calls:
+            lx = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+            ct = jnp.asarray(rng.standard_normal(jax.eval_shape(
+                lambda x: module(x, **kwargs), jax.ShapeDtypeStruct(shape, jnp.float32)).shape,
+                dtype=np.float32))
+            fn, params = layer_pass_fn(module, **kwargs)
             cases.append(_timing.Case(f"layer{i}/{variant}", fn, params, lx, ct))
-        if isinstance(group.dense_module, nnx.Conv):
-            im2col = nnx.clone(group.dense_module)
-            im2col.conv_general_dilated = sparseprop_jax.conv_general_dilated
-            fn, params = layer_pass_fn(im2col)
-            cases.append(_timing.Case(f"layer{i}/im2col", fn, params, lx, ct))
+            if variant == "dense" and isinstance(module, nnx.Conv):
+                im2col = nnx.clone(module)
+                im2col.conv_general_dilated = sparseprop_jax.conv_general_dilated
+                fn, params = layer_pass_fn(im2col)
+                cases.append(_timing.Case(f"layer{i}/im2col", fn, params, lx, ct))
     layer_samples = _timing.run_interleaved(cases, min_time=min_time, min_repeats=repeats)
     layer_ms = {name: _timing.median_ms(s) for name, s in layer_samples.items()}
 
@@ -327,6 +372,8 @@ def bench_model(config: Config, sparsity: float, *, batch: int = BATCH,
               "batch": batch, "sparsity": sparsity, "sparse_layers": len(
                   [r for r in report if r.is_sparse]),
               "layers": [{"names": g.names, "input_shape": list(g.input_shape),
+                          "sparse_input_shape": list(g.sparse_input_shape),
+                          "sparse_call": {k: repr(v) for k, v in g.sparse_kwargs.items()},
                           **{v: layer_ms.get(f"layer{i}/{v}")
                              for v in ("dense", "im2col", "sparse")}}
                          for i, g in enumerate(groups)],
