@@ -11,41 +11,12 @@ import pytest
 from jax.test_util import check_grads
 
 import sparseprop_jax as sp
-from conftest import assert_close, dense_reference, random_kernel, tasks_per_call
+from conftest import (assert_close, check_linear_against_dense, dense_reference, random_kernel,
+                      tasks_per_call)
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (33, 33), (4096, 7), (7, 4096)]
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 BATCHES = [1, 3, 17, 100]
-
-
-def _value_and_grads(weight, x, bias, dy):
-    """Output and (dx, dvalues, dbias) of sparse_linear for cotangent dy, jitted."""
-
-    def loss(x, values, bias):
-        y = sp.sparse_linear(x, weight.with_values(values), bias)
-        return jnp.vdot(y, dy), y
-
-    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
-    (dx, dvalues, dbias), y = grad_fn(x, weight.values, bias)
-    return y, dx, weight.with_values(dvalues).to_dense(), dbias
-
-
-def _check_against_dense(kernel, x, rng):
-    n_in, n_out = kernel.shape
-    weight = sp.SparseWeight.from_dense(kernel)
-    bias = rng.standard_normal(n_out).astype(np.float32)
-    dy = rng.standard_normal(x.shape[:-1] + (n_out,)).astype(np.float32)
-    y_ref, dx_ref, dk_ref, db_ref = dense_reference(x, kernel, bias, dy)
-    batch = int(np.prod(x.shape[:-1]))
-    for path in sp.supported_simd_paths():
-        with sp.use_simd_path(path):  # results ready before the path is restored
-            y, dx, dk, db = jax.block_until_ready(_value_and_grads(weight, x, bias, dy))
-        assert_close(y, y_ref, n_in)
-        assert_close(dx, dx_ref, n_out)
-        # The weight gradient exists only on the pattern; elsewhere it is exactly 0.
-        assert_close(dk, dk_ref * (kernel != 0), batch)
-        assert np.all(np.asarray(dk)[kernel == 0] == 0)
-        assert_close(db, db_ref, batch)
 
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)
@@ -54,7 +25,7 @@ def test_matches_dense_over_shapes_sparsities_batches(shape, sparsity, rng):
     kernel = random_kernel(rng, *shape, sparsity)
     for batch in BATCHES:
         x = rng.standard_normal((batch, shape[0])).astype(np.float32)
-        _check_against_dense(kernel, x, rng)
+        check_linear_against_dense(kernel, x, rng)
 
 
 def test_large_activations(rng):
@@ -62,12 +33,12 @@ def test_large_activations(rng):
     # (kStreamMinBytes in ffi_common.h): written with streaming stores on
     # the SIMD paths, except in the last, 12-wide batch tile.
     kernel = random_kernel(rng, 1024, 1024, 0.99)
-    _check_against_dense(kernel, rng.standard_normal((1100, 1024)).astype(np.float32), rng)
+    check_linear_against_dense(kernel, rng.standard_normal((1100, 1024)).astype(np.float32), rng)
 
 
 def test_large_square_layer(rng):
     kernel = random_kernel(rng, 4096, 4096, 0.99)
-    _check_against_dense(kernel, rng.standard_normal((17, 4096)).astype(np.float32), rng)
+    check_linear_against_dense(kernel, rng.standard_normal((17, 4096)).astype(np.float32), rng)
 
 
 def test_empty_rows_and_columns(rng):
@@ -75,13 +46,13 @@ def test_empty_rows_and_columns(rng):
     kernel[[0, 13, 39], :] = 0  # input features nothing reads
     kernel[:, [0, 11, 29]] = 0  # output features that stay at the bias
     x = rng.standard_normal((37, 40)).astype(np.float32)
-    _check_against_dense(kernel, x, rng)
+    check_linear_against_dense(kernel, x, rng)
 
 
 def test_leading_dims_and_vector_input(rng):
     kernel = random_kernel(rng, 9, 5, 0.6)
-    _check_against_dense(kernel, rng.standard_normal((2, 3, 4, 9)).astype(np.float32), rng)
-    _check_against_dense(kernel, rng.standard_normal((9,)).astype(np.float32), rng)
+    check_linear_against_dense(kernel, rng.standard_normal((2, 3, 4, 9)).astype(np.float32), rng)
+    check_linear_against_dense(kernel, rng.standard_normal((9,)).astype(np.float32), rng)
 
 
 def test_empty_batch(rng):

@@ -14,45 +14,13 @@ import numpy as np
 import pytest
 
 import sparseprop_jax as sp
-from conftest import assert_close, dense_reference, random_kernel, tasks_per_call
+from conftest import (assert_close, check_linear_against_dense, dense_reference, random_kernel,
+                      tasks_per_call)
 
 SHAPES = [(1, 1), (7, 33), (33, 7), (64, 128)]
 SPARSITIES = [0.0, 0.5, 0.95, 1.0]
 # (groups, n): one group, one column, a tile and a bit (65), several tiles, no groups.
 LAYOUTS = [(1, 1), (3, 5), (2, 65), (4, 130), (0, 9), (2, 0)]
-
-
-def _grads(weight, x, bias, dy, axis):
-    """Output and (dx, dense dkernel, dbias) of the layer along `axis`, jitted."""
-
-    def loss(x, values, bias):
-        y = sp.sparse_linear(x, weight.with_values(values), bias, feature_axis=axis)
-        return jnp.vdot(y, dy), y
-
-    (dx, dvalues, dbias), y = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(
-        x, weight.values, bias)
-    return y, dx, weight.with_values(dvalues).to_dense(), dbias
-
-
-def _check(kernel, x, axis, rng):
-    n_in, n_out = kernel.shape
-    weight = sp.SparseWeight.from_dense(kernel)
-    bias = rng.standard_normal(n_out).astype(np.float32)
-    out_shape = list(x.shape)
-    out_shape[axis] = n_out
-    dy = rng.standard_normal(out_shape).astype(np.float32)
-    y_ref, dx_ref, dk_ref, db_ref = dense_reference(np.moveaxis(x, axis, -1), kernel, bias,
-                                                    np.moveaxis(dy, axis, -1))
-    batch = x.size // n_in
-    for path in sp.supported_simd_paths():
-        with sp.use_simd_path(path):
-            y, dx, dk, db = jax.block_until_ready(_grads(weight, x, bias, dy, axis))
-        assert y.shape == tuple(out_shape)
-        assert_close(y, np.moveaxis(y_ref, -1, axis), n_in)
-        assert_close(dx, np.moveaxis(dx_ref, -1, axis), n_out)
-        assert_close(dk, dk_ref * (kernel != 0), batch)
-        assert np.all(np.asarray(dk)[kernel == 0] == 0)
-        assert_close(db, db_ref, batch)
 
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)
@@ -61,7 +29,7 @@ def test_matches_dense_over_shapes_sparsities_layouts(shape, sparsity, rng):
     kernel = random_kernel(rng, *shape, sparsity)
     for groups, n in LAYOUTS:
         x = rng.standard_normal((groups, shape[0], n)).astype(np.float32)
-        _check(kernel, x, 1, rng)
+        check_linear_against_dense(kernel, x, rng, feature_axis=1)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2, -2, -3])
@@ -69,7 +37,8 @@ def test_any_axis_of_four_dims(axis, rng):
     kernel = random_kernel(rng, 6, 5, 0.5)
     shape = [2, 3, 4, 7]
     shape[axis] = 6
-    _check(kernel, rng.standard_normal(shape).astype(np.float32), axis, rng)
+    check_linear_against_dense(kernel, rng.standard_normal(shape).astype(np.float32), rng,
+                               feature_axis=axis)
 
 
 def test_same_as_swapaxes_around_the_last_axis(rng):
