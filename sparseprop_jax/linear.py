@@ -49,27 +49,35 @@ def _linear_2d_fwd(shape, x, values, indptr, indices, t_indptr, t_indices, t_per
     return y, (xt, values if want_dx else None, pattern)
 
 
-def _linear_2d_bwd(shape, residuals, dy):
-    xt, values, (indptr, indices, t_indptr, t_indices, t_perm) = residuals
+def _backward(targets, dx_shape, saved_x, values, pattern, dy):
+    """The cotangents of (x, values, *pattern) for one layout's targets.
+
+    `targets` are its (backward, input gradient, weight gradient) targets;
+    `saved_x` is what its weight gradient reads (None when the values need no
+    gradient), `values` None when x needs none.
+    """
+    backward, input_grad, weight_grad = targets
+    indptr, indices = pattern[:2]
     # The pattern is integer data: no cotangent. None is a zero cotangent.
     none = (None,) * 5
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         return (None, None) + none
-    batch = dy.shape[0]
-    if xt is not None and values is not None:
-        dx, dvalues = _ffi.call(_targets.LINEAR_BACKWARD,
-                                ((batch, shape[0]), (indices.shape[0],)), dy, xt, values, indptr,
-                                indices, t_indptr, t_indices, t_perm)
+    if saved_x is not None and values is not None:
+        dx, dvalues = _ffi.call(backward, (dx_shape, (indices.shape[0],)), dy, saved_x, values,
+                                *pattern)
         return (dx, dvalues) + none
     if values is not None:
-        dx = _ffi.call(_targets.LINEAR_INPUT_GRAD, (batch, shape[0]), dy, values, indptr, indices,
-                       t_indptr, t_indices, t_perm)
-        return (dx, None) + none
-    if xt is not None:
-        dvalues = _ffi.call(_targets.LINEAR_WEIGHT_GRAD, (indices.shape[0],), dy, xt, indptr,
-                            indices)
+        return (_ffi.call(input_grad, dx_shape, dy, values, *pattern), None) + none
+    if saved_x is not None:
+        dvalues = _ffi.call(weight_grad, (indices.shape[0],), dy, saved_x, indptr, indices)
         return (None, dvalues) + none
     return (None, None) + none
+
+
+def _linear_2d_bwd(shape, residuals, dy):
+    xt, values, pattern = residuals
+    targets = (_targets.LINEAR_BACKWARD, _targets.LINEAR_INPUT_GRAD, _targets.LINEAR_WEIGHT_GRAD)
+    return _backward(targets, (dy.shape[0], shape[0]), xt, values, pattern, dy)
 
 
 _linear_2d.defvjp(_linear_2d_fwd, _linear_2d_bwd, symbolic_zeros=True)
@@ -93,25 +101,10 @@ def _linear_feature_major_fwd(shape, x, values, indptr, indices, t_indptr, t_ind
 
 
 def _linear_feature_major_bwd(shape, residuals, dy):
-    x, values, (indptr, indices, t_indptr, t_indices, t_perm) = residuals
-    none = (None,) * 5
-    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
-        return (None, None) + none
-    dx_shape = (dy.shape[0], shape[0], dy.shape[2])
-    if x is not None and values is not None:
-        dx, dvalues = _ffi.call(_targets.LINEAR_FEATURE_MAJOR_BACKWARD,
-                                (dx_shape, (indices.shape[0],)), dy, x, values, indptr, indices,
-                                t_indptr, t_indices, t_perm)
-        return (dx, dvalues) + none
-    if values is not None:
-        dx = _ffi.call(_targets.LINEAR_FEATURE_MAJOR_INPUT_GRAD, dx_shape, dy, values, indptr,
-                       indices, t_indptr, t_indices, t_perm)
-        return (dx, None) + none
-    if x is not None:
-        dvalues = _ffi.call(_targets.LINEAR_FEATURE_MAJOR_WEIGHT_GRAD, (indices.shape[0],), dy, x,
-                            indptr, indices)
-        return (None, dvalues) + none
-    return (None, None) + none
+    x, values, pattern = residuals
+    targets = (_targets.LINEAR_FEATURE_MAJOR_BACKWARD, _targets.LINEAR_FEATURE_MAJOR_INPUT_GRAD,
+               _targets.LINEAR_FEATURE_MAJOR_WEIGHT_GRAD)
+    return _backward(targets, (dy.shape[0], shape[0], dy.shape[2]), x, values, pattern, dy)
 
 
 _linear_feature_major.defvjp(_linear_feature_major_fwd, _linear_feature_major_bwd,
