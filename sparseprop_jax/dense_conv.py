@@ -5,9 +5,11 @@ so it can be given to `flax.nnx.Conv(..., conv_general_dilated=...)` or
 `flax.linen.Conv(conv_general_dilated=...)` for the convolutions a model keeps
 dense (`sparsify` does that for nnx models by default). For an undilated,
 ungrouped convolution the forward pass is XLA's, and the gradients are
-products with the input's patches (gathered by strided slices): the weight
-gradient multiplies the patches, laid out feature-major, by the output
-gradient; the input gradient multiplies the output gradient by the kernel
+products with the input's patches: the weight gradient of a 2-D float32
+convolution with short kernel rows (the 7x7 stem on 3 channels) is a C++
+product that reads each patch where it lies in the input, any other
+multiplies the patches (gathered by strided slices), laid out feature-major,
+by the output gradient; the input gradient multiplies the output gradient by the kernel
 and scatters the product back through the slices' transpose (pads and adds
 that XLA fuses). XLA's own convolution gradients, above all the weight
 gradient of a 7x7 stem on 3 channels, are several times slower
@@ -27,6 +29,15 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from sparseprop_jax import _ffi, _targets
+
+# The weight gradient of a 2-D float32 convolution is the C++ product
+# (xla_ffi/dense_conv_ffi.cc) where a kernel row has at most this many entries
+# (kw x cin): there it measured faster than patches times dy (the ResNet18
+# stem, 7 x 3, and 3 x 64), and slower from 3 x 128 up, where XLA's product
+# of the larger matrices is the faster (benchmarks/results/NOTES.md).
+_CPP_MAX_ROW = 192
 
 # Below this many input channels the patches are gathered in two steps (all
 # taps of a row, then the rows): fewer, wider slices for the 3-channel stem.
@@ -115,14 +126,19 @@ def _patch_conv_bwd(strides, pads, dimension_numbers, precision, residuals, dy):
     x, kernel = residuals
     window, out = _geometry(x.shape, kernel.shape, strides, pads)
     cout = kernel.shape[-1]
-    rows = dy.reshape(-1, cout)
-    # The weight gradient from feature-major patches [K, N * pixels]: a plain
-    # product, where [N * pixels, K] patches would need the transpose of one
-    # operand (of dy, fused into the producer of dy, in XLA's CPU schedule).
-    x_t = jnp.moveaxis(x, -1, 0)
-    patches_t = _patches(_pad(x_t, pads, 2), window, strides, out, 0)
-    dkernel = lax.dot_general(patches_t.reshape(patches_t.shape[0], -1), rows,
-                              (((1,), (0,)), ((), ())), precision=precision)
+    if len(window) == 2 and x.dtype == jnp.float32 and window[1] * x.shape[-1] <= _CPP_MAX_ROW:
+        # The C++ product reads the patches where they lie.
+        dkernel = _ffi.call(_targets.DENSE_CONV_WEIGHT_GRAD, kernel.shape, _pad(x, pads, 1), dy,
+                            stride_h=strides[0], stride_w=strides[1])
+    else:
+        # The weight gradient from feature-major patches [K, N * pixels]: a plain
+        # product, where [N * pixels, K] patches would need the transpose of one
+        # operand (of dy, fused into the producer of dy, in XLA's CPU schedule).
+        x_t = jnp.moveaxis(x, -1, 0)
+        patches_t = _patches(_pad(x_t, pads, 2), window, strides, out, 0)
+        dkernel = lax.dot_general(patches_t.reshape(patches_t.shape[0], -1),
+                                  dy.reshape(-1, cout), (((1,), (0,)), ((), ())),
+                                  precision=precision)
     # The input gradient: the patches' gradient, scattered back by the slices' transpose.
     dpatches = lax.dot_general(dy, kernel.reshape(-1, cout), (((x.ndim - 1,), (1,)), ((), ())),
                                precision=precision)

@@ -1,5 +1,6 @@
 """sparseprop_jax.conv_general_dilated against lax.conv_general_dilated: values and gradients."""
 
+import functools
 import re
 
 import jax
@@ -11,7 +12,8 @@ from flax import nnx
 from jax import lax
 
 import sparseprop_jax as sp
-from sparseprop_jax import dense_conv
+from conftest import tasks_per_call
+from sparseprop_jax import _ffi, _targets, dense_conv
 
 LAYOUTS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
 
@@ -50,8 +52,15 @@ def _check(x_shape, w_shape, strides, padding, dimension_numbers, **kwargs):
     ((5, 6, 6, 32), (1, 1, 32, 7), (2, 2), "VALID"),             # strided 1x1 (a shortcut)
     ((1, 4, 4, 2), (4, 4, 2, 3), (1, 1), "VALID"),               # output 1x1
     ((0, 5, 5, 3), (3, 3, 3, 2), (1, 1), "SAME"),                # empty batch
+    # The C++ weight gradient's edges: output channels past whole vectors (13,
+    # 37: AVX2 and AVX-512 lanes), kernel rows of kw x cin = 4 and 5 entries
+    # (blocks of 3 leave 1 and 2), and several pixel blocks (2400 pixels).
+    ((2, 9, 10, 2), (2, 2, 2, 13), (1, 1), "SAME"),
+    ((3, 8, 7, 1), (3, 5, 1, 37), (2, 1), ((2, 2), (1, 3))),
+    ((6, 40, 40, 3), (7, 7, 3, 24), (2, 2), ((3, 3), (3, 3))),
+    ((2, 6, 5, 70), (3, 3, 70, 9), (1, 1), "SAME"),              # rows of 210: patches x dy
 ])
-def test_2d_matches_lax(x_shape, w_shape, strides, padding):
+def test_2d_matches_lax(x_shape, w_shape, strides, padding, simd_path):
     _check(x_shape, w_shape, strides, padding, LAYOUTS[2])
 
 
@@ -121,6 +130,68 @@ def test_gradients_are_products_not_convolutions():
     graphdef, state = nnx.split(layer)
     # (grad alone: the forward's output is not needed, so no convolution at all)
     assert _convolutions(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x))), state) == 0
+
+
+def _weight_grad(x, w, strides=(2, 2), padding=((3, 3), (3, 3))):
+    return jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(sp.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=LAYOUTS[2])))))(w)
+
+
+def test_2d_weight_gradient_product_by_kernel_row_length():
+    # The C++ product up to dense_conv._CPP_MAX_ROW entries per kernel row
+    # (kw x cin), patches times dy past it.
+    def weight_grad_hlo(cin, kw):
+        x, w = jnp.ones((2, 8, 8, cin)), jnp.ones((3, kw, cin, 4))
+        return jax.jit(jax.grad(lambda w: jnp.sum(sp.conv_general_dilated(
+            x, w, (2, 2), "SAME", dimension_numbers=LAYOUTS[2])))).lower(w).as_text()
+    for cin, kw, cpp in ((3, 7, True), (64, 3, True), (65, 3, False), (128, 1, True)):
+        hlo = weight_grad_hlo(cin, kw)
+        assert (_targets.DENSE_CONV_WEIGHT_GRAD.name in hlo) == cpp, (cin, kw)
+        assert ("dot_general" in hlo) == (not cpp), (cin, kw)
+
+
+def test_2d_weight_gradient_is_deterministic():
+    # Pixel blocks fixed by the shapes, partials added in block order: the
+    # same bits for any number of tasks.
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((8, 40, 40, 3), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((7, 7, 3, 16), dtype=np.float32))
+    results = []
+    for n in (1, 2, 7):
+        with tasks_per_call(n):
+            results.append(np.asarray(_weight_grad(x, w)))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_2d_weight_gradient_per_example_under_vmap():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((3, 2, 9, 9, 3), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 10), dtype=np.float32))
+
+    def per_example(conv):
+        grad = jax.grad(lambda w, x: jnp.sum(jnp.sin(conv(
+            x, w, (2, 2), "SAME", dimension_numbers=LAYOUTS[2]))))
+        return jax.jit(jax.vmap(grad, in_axes=(None, 0)))(w, x)
+    np.testing.assert_allclose(per_example(sp.conv_general_dilated),
+                               per_example(lax.conv_general_dilated), rtol=1e-4, atol=1e-4)
+
+
+def test_cpp_weight_gradient_checks_shapes():
+    x, dy = jnp.ones((2, 10, 10, 3)), jnp.ones((2, 4, 4, 5))
+    call = functools.partial(_ffi.call, _targets.DENSE_CONV_WEIGHT_GRAD)
+    np.testing.assert_allclose(call((3, 3, 3, 5), x, dy, stride_h=2, stride_w=2), 16 * 2)
+    for shape, strides, match in (((3, 3, 4, 5), (2, 2), "kernel input channels"),
+                                  ((3, 3, 3, 6), (2, 2), "kernel output channels"),
+                                  ((3, 3, 3, 5), (1, 2), "dy height"),
+                                  ((3, 5, 3, 5), (2, 2), "dy width"),
+                                  ((11, 3, 3, 5), (2, 2), "larger than the padded input"),
+                                  ((3, 3, 3, 5), (0, 2), "strides")):
+        with pytest.raises(Exception, match=match):
+            jax.block_until_ready(call(shape, x, dy, stride_h=strides[0], stride_w=strides[1]))
+    with pytest.raises(Exception, match="dy batch size"):
+        jax.block_until_ready(call((3, 3, 3, 5), x, jnp.ones((3, 4, 4, 5)), stride_h=2,
+                                   stride_w=2))
 
 
 def test_bad_arguments_get_lax_errors():

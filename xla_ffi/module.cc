@@ -9,6 +9,7 @@
 #include <string>
 
 #include "conv_ffi.h"
+#include "dense_conv_ffi.h"
 #include "ffi_common.h"
 #include "linear_feature_major_ffi.h"
 #include "linear_ffi.h"
@@ -54,6 +55,8 @@ const Target kTargets[] = {
      &sparseprop::kConvForwardSignature},
     {"sparseprop_conv_width_backward", sparseprop::kConvWidthBackward,
      &sparseprop::kConvBackwardSignature},
+    {"sparseprop_dense_conv_weight_grad", sparseprop::kDenseConvWeightGrad,
+     &sparseprop::kDenseConvWeightGradSignature},
 };
 
 // A dtype as numpy names it.

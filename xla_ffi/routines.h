@@ -110,6 +110,15 @@ struct RoutinesFor {
   void (*transpose)(const T* src, int64_t ld_src, T* dst, int64_t ld_dst,
                     int64_t rows, int64_t col_begin, int64_t col_end, bool stream);
 
+  // The weight gradient of a dense convolution over a block of output pixels,
+  // the patches read where they lie in the padded input (no patch matrix):
+  //   dw[(i * seg + r) * cout + o] +=
+  //       sum_{q < n_pixels} x[base[q] + i * ld_seg + r] * dy[q * cout + o]
+  // for kernel rows i < n_segs, r < seg (a kernel row's kw x cin entries,
+  // contiguous in an NHWC input) and o < cout. Each sum runs over q in order.
+  void (*patch_weight_grad)(const T* x, const int64_t* base, int64_t n_pixels, int64_t n_segs,
+                            int64_t ld_seg, int64_t seg, const T* dy, int64_t cout, T* dw);
+
   // Whether the linear backward runs spmm_sddmm_indexed when it wants both
   // gradients, rather than spmm_indexed and sddmm_indexed apart.
   bool one_pass_backward;
