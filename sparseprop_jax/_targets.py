@@ -117,7 +117,10 @@ CONV_VARIANTS = ("batch", "width")
 CONV_FORWARD = {v: _conv_forward(v) for v in CONV_VARIANTS}
 CONV_BACKWARD = {v: _conv_backward(v) for v in CONV_VARIANTS}
 
-# -- the dense convolution's weight gradient: x (padded) and dy NHWC, the kernel HWIO --
+# -- the dense 2-D convolution: x (padded), y and dy NHWC, the kernel HWIO -----------
+DENSE_CONV_FORWARD = Target(
+    "sparseprop_dense_conv_forward", (Array("x", FLOAT, 0), Array("kernel", FLOAT)),
+    (Array("y", FLOAT, 0),), ("stride_h", "stride_w"))
 DENSE_CONV_WEIGHT_GRAD = Target(
     "sparseprop_dense_conv_weight_grad", (Array("x", FLOAT, 0), Array("dy", FLOAT, 0)),
     (Array("dkernel", FLOAT, SUM),), ("stride_h", "stride_w"))
@@ -126,7 +129,8 @@ ALL: tuple[Target, ...] = (LINEAR_FORWARD, LINEAR_FORWARD_AND_XT, LINEAR_BACKWAR
                            LINEAR_INPUT_GRAD, LINEAR_WEIGHT_GRAD, LINEAR_FEATURE_MAJOR_FORWARD,
                            LINEAR_FEATURE_MAJOR_BACKWARD, LINEAR_FEATURE_MAJOR_INPUT_GRAD,
                            LINEAR_FEATURE_MAJOR_WEIGHT_GRAD,
-                           *CONV_FORWARD.values(), *CONV_BACKWARD.values(), DENSE_CONV_WEIGHT_GRAD)
+                           *CONV_FORWARD.values(), *CONV_BACKWARD.values(), DENSE_CONV_FORWARD,
+                           DENSE_CONV_WEIGHT_GRAD)
 
 
 def _disagreement(target: Target, reported: Mapping) -> Optional[str]:

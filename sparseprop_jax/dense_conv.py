@@ -32,11 +32,12 @@ from jax import lax
 
 from sparseprop_jax import _ffi, _targets
 
-# The weight gradient of a 2-D float32 convolution is the C++ product
-# (xla_ffi/dense_conv_ffi.cc) where a kernel row has at most this many entries
-# (kw x cin): there it measured faster than patches times dy (the ResNet18
-# stem, 7 x 3, and 3 x 64), and slower from 3 x 128 up, where XLA's product
-# of the larger matrices is the faster (benchmarks/results/NOTES.md).
+# A 2-D float32 convolution runs its forward and weight gradient as the C++
+# products (xla_ffi/dense_conv_ffi.cc) where a kernel row has at most this
+# many entries (kw x cin): there they measured faster than XLA's convolution
+# and patches times dy (the ResNet18 stem, 7 x 3, and 3 x 64), and slower
+# from 3 x 128 up, where XLA's products of the larger matrices are the faster
+# (benchmarks/results/NOTES.md).
 _CPP_MAX_ROW = 192
 
 # Below this many input channels the patches are gathered in two steps (all
@@ -113,11 +114,22 @@ def _pad(x, pads, spatial_first):
     return jnp.pad(x, widths)
 
 
+def _in_cpp(x, kernel) -> bool:
+    """Whether the C++ products (xla_ffi/dense_conv_ffi.cc) run this convolution."""
+    return (kernel.ndim == 4 and x.dtype == jnp.float32
+            and kernel.shape[1] * kernel.shape[2] <= _CPP_MAX_ROW)
+
+
 def _patch_conv_fwd(x, kernel, strides, pads, dimension_numbers, precision):
-    # XLA's forward convolution is as fast as patches times the kernel (and
-    # needs no patches in memory); its gradients are what is slow.
-    y = lax.conv_general_dilated(x, kernel, strides, pads, precision=precision,
-                                 dimension_numbers=dimension_numbers)
+    if _in_cpp(x, kernel):
+        _, out = _geometry(x.shape, kernel.shape, strides, pads)
+        y = _ffi.call(_targets.DENSE_CONV_FORWARD, (x.shape[0], *out, kernel.shape[-1]),
+                      _pad(x, pads, 1), kernel, stride_h=strides[0], stride_w=strides[1])
+    else:
+        # XLA's forward convolution is as fast as patches times the kernel (and
+        # needs no patches in memory); its gradients are what is slow.
+        y = lax.conv_general_dilated(x, kernel, strides, pads, precision=precision,
+                                     dimension_numbers=dimension_numbers)
     return y, (x, kernel)
 
 
@@ -126,7 +138,7 @@ def _patch_conv_bwd(strides, pads, dimension_numbers, precision, residuals, dy):
     x, kernel = residuals
     window, out = _geometry(x.shape, kernel.shape, strides, pads)
     cout = kernel.shape[-1]
-    if len(window) == 2 and x.dtype == jnp.float32 and window[1] * x.shape[-1] <= _CPP_MAX_ROW:
+    if _in_cpp(x, kernel):
         # The C++ product reads the patches where they lie.
         dkernel = _ffi.call(_targets.DENSE_CONV_WEIGHT_GRAD, kernel.shape, _pad(x, pads, 1), dy,
                             stride_h=strides[0], stride_w=strides[1])

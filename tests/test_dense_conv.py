@@ -117,17 +117,23 @@ def _convolutions(fn, *args) -> int:
 
 
 def test_gradients_are_products_not_convolutions():
-    x = jnp.ones((2, 8, 8, 3))
-    w = jnp.ones((3, 3, 3, 4))
-
     def loss(conv):
         return jax.value_and_grad(lambda x, w: jnp.sum(conv(
             x, w, (1, 1), "SAME", dimension_numbers=LAYOUTS[2])), argnums=(0, 1))
+    # Kernel rows (kw x cin) past dense_conv._CPP_MAX_ROW: XLA's forward, products after.
+    x, w = jnp.ones((2, 8, 8, 70)), jnp.ones((3, 3, 70, 4))
     assert _convolutions(loss(lax.conv_general_dilated), x, w) == 3
     assert _convolutions(loss(sp.conv_general_dilated), x, w) == 1  # the forward
+    # Short rows: the C++ forward, no convolution at all.
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    assert _convolutions(loss(sp.conv_general_dilated), x, w) == 0
+    assert _targets.DENSE_CONV_FORWARD.name in jax.jit(loss(sp.conv_general_dilated)).lower(
+        x, w).as_text()
     # So in Flax's layers too (they pass out_sharding=None and tuple dimension numbers).
-    layer = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0), conv_general_dilated=sp.conv_general_dilated)
+    x = jnp.ones((2, 8, 8, 70))
+    layer = nnx.Conv(70, 4, (3, 3), rngs=nnx.Rngs(0), conv_general_dilated=sp.conv_general_dilated)
     graphdef, state = nnx.split(layer)
+    assert _convolutions(lambda s: nnx.merge(graphdef, s)(x), state) == 1
     # (grad alone: the forward's output is not needed, so no convolution at all)
     assert _convolutions(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x))), state) == 0
 
@@ -137,17 +143,19 @@ def _weight_grad(x, w, strides=(2, 2), padding=((3, 3), (3, 3))):
         x, w, strides, padding, dimension_numbers=LAYOUTS[2])))))(w)
 
 
-def test_2d_weight_gradient_product_by_kernel_row_length():
-    # The C++ product up to dense_conv._CPP_MAX_ROW entries per kernel row
-    # (kw x cin), patches times dy past it.
-    def weight_grad_hlo(cin, kw):
+def test_2d_products_by_kernel_row_length():
+    # The C++ products up to dense_conv._CPP_MAX_ROW entries per kernel row
+    # (kw x cin); XLA's convolution and patches times dy past it.
+    def hlo(cin, kw):
         x, w = jnp.ones((2, 8, 8, cin)), jnp.ones((3, kw, cin, 4))
-        return jax.jit(jax.grad(lambda w: jnp.sum(sp.conv_general_dilated(
+        return jax.jit(jax.value_and_grad(lambda w: jnp.sum(sp.conv_general_dilated(
             x, w, (2, 2), "SAME", dimension_numbers=LAYOUTS[2])))).lower(w).as_text()
     for cin, kw, cpp in ((3, 7, True), (64, 3, True), (65, 3, False), (128, 1, True)):
-        hlo = weight_grad_hlo(cin, kw)
-        assert (_targets.DENSE_CONV_WEIGHT_GRAD.name in hlo) == cpp, (cin, kw)
-        assert ("dot_general" in hlo) == (not cpp), (cin, kw)
+        text = hlo(cin, kw)
+        assert (_targets.DENSE_CONV_FORWARD.name in text) == cpp, (cin, kw)
+        assert (_targets.DENSE_CONV_WEIGHT_GRAD.name in text) == cpp, (cin, kw)
+        assert ("dot_general" in text) == (not cpp), (cin, kw)
+        assert ("stablehlo.convolution" in text) == (not cpp), (cin, kw)
 
 
 def test_2d_weight_gradient_is_deterministic():
@@ -175,6 +183,23 @@ def test_2d_weight_gradient_per_example_under_vmap():
         return jax.jit(jax.vmap(grad, in_axes=(None, 0)))(w, x)
     np.testing.assert_allclose(per_example(sp.conv_general_dilated),
                                per_example(lax.conv_general_dilated), rtol=1e-4, atol=1e-4)
+
+
+def test_cpp_forward_checks_shapes():
+    x, w = jnp.ones((2, 10, 10, 3)), jnp.ones((3, 3, 3, 5))
+    call = functools.partial(_ffi.call, _targets.DENSE_CONV_FORWARD)
+    np.testing.assert_allclose(call((2, 4, 4, 5), x, w, stride_h=2, stride_w=2), 27)
+    for shape, kernel, strides, match in (
+            ((2, 4, 4, 5), (3, 3, 4, 5), (2, 2), "kernel input channels"),
+            ((2, 4, 4, 6), (3, 3, 3, 5), (2, 2), "kernel output channels"),
+            ((3, 4, 4, 5), (3, 3, 3, 5), (2, 2), "output batch size"),
+            ((2, 4, 4, 5), (3, 3, 3, 5), (1, 2), "output height"),
+            ((2, 4, 4, 5), (3, 5, 3, 5), (2, 2), "output width"),
+            ((2, 4, 4, 5), (11, 3, 3, 5), (2, 2), "larger than the padded input"),
+            ((2, 4, 4, 5), (3, 3, 3, 5), (2, 0), "strides")):
+        with pytest.raises(Exception, match=match):
+            jax.block_until_ready(call(shape, x, jnp.ones(kernel), stride_h=strides[0],
+                                       stride_w=strides[1]))
 
 
 def test_cpp_weight_gradient_checks_shapes():
@@ -225,3 +250,10 @@ def test_vmap():
         return jax.vmap(lambda x: fn(x, w, (1, 1), "SAME", dimension_numbers=LAYOUTS[2]))(x)
     np.testing.assert_allclose(conv(sp.conv_general_dilated), conv(lax.conv_general_dilated),
                                rtol=1e-5, atol=1e-5)
+    # A kernel per example too.
+    ws = jax.random.normal(jax.random.key(2), (4, 3, 3, 3, 5))
+
+    def conv_each(fn):
+        return jax.vmap(lambda x, w: fn(x, w, (2, 2), "SAME", dimension_numbers=LAYOUTS[2]))(x, ws)
+    np.testing.assert_allclose(conv_each(sp.conv_general_dilated),
+                               conv_each(lax.conv_general_dilated), rtol=1e-5, atol=1e-5)

@@ -1,16 +1,19 @@
-// The weight gradient of a dense 2-D convolution, channels last:
+// The forward and the weight gradient of a dense 2-D convolution, channels
+// last, on an input the caller has padded:
+//   y[n, p, q, o] = sum_{i, j, c} x[n, p * sh + i, q * sw + j, c] * kernel[i, j, c, o]
 //   dkernel[i, j, c, o] = sum_{n, p, q} x[n, p * sh + i, q * sw + j, c] * dy[n, p, q, o]
-// on an input the caller has padded. Each output pixel's patch is kh runs of
-// kw x cin floats in x as it lies, so no patch matrix is built (for a 7x7
-// stem on 3 channels that matrix is 49 times the input, and building it cost
-// as much as the product).
+// Each output pixel's patch is kh runs of kw x cin floats in x as it lies, so
+// no patch matrix is built (for a 7x7 stem on 3 channels that matrix is 49
+// times the input, and building it cost as much as the product).
 //
-// The output pixels are cut into blocks of a size fixed by the shapes; each
+// The forward splits the output pixels over the tasks. In the weight
+// gradient, the output pixels are cut into blocks of a size fixed by the shapes; each
 // task sums one block into its own partial kernel, and a second phase adds
 // the partials in block order. Every sum's order then depends on the shapes
 // alone: the result is the same for any number of threads.
 #include <algorithm>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "dense_conv_ffi.h"
@@ -36,21 +39,67 @@ struct Geometry {
   int64_t kernel() const { return kh * kw * cin * cout; }
 };
 
-ffi::Error decode(const Stack& xs, const Stack& dys, const Stack& dws, int64_t sh, int64_t sw,
-                  const char* op, Geometry* g) {
+// Reads the shapes of the padded input `xs`, the output-side array `ys` (y or
+// dy, named `y_name`) and the kernel `ks` (HWIO), and checks that they agree.
+ffi::Error decode(const Stack& xs, const Stack& ys, const Stack& ks, int64_t sh, int64_t sw,
+                  const char* op, const std::string& y_name, Geometry* g) {
   if (sh < 1 || sw < 1) return invalid(op, "strides must be >= 1");
-  *g = {xs.dims[0], xs.dims[1], xs.dims[2], xs.dims[3], dys.dims[1], dys.dims[2], dys.dims[3],
-        dws.dims[0], dws.dims[1], sh, sw};
-  ffi::Error error = check_size(dws.dims[2], g->cin, op, "kernel input channels");
-  if (error.success()) error = check_size(dws.dims[3], g->cout, op, "kernel output channels");
-  if (error.success()) error = check_size(dys.dims[0], g->n, op, "dy batch size");
+  *g = {xs.dims[0], xs.dims[1], xs.dims[2], xs.dims[3], ys.dims[1], ys.dims[2], ys.dims[3],
+        ks.dims[0], ks.dims[1], sh, sw};
+  ffi::Error error = check_size(ks.dims[2], g->cin, op, "kernel input channels");
+  if (error.success()) error = check_size(ks.dims[3], g->cout, op, "kernel output channels");
+  if (error.success())
+    error = check_size(ys.dims[0], g->n, op, (y_name + " batch size").c_str());
   if (error.success() && (g->kh < 1 || g->kw < 1 || g->hp < g->kh || g->wp < g->kw))
     error = invalid(op, "the kernel is empty or larger than the padded input");
   if (error.success())
-    error = check_size(g->ho, (g->hp - g->kh) / sh + 1, op, "dy height");
+    error = check_size(g->ho, (g->hp - g->kh) / sh + 1, op, (y_name + " height").c_str());
   if (error.success())
-    error = check_size(g->wo, (g->wp - g->kw) / sw + 1, op, "dy width");
+    error = check_size(g->wo, (g->wp - g->kw) / sw + 1, op, (y_name + " width").c_str());
   return error;
+}
+
+// Where the patches of output pixels [first, first + count) start in x.
+void patch_bases(const Geometry& g, int64_t first, int64_t count, int64_t* base) {
+  const int64_t per_image = g.ho * g.wo;
+  for (int64_t q = 0; q < count; ++q) {
+    const int64_t pixel = first + q, image = pixel / per_image;
+    const int64_t row = pixel % per_image / g.wo, col = pixel % g.wo;
+    base[q] = ((image * g.hp + row * g.sh) * g.wp + col * g.sw) * g.cin;
+  }
+}
+
+ffi::Future DenseConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
+                             int64_t stride_h, int64_t stride_w) {
+  constexpr const char* op = "conv_general_dilated forward";
+  Stack ys, xs, ks;
+  SPARSEPROP_RETURN_IF_ERROR(decode_stack(y->dimensions(), 4, op, "output", &ys));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 4, ys, op, "x", &xs));
+  SPARSEPROP_RETURN_IF_ERROR(decode_operand(kernel.dimensions(), 4, ys, op, "kernel", &ks));
+  Geometry g;
+  SPARSEPROP_RETURN_IF_ERROR(decode(xs, ys, ks, stride_h, stride_w, op, "output", &g));
+  const int64_t total = ys.count, pixels = g.pixels();
+  const int parts = parallel_parts(pool, total * pixels * g.kernel());
+  std::vector<Task> tasks;
+  for (int64_t v = 0; v < total; ++v) split_even(pixels, v, 0, parts, &tasks);
+  const Routines& k = active_routines();
+  const float* xd = x.typed_data();
+  const float* kd = kernel.typed_data();
+  float* out = y->typed_data();
+  return run_phases(pool, parts, {Phase{std::move(tasks), [=, &k](const Task& t) {
+    const float* xv = xd + slice_offset(xs, t.slice);
+    const float* kv = kd + slice_offset(ks, t.slice);
+    float* yv = out + t.slice * ys.slice();
+    int64_t base[kMaxChunkPixels];
+    for (int64_t first = t.begin; first < t.end; first += kMaxChunkPixels) {
+      const int64_t count = std::min(kMaxChunkPixels, t.end - first);
+      patch_bases(g, first, count, base);
+      k.patch_conv(xv, base, count, g.kh, g.wp * g.cin, g.kw * g.cin, kv, g.cout,
+                   yv + first * g.cout);
+    }
+    return ffi::Error::Success();
+  }}});
 }
 
 // Entries [e_begin, e_end) of the kernel (rows of the [kh * kw * cin, cout]
@@ -59,16 +108,12 @@ ffi::Error decode(const Stack& xs, const Stack& dys, const Stack& dws, int64_t s
 void block_product(const Routines& k, const Geometry& g, const float* x, const float* dy,
                    int64_t begin, int64_t end, int64_t e_begin, int64_t e_end, float* dw) {
   std::fill(dw + e_begin * g.cout, dw + e_end * g.cout, 0.0f);
-  const int64_t seg = g.kw * g.cin, ld_seg = g.wp * g.cin, per_image = g.ho * g.wo;
+  const int64_t seg = g.kw * g.cin, ld_seg = g.wp * g.cin;
   const int64_t chunk = std::clamp<int64_t>(kChunkFloats / g.cout, 1, kMaxChunkPixels);
   int64_t base[kMaxChunkPixels];
   for (int64_t first = begin; first < end; first += chunk) {
     const int64_t count = std::min(chunk, end - first);
-    for (int64_t q = 0; q < count; ++q) {
-      const int64_t pixel = first + q, image = pixel / per_image;
-      const int64_t row = pixel % per_image / g.wo, col = pixel % g.wo;
-      base[q] = ((image * g.hp + row * g.sh) * g.wp + col * g.sw) * g.cin;
-    }
+    patch_bases(g, first, count, base);
     // The entries of the range, a kernel row (segment) at a time.
     for (int64_t e = e_begin; e < e_end;) {
       const int64_t i = e / seg, r = e % seg, stop = std::min(e_end, (i + 1) * seg);
@@ -88,7 +133,7 @@ ffi::Future DenseConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(x.dimensions(), 4, dws, op, "x", &xs));
   SPARSEPROP_RETURN_IF_ERROR(decode_operand(dy.dimensions(), 4, dws, op, "dy", &dys));
   Geometry g;
-  SPARSEPROP_RETURN_IF_ERROR(decode(xs, dys, dws, stride_h, stride_w, op, &g));
+  SPARSEPROP_RETURN_IF_ERROR(decode(xs, dys, dws, stride_h, stride_w, op, "dy", &g));
 
   const int64_t total = dws.count, pixels = g.pixels(), kernel = g.kernel();
   float* out = dkernel->typed_data();
@@ -145,6 +190,8 @@ ffi::Future DenseConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseConvForward, Guarded<DenseConvForward>::Call,
+                              bind<kDenseConvForwardSignature>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseConvWeightGrad, Guarded<DenseConvWeightGrad>::Call,
                               bind<kDenseConvWeightGradSignature>());
 

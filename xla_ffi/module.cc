@@ -55,6 +55,8 @@ const Target kTargets[] = {
      &sparseprop::kConvForwardSignature},
     {"sparseprop_conv_width_backward", sparseprop::kConvWidthBackward,
      &sparseprop::kConvBackwardSignature},
+    {"sparseprop_dense_conv_forward", sparseprop::kDenseConvForward,
+     &sparseprop::kDenseConvForwardSignature},
     {"sparseprop_dense_conv_weight_grad", sparseprop::kDenseConvWeightGrad,
      &sparseprop::kDenseConvWeightGradSignature},
 };

@@ -110,6 +110,14 @@ struct RoutinesFor {
   void (*transpose)(const T* src, int64_t ld_src, T* dst, int64_t ld_dst,
                     int64_t rows, int64_t col_begin, int64_t col_end, bool stream);
 
+  // The forward of a dense convolution over output pixels, the patches read
+  // where they lie in the padded input:
+  //   y[q * cout + o] = sum_{i < n_segs, r < seg} x[base[q] + i * ld_seg + r]
+  //                                              * w[(i * seg + r) * cout + o]
+  // for q < n_pixels and o < cout (w the kernel as [kh * kw * cin, cout]).
+  void (*patch_conv)(const T* x, const int64_t* base, int64_t n_pixels, int64_t n_segs,
+                     int64_t ld_seg, int64_t seg, const T* w, int64_t cout, T* y);
+
   // The weight gradient of a dense convolution over a block of output pixels,
   // the patches read where they lie in the padded input (no patch matrix):
   //   dw[(i * seg + r) * cout + o] +=

@@ -825,8 +825,67 @@ static void patch_weight_grad(const float* x, const int64_t* base, int64_t n_pix
   }
 }
 
+// patch_conv's inner block: PB pixels times V vectors of output channels in
+// PB x V accumulators, over all the kernel's entries: per entry V loads of
+// the kernel row, shared by the PB pixels, and PB broadcasts of x.
+template <int PB, int V>
+static inline void patch_conv_block(const float* x, const int64_t* base, int64_t n_segs,
+                                    int64_t ld_seg, int64_t seg, const float* w, int64_t ld_w,
+                                    float* y, int64_t ld_y) {
+  vfloat acc[PB][V];
+  for (int a = 0; a < PB; ++a)
+    for (int v = 0; v < V; ++v) acc[a][v] = vfloat{};
+  const float* xa[PB];
+  for (int a = 0; a < PB; ++a) xa[a] = x + base[a];
+  for (int64_t i = 0; i < n_segs; ++i) {
+    const float* wi = w + i * seg * ld_w;
+    const int64_t at = i * ld_seg;
+    for (int64_t r = 0; r < seg; ++r) {
+      vfloat wv[V];
+      for (int v = 0; v < V; ++v) wv[v] = load(wi + r * ld_w + v * kWidth);
+      for (int a = 0; a < PB; ++a) {
+        const vfloat b = broadcast(xa[a][at + r]);
+        for (int v = 0; v < V; ++v) acc[a][v] += b * wv[v];
+      }
+    }
+  }
+  for (int a = 0; a < PB; ++a)
+    for (int v = 0; v < V; ++v) store(y + a * ld_y + v * kWidth, acc[a][v]);
+}
+
+template <int PB>
+static inline void patch_conv_pixels(const float* x, const int64_t* base, int64_t n_segs,
+                                     int64_t ld_seg, int64_t seg, const float* w, int64_t cout,
+                                     float* y) {
+  const int64_t l = in_vector_chunks<4>(cout, [&](auto vectors, int64_t at) {
+    patch_conv_block<PB, decltype(vectors)::value>(x, base, n_segs, ld_seg, seg, w + at, cout,
+                                                   y + at, cout);
+  });
+  // The output channels past the last whole vector, one lane at a time.
+  for (int64_t o = l; o < cout; ++o)
+    for (int a = 0; a < PB; ++a) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < n_segs; ++i)
+        for (int64_t r = 0; r < seg; ++r)
+          sum += x[base[a] + i * ld_seg + r] * w[(i * seg + r) * cout + o];
+      y[a * cout + o] = sum;
+    }
+}
+
+static void patch_conv(const float* x, const int64_t* base, int64_t n_pixels, int64_t n_segs,
+                       int64_t ld_seg, int64_t seg, const float* w, int64_t cout, float* y) {
+  constexpr int64_t pb = 3;
+  int64_t q = 0;
+  for (; q + pb <= n_pixels; q += pb)
+    patch_conv_pixels<pb>(x, base + q, n_segs, ld_seg, seg, w, cout, y + q * cout);
+  if (n_pixels - q == 2)
+    patch_conv_pixels<2>(x, base + q, n_segs, ld_seg, seg, w, cout, y + q * cout);
+  else if (n_pixels - q == 1)
+    patch_conv_pixels<1>(x, base + q, n_segs, ld_seg, seg, w, cout, y + q * cout);
+}
+
 // This instruction set's table, for the dispatch table of simd_dispatch.cc.
 extern const Routines kRoutines;
 const Routines kRoutines = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
-                            &transpose<>, &patch_weight_grad, Isa::kOnePassBackward,
+                            &transpose<>, &patch_conv, &patch_weight_grad, Isa::kOnePassBackward,
                             Isa::kName};
