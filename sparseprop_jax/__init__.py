@@ -18,6 +18,7 @@ from sparseprop_jax.allocator import keep_freed_memory
 from sparseprop_jax.conv import sparse_conv2d
 from sparseprop_jax.dense_conv import conv_general_dilated
 from sparseprop_jax.linear import sparse_linear
+from sparseprop_jax.norm_pool import batch_norm_relu_max_pool
 from sparseprop_jax.pooling import max_pool
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SparseWeight",
     "SparsityPattern",
+    "batch_norm_relu_max_pool",
     "cached_memory_bytes",
     "conv_general_dilated",
     "keep_freed_memory",

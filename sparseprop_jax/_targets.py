@@ -11,7 +11,7 @@ the extension reports them. `check` compares the two at import, so a target
 changed on one side only is an import error rather than a wrong call.
 
 FLOAT stands for the op's floating dtype (float32 today, the only one in
-`SUPPORTED_DTYPES`); index arrays are int32.
+`SUPPORTED_DTYPES`); index arrays are int32, a max pool's taps int8.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Optional, Union
 
 FLOAT = "float"
 INT32 = "int32"
+INT8 = "int8"
 #: The floating dtypes the targets are built for.
 SUPPORTED_DTYPES = ("float32",)
 #: A result that sums over the batch (a weight gradient).
@@ -125,12 +126,26 @@ DENSE_CONV_WEIGHT_GRAD = Target(
     "sparseprop_dense_conv_weight_grad", (Array("x", FLOAT, 0), Array("dy", FLOAT, 0)),
     (Array("dkernel", FLOAT, SUM),), ("stride_h", "stride_w"))
 
+# -- the backward of BatchNorm, ReLU and max pool: NHWC, taps int8 -------------------
+NORM_POOL_ATTRS = ("window_h", "window_w", "stride_h", "stride_w", "pad_top", "pad_left")
+NORM_POOL_GRAD_SUMS = Target(
+    "sparseprop_norm_pool_grad_sums",
+    (Array("dpool", FLOAT, 0), Array("pooled", FLOAT, 0), Array("taps", INT8, 0),
+     Array("x", FLOAT, 0), Array("shift", FLOAT)),
+    (Array("g", FLOAT, 0), Array("sum_g", FLOAT, SUM), Array("sum_gx", FLOAT, SUM)),
+    NORM_POOL_ATTRS)
+NORM_POOL_INPUT_GRAD = Target(
+    "sparseprop_norm_pool_input_grad",
+    (Array("g", FLOAT, 0), Array("taps", INT8, 0), Array("x", FLOAT, 0), Array("shift", FLOAT),
+     Array("a", FLOAT), Array("b", FLOAT), Array("d", FLOAT)),
+    (Array("dx", FLOAT, 0),), NORM_POOL_ATTRS)
+
 ALL: tuple[Target, ...] = (LINEAR_FORWARD, LINEAR_FORWARD_AND_XT, LINEAR_BACKWARD,
                            LINEAR_INPUT_GRAD, LINEAR_WEIGHT_GRAD, LINEAR_FEATURE_MAJOR_FORWARD,
                            LINEAR_FEATURE_MAJOR_BACKWARD, LINEAR_FEATURE_MAJOR_INPUT_GRAD,
                            LINEAR_FEATURE_MAJOR_WEIGHT_GRAD,
                            *CONV_FORWARD.values(), *CONV_BACKWARD.values(), DENSE_CONV_FORWARD,
-                           DENSE_CONV_WEIGHT_GRAD)
+                           DENSE_CONV_WEIGHT_GRAD, NORM_POOL_GRAD_SUMS, NORM_POOL_INPUT_GRAD)
 
 
 def _disagreement(target: Target, reported: Mapping) -> Optional[str]:

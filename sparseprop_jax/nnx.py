@@ -22,9 +22,11 @@ from flax import nnx
 from flax.nnx import reprlib
 
 from sparseprop_jax import _checks
+from sparseprop_jax import norm_pool
 from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax._layer_helpers import (CONV_DIMS, Initializer, apply_conv, check_dense,
                                            conv_config, init_bias, init_values, layer_pattern)
+from sparseprop_jax.pooling import max_pool
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 Array = jax.Array
@@ -374,3 +376,42 @@ class SparseConv(_SparseKernelLayer):
                         padding=self.padding, use_bias=self.use_bias,
                         kernel_init=_constant(self.weight.to_dense()),
                         bias_init=_constant(bias), rngs=nnx.Rngs(0))
+
+
+def batch_norm_relu_max_pool(bn: nnx.BatchNorm, x: Array, window_shape, strides=None,
+                             padding="VALID", *, use_running_average: Optional[bool] = None
+                             ) -> Array:
+    """`max_pool(nnx.relu(bn(x, use_running_average)), window_shape, strides, padding)`.
+
+    The same values, gradients and running-average updates of `bn` (an
+    `nnx.BatchNorm`), with the backward of
+    `sparseprop_jax.norm_pool.batch_norm_relu_max_pool`: two C++ passes where
+    XLA's CPU backend runs a strided pad per window tap. It applies in
+    training mode to a 4-D float32 `x` with `bn`'s default features axis
+    (-1), `axis_name`, `dtype` and `use_fast_variance`; any other call runs
+    the three ops as written above.
+    """
+    if not isinstance(bn, nnx.BatchNorm):
+        raise TypeError(f"batch_norm_relu_max_pool: bn must be an nnx.BatchNorm, got "
+                        f"{type(bn).__name__}")
+    running = bn.use_running_average if use_running_average is None else use_running_average
+    x = _checks.as_array("batch_norm_relu_max_pool", "x", x)
+    default = (nnx.BatchNorm.__init__.__kwdefaults__ or {}).get("promote_dtype")
+    default_promote = getattr(bn, "promote_dtype", default) is default
+    fused = (running is False and x.ndim == 4 and x.dtype == jax.numpy.float32
+             and bn.axis in (-1, 3) and bn.axis_name is None and bn.dtype in (None, "float32",
+                                                                              jax.numpy.float32)
+             and bn.use_fast_variance and default_promote
+             and bn.mean[...].dtype == jax.numpy.float32)
+    if not fused:
+        return max_pool(nnx.relu(bn(x, use_running_average=running)), window_shape, strides,
+                        padding)
+    ones = jax.numpy.ones(x.shape[-1:], x.dtype)
+    scale = bn.scale[...] if bn.scale is not None else ones
+    bias = bn.bias[...] if bn.bias is not None else jax.numpy.zeros_like(ones)
+    y, mean, var = norm_pool.batch_norm_relu_max_pool(
+        x, scale.astype(x.dtype), bias.astype(x.dtype), window_shape, strides, padding,
+        epsilon=bn.epsilon)
+    bn.mean[...] = bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean
+    bn.var[...] = bn.momentum * bn.var[...] + (1 - bn.momentum) * var
+    return y

@@ -13,6 +13,7 @@
 #include "ffi_common.h"
 #include "linear_feature_major_ffi.h"
 #include "linear_ffi.h"
+#include "norm_pool_ffi.h"
 #include "simd_dispatch.h"
 
 namespace nb = nanobind;
@@ -59,6 +60,10 @@ const Target kTargets[] = {
      &sparseprop::kDenseConvForwardSignature},
     {"sparseprop_dense_conv_weight_grad", sparseprop::kDenseConvWeightGrad,
      &sparseprop::kDenseConvWeightGradSignature},
+    {"sparseprop_norm_pool_grad_sums", sparseprop::kNormPoolGradSums,
+     &sparseprop::kNormPoolGradSumsSignature},
+    {"sparseprop_norm_pool_input_grad", sparseprop::kNormPoolInputGrad,
+     &sparseprop::kNormPoolInputGradSignature},
 };
 
 // A dtype as numpy names it.
@@ -67,6 +72,7 @@ std::string dtype_name(xla::ffi::DataType d) {
     case xla::ffi::DataType::F32: return "float32";
     case xla::ffi::DataType::BF16: return "bfloat16";
     case xla::ffi::DataType::S32: return "int32";
+    case xla::ffi::DataType::S8: return "int8";
     default: return "dtype " + std::to_string(static_cast<int>(d));
   }
 }

@@ -45,6 +45,15 @@ struct BatchTiles {
   }
 };
 
+// The window geometry of a max pool over an NHWC image of h x w pixels and
+// c channels: windows of kh x kw with strides sh, sw, the image at
+// (pad_top, pad_left) in the padded plane, ho x wo windows. A window's tap
+// t (row-major in the window) reads pixel (i * sh - pad_top + t / kw,
+// j * sw - pad_left + t % kw) for window (i, j).
+struct PoolGeometry {
+  int64_t h, w, c, ho, wo, kh, kw, sh, sw, pad_top, pad_left;
+};
+
 // One instruction set's numeric routines (routines_<isa>.cc) for elements
 // of type T; the dispatch table of simd_dispatch.cc lists every instruction
 // set's. Only float exists today: the element type is the seam where
@@ -126,6 +135,22 @@ struct RoutinesFor {
   // contiguous in an NHWC input) and o < cout. Each sum runs over q in order.
   void (*patch_weight_grad)(const T* x, const int64_t* base, int64_t n_pixels, int64_t n_segs,
                             int64_t ld_seg, int64_t seg, const T* dy, int64_t cout, T* dw);
+
+  // The backward of BatchNorm, ReLU and max pool (in that order) on one
+  // image, in two steps. The pool's forward recorded each output's winning
+  // tap (`taps`); relu'd values equal to 0 (or below) pass no gradient.
+  // pool_grad_sums, for the windows of output rows [i_begin, i_end):
+  //   g = dpool * (pooled > 0), written to `grad`;
+  //   sum_g[c] += g,  sum_gx[c] += g * (x[the winner] - shift[c])   (over the windows).
+  // pool_input_grad_row, for image row `row`:
+  //   dx[row, w, c] = a[c] * dz + b[c] * (x[row, w, c] - shift[c]) + d[c]
+  // where dz is the sum of g over the windows whose winner is (row, w).
+  void (*pool_grad_sums)(const PoolGeometry& g, const T* dpool, const T* pooled,
+                         const int8_t* taps, const T* x, const T* shift, int64_t i_begin,
+                         int64_t i_end, T* grad, T* sum_g, T* sum_gx);
+  void (*pool_input_grad_row)(const PoolGeometry& g, const T* grad, const int8_t* taps,
+                              const T* x, const T* shift, const T* a, const T* b, const T* d,
+                              int64_t row, T* dx);
 
   // Whether the linear backward runs spmm_sddmm_indexed when it wants both
   // gradients, rather than spmm_indexed and sddmm_indexed apart.

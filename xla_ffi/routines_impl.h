@@ -884,8 +884,92 @@ static void patch_conv(const float* x, const int64_t* base, int64_t n_pixels, in
     patch_conv_pixels<1>(x, base + q, n_segs, ld_seg, seg, w, cout, y + q * cout);
 }
 
+// The max pool's backward: loops over a block of channels, which the
+// compiler vectorizes with this file's instruction set (the taps widened to
+// floats first, so that every select compares and picks floats).
+constexpr int64_t kPoolChannelBlock = 64;
+
+static inline void taps_as_floats(const int8_t* __restrict taps, int64_t n,
+                                  float* __restrict out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(taps[k]);
+}
+
+static void pool_grad_sums(const PoolGeometry& g, const float* dpool, const float* pooled,
+                           const int8_t* taps, const float* x, const float* shift,
+                           int64_t i_begin, int64_t i_end, float* grad, float* sum_g,
+                           float* sum_gx) {
+  for (int64_t c0 = 0; c0 < g.c; c0 += kPoolChannelBlock) {
+    const int64_t n = std::min(kPoolChannelBlock, g.c - c0);
+    float sg[kPoolChannelBlock], sgx[kPoolChannelBlock], tf[kPoolChannelBlock],
+        xw[kPoolChannelBlock];
+    for (int64_t k = 0; k < n; ++k) sg[k] = sgx[k] = 0.0f;
+    for (int64_t i = i_begin; i < i_end; ++i)
+      for (int64_t j = 0; j < g.wo; ++j) {
+        const int64_t at = (i * g.wo + j) * g.c + c0;
+        const float* __restrict dp = dpool + at;
+        const float* __restrict pv = pooled + at;
+        float* __restrict gr = grad + at;
+        for (int64_t k = 0; k < n; ++k) gr[k] = pv[k] > 0.0f ? dp[k] : 0.0f;
+        for (int64_t k = 0; k < n; ++k) sg[k] += gr[k];
+        taps_as_floats(taps + at, n, tf);
+        // The winner's x, channel by channel: each tap's pixel where it won
+        // (0 where a padded position won: its window has no pixel, g is 0).
+        for (int64_t k = 0; k < n; ++k) xw[k] = 0.0f;
+        for (int64_t t = 0; t < g.kh * g.kw; ++t) {
+          const int64_t row = i * g.sh - g.pad_top + t / g.kw;
+          const int64_t col = j * g.sw - g.pad_left + t % g.kw;
+          if (row < 0 || row >= g.h || col < 0 || col >= g.w) continue;
+          const float* __restrict xp = x + (row * g.w + col) * g.c + c0;
+          const float tap = static_cast<float>(t);
+          for (int64_t k = 0; k < n; ++k) xw[k] = tf[k] == tap ? xp[k] : xw[k];
+        }
+        for (int64_t k = 0; k < n; ++k) sgx[k] += gr[k] * (xw[k] - shift[c0 + k]);
+      }
+    for (int64_t k = 0; k < n; ++k) {
+      sum_g[c0 + k] += sg[k];
+      sum_gx[c0 + k] += sgx[k];
+    }
+  }
+}
+
+static inline int64_t floor_div(int64_t a, int64_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+static void pool_input_grad_row(const PoolGeometry& g, const float* grad, const int8_t* taps,
+                                const float* x, const float* shift, const float* a,
+                                const float* b, const float* d, int64_t row, float* dx) {
+  // The window rows that cover image row `row`: i * sh - pad_top <= row < that + kh.
+  const int64_t i_lo = std::max<int64_t>(0, floor_div(row + g.pad_top - g.kh, g.sh) + 1);
+  const int64_t i_hi = std::min<int64_t>(g.ho - 1, floor_div(row + g.pad_top, g.sh));
+  for (int64_t col = 0; col < g.w; ++col) {
+    const int64_t j_lo = std::max<int64_t>(0, floor_div(col + g.pad_left - g.kw, g.sw) + 1);
+    const int64_t j_hi = std::min<int64_t>(g.wo - 1, floor_div(col + g.pad_left, g.sw));
+    for (int64_t c0 = 0; c0 < g.c; c0 += kPoolChannelBlock) {
+      const int64_t n = std::min(kPoolChannelBlock, g.c - c0);
+      float dz[kPoolChannelBlock], tf[kPoolChannelBlock];
+      for (int64_t k = 0; k < n; ++k) dz[k] = 0.0f;
+      for (int64_t i = i_lo; i <= i_hi; ++i)
+        for (int64_t j = j_lo; j <= j_hi; ++j) {
+          const float tap = static_cast<float>((row + g.pad_top - i * g.sh) * g.kw +
+                                               (col + g.pad_left - j * g.sw));
+          const int64_t at = (i * g.wo + j) * g.c + c0;
+          const float* __restrict gr = grad + at;
+          taps_as_floats(taps + at, n, tf);
+          for (int64_t k = 0; k < n; ++k) dz[k] += tf[k] == tap ? gr[k] : 0.0f;
+        }
+      const int64_t at = (row * g.w + col) * g.c + c0;
+      const float* __restrict xp = x + at;
+      float* __restrict out = dx + at;
+      for (int64_t k = 0; k < n; ++k)
+        out[k] = a[c0 + k] * dz[k] + b[c0 + k] * (xp[k] - shift[c0 + k]) + d[c0 + k];
+    }
+  }
+}
+
 // This instruction set's table, for the dispatch table of simd_dispatch.cc.
 extern const Routines kRoutines;
 const Routines kRoutines = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
-                            &transpose<>, &patch_conv, &patch_weight_grad, Isa::kOnePassBackward,
+                            &transpose<>, &patch_conv, &patch_weight_grad, &pool_grad_sums,
+                            &pool_input_grad_row, Isa::kOnePassBackward,
                             Isa::kName};
