@@ -84,6 +84,16 @@ def test_ties_go_to_the_first_maximum(simd_path):
                   _value_and_grads(_flax, x, scale, bias, ct, *args))
 
 
+def test_a_nan_makes_its_channel_nan(simd_path):
+    x, scale, bias, _ = _inputs((2, 6, 6, 3), 8)
+    x = x.at[1, 2, 3, 0].set(jnp.nan)
+    args = ((3, 3), (2, 2), "SAME")
+    got, want = _ours(x, scale, bias, *args), _flax(x, scale, bias, *args)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert np.all(np.isnan(got[0][..., 0])) and not np.any(np.isnan(got[0][..., 1:]))
+
+
 def test_backward_is_the_cpp_passes():
     x, scale, bias, _ = _inputs((2, 8, 8, 4), 2)
     hlo = jax.jit(jax.grad(lambda x: jnp.sum(_ours(x, scale, bias, (3, 3), (2, 2), "SAME")[0]))
