@@ -16,8 +16,8 @@ never mutable::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,8 @@ from sparseprop_jax._layer_helpers import (CONV_DIMS, DEFAULT_SPARSITY, DENSE_DI
                                            conv_config, conv_kernel_size, init_values,
                                            random_pattern)
 from sparseprop_jax.linear import sparse_linear
+from sparseprop_jax.norm_pool import batch_norm_relu_max_pool
+from sparseprop_jax.pooling import max_pool
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
 Array = jax.Array
@@ -307,6 +309,53 @@ class SparseConv(nn.Module):
             raise ValueError(f"{where}: kernel_size={window} does not fit the pattern in the "
                              f"variables, whose kernel shape is {weight.shape} (kh, kw, in, out)")
         return weight
+
+
+class BatchNormReLUMaxPool(nn.Module):
+    """`nn.max_pool(nn.relu(nn.BatchNorm(...)(x)), window_shape, strides, padding)` as one module.
+
+    The fields of `flax.linen.BatchNorm` that it supports (features last,
+    `use_fast_variance`, no `axis_name`), then the max pool's. Its variables
+    are `nn.BatchNorm`'s, under the same names (`params`: `scale`, `bias`;
+    `batch_stats`: `mean`, `var`), updated the same way; name it as the
+    BatchNorm was named and a model's variables carry over. In training mode
+    a 4-D float32 input runs `sparseprop_jax.batch_norm_relu_max_pool` (a C++
+    backward); otherwise the three ops as written above.
+    """
+
+    window_shape: Sequence[int]
+    strides: Optional[Sequence[int]] = None
+    padding: Union[str, Sequence[tuple[int, int]]] = "VALID"
+    use_running_average: Optional[bool] = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: Optional[bool] = None) -> Array:
+        running = nn.merge_param("use_running_average", self.use_running_average,
+                                 use_running_average)
+        x = _checks.as_array("BatchNormReLUMaxPool", "x", x)
+        shape = x.shape[-1:]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        scale = (self.param("scale", self.scale_init, shape, jnp.float32) if self.use_scale
+                 else jnp.ones(shape, jnp.float32))
+        bias = (self.param("bias", self.bias_init, shape, jnp.float32) if self.use_bias
+                else jnp.zeros(shape, jnp.float32))
+        if running:
+            mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+            y = nn.relu((x - ra_mean.value) * mul + bias)
+            return max_pool(y, self.window_shape, self.strides, self.padding)
+        y, mean, var = batch_norm_relu_max_pool(x, scale, bias, self.window_shape, self.strides,
+                                                self.padding, epsilon=self.epsilon)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
 
 
 def _module_pattern(module: nn.Module, where: str, shape: tuple[int, ...], sparsity: float,

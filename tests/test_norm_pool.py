@@ -228,3 +228,44 @@ def test_cpp_handlers_check_shapes():
         dx = grad(x.shape, g, jnp.full(taps.shape, bad, jnp.int8), x, c, c, c * 0, c * 0,
                   **attrs)
         np.testing.assert_array_equal(dx, 0)
+
+
+@pytest.mark.parametrize("use_scale,use_bias", [(True, True), (False, True)])
+def test_linen_module_matches_batch_norm_relu_max_pool(use_scale, use_bias):
+    from flax import linen as nn
+
+    from sparseprop_jax.linen import BatchNormReLUMaxPool
+
+    pool = dict(window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    class Reference(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, use_scale=use_scale,
+                             use_bias=use_bias, name="bn")(x)
+            return nn.max_pool(nn.relu(x), **pool)
+
+    class Ours(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            return BatchNormReLUMaxPool(use_running_average=not train, momentum=0.9,
+                                        use_scale=use_scale, use_bias=use_bias, name="bn",
+                                        **pool)(x)
+
+    x, scale, bias, ct = _inputs((4, 9, 10, 6), 9)
+    variables = Reference().init(jax.random.key(0), x, True)
+    params = jax.tree.map(lambda p: p + 0.3 * jnp.arange(p.size).reshape(p.shape) / p.size,
+                          variables["params"])
+    assert jax.tree.structure(Ours().init(jax.random.key(0), x, True)) == jax.tree.structure(
+        variables)
+    results = []
+    for module in (Reference(), Ours()):
+        def loss(params, module=module):
+            y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                      x, True, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y) * ct), updates
+        (value, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        evaluated = module.apply({"params": params, **updates}, x, False)
+        results.append(jax.tree.leaves((value, updates, grads, evaluated)))
+    for got, want in zip(*reversed(results)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
