@@ -4,17 +4,17 @@
 so it can be given to `flax.nnx.Conv(..., conv_general_dilated=...)` or
 `flax.linen.Conv(conv_general_dilated=...)` for the convolutions a model keeps
 dense (`sparsify` does that for nnx models by default). For an undilated,
-ungrouped convolution the forward pass is XLA's, and the gradients are
-products with the input's patches: the weight gradient of a 2-D float32
-convolution with short kernel rows (the 7x7 stem on 3 channels) is a C++
-product that reads each patch where it lies in the input, any other
-multiplies the patches (gathered by strided slices), laid out feature-major,
-by the output gradient; the input gradient multiplies the output gradient by the kernel
-and scatters the product back through the slices' transpose (pads and adds
-that XLA fuses). XLA's own convolution gradients, above all the weight
-gradient of a 7x7 stem on 3 channels, are several times slower
-(`benchmarks/results/NOTES.md`). The price is memory in the backward pass:
-the patches hold kh * kw copies of the input.
+ungrouped convolution the products are with the input's patches. For a 2-D
+float32 convolution with short kernel rows (the 7x7 stem on 3 channels) the
+forward and the weight gradient are C++ products that read each patch where
+it lies in the input (`_in_cpp`); otherwise the forward is XLA's and the
+weight gradient multiplies the patches (gathered by strided slices), laid
+out feature-major, by the output gradient. The input gradient multiplies the
+output gradient by the kernel and scatters the product back through the
+slices' transpose (pads and adds that XLA fuses). XLA's own convolution
+gradients, above all the weight gradient of a 7x7 stem on 3 channels, are
+several times slower (`benchmarks/results/NOTES.md`). The price is memory in
+the backward pass: the patches hold kh * kw copies of the input.
 
 Other convolutions (dilated, grouped, other layouts than channels last,
 negative padding) go to `lax.conv_general_dilated` unchanged.

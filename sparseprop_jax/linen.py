@@ -29,7 +29,7 @@ from sparseprop_jax._layer_helpers import (CONV_DIMS, DEFAULT_SPARSITY, DENSE_DI
                                            conv_config, conv_kernel_size, init_values,
                                            random_pattern)
 from sparseprop_jax.linear import sparse_linear
-from sparseprop_jax.norm_pool import batch_norm_relu_max_pool
+from sparseprop_jax.norm_pool import batch_norm_relu_max_pool, normalize_relu
 from sparseprop_jax.pooling import max_pool
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
@@ -347,8 +347,8 @@ class BatchNormReLUMaxPool(nn.Module):
         bias = (self.param("bias", self.bias_init, shape, jnp.float32) if self.use_bias
                 else jnp.zeros(shape, jnp.float32))
         if running:
-            mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
-            y = nn.relu((x - ra_mean.value) * mul + bias)
+            y = normalize_relu(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon),
+                               scale, bias)
             return max_pool(y, self.window_shape, self.strides, self.padding)
         y, mean, var = batch_norm_relu_max_pool(x, scale, bias, self.window_shape, self.strides,
                                                 self.padding, epsilon=self.epsilon)

@@ -43,16 +43,15 @@ def _statistics(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Arr
     return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
 
 
-def _normalize_relu(x, mean, var, scale, bias, epsilon):
-    # Flax's order of operations: (x - mean) * (rsqrt(var + eps) * scale) + bias.
-    return jax.nn.relu((x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias)
+def normalize_relu(x, mean, invstd, scale, bias):
+    """relu of BatchNorm's normalisation, in Flax's order: (x - mean) * (invstd * scale) + bias."""
+    return jax.nn.relu((x - mean) * (invstd * scale) + bias)
 
 
 def _unfused(x, scale, bias, window, strides, pads, epsilon):
     mean, var = _statistics(x, tuple(range(x.ndim - 1)))
-    y = pooling.max_pool(_normalize_relu(x, mean, var, scale, bias, epsilon), window, strides,
-                         pads)
-    return y, mean, var
+    z = normalize_relu(x, mean, lax.rsqrt(var + epsilon), scale, bias)
+    return pooling.max_pool(z, window, strides, pads), mean, var
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -62,9 +61,9 @@ def _fused(x, scale, bias, window, strides, pads, epsilon):
 
 def _fused_fwd(x, scale, bias, window, strides, pads, epsilon):
     mean, var = _statistics(x, (0, 1, 2))
-    z = _normalize_relu(x, mean, var, scale, bias, epsilon)
-    y, (taps, _) = pooling._max_pool_fwd(z, window, strides, pads)
     invstd = lax.rsqrt(var + epsilon)
+    y, (taps, _) = pooling._max_pool_fwd(normalize_relu(x, mean, invstd, scale, bias), window,
+                                         strides, pads)
     return (y, mean, var), (x, scale, mean, invstd, y, taps)
 
 

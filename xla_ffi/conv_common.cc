@@ -62,8 +62,7 @@ ffi::Error decode_conv_backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> d
   if (error.success()) error = decode_operand(x.dimensions(), 4, c.dxs, op, "x", &c.xs);
   if (error.success()) error = decode_operand(dy.dimensions(), 4, c.dxs, op, "dy", &c.dys);
   if (error.success()) error = decode_geometry(c.xs, c.dys.dims[3], attrs, op, &c.g);
-  for (int i = 0; i < 4 && error.success(); ++i)
-    error = check_size(c.dxs.dims[i], c.xs.dims[i], op, "input gradient shape");
+  if (error.success()) error = check_same_dims(c.dxs, c.xs, op, "input gradient shape");
   if (error.success()) error = check_output_shape(c.dys, c.g, op, "dy");
   if (error.success())
     error = decode_operand(values.dimensions(), 1, c.dxs, op, "values", &c.vs);

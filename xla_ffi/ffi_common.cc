@@ -241,6 +241,14 @@ ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char*
                                      ", expected " + std::to_string(expected));
 }
 
+ffi::Error check_same_dims(const Stack& got, const Stack& expected, const char* op,
+                           const char* what) {
+  ffi::Error error = check_size(got.rank, expected.rank, op, what);
+  for (int i = 0; i < expected.rank && error.success(); ++i)
+    error = check_size(got.dims[i], expected.dims[i], op, what);
+  return error;
+}
+
 void split_rows(const int32_t* indptr, int64_t rows, int64_t slice, int parts,
                 std::vector<Task>* tasks) {
   // Work before row r is indptr[r] + r: monotone, so each cut is a binary search.

@@ -84,6 +84,10 @@ ffi::Error invalid(const char* op, const std::string& message);
 // Error unless `got` == `expected`.
 ffi::Error check_size(int64_t got, int64_t expected, const char* op, const char* what);
 
+// Error unless `got`'s own dims (not its leading ones) equal `expected`'s.
+ffi::Error check_same_dims(const Stack& got, const Stack& expected, const char* op,
+                           const char* what);
+
 // Whether a copy into a destination of `floats` floats should use streaming
 // (non-temporal) stores: a plain store first reads each line into the cache,
 // which is wasted where the destination outgrows the cache and is evicted

@@ -43,14 +43,6 @@ ffi::Error decode_geometry(const Stack& xs, const Stack& ps, const PoolAttrs& a,
   return error;
 }
 
-ffi::Error same_dims(const Stack& a, const Stack& b, const char* op, const char* name) {
-  for (int i = 0; i < a.rank; ++i) {
-    ffi::Error error = check_size(b.dims[i], a.dims[i], op, name);
-    if (error.failure()) return error;
-  }
-  return ffi::Error::Success();
-}
-
 ffi::Future NormPoolGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dpool,
                              ffi::Buffer<ffi::F32> pooled, ffi::Buffer<ffi::S8> taps,
                              ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> shift,
@@ -74,9 +66,9 @@ ffi::Future NormPoolGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dpool,
   PoolGeometry geo;
   SPARSEPROP_RETURN_IF_ERROR(decode_geometry(
       xs, gs, {window_h, window_w, stride_h, stride_w, pad_top, pad_left}, op, &geo));
-  SPARSEPROP_RETURN_IF_ERROR(same_dims(gs, ds, op, "dpool shape"));
-  SPARSEPROP_RETURN_IF_ERROR(same_dims(gs, ps, op, "pooled shape"));
-  SPARSEPROP_RETURN_IF_ERROR(same_dims(gs, ts, op, "taps shape"));
+  SPARSEPROP_RETURN_IF_ERROR(check_same_dims(ds, gs, op, "dpool shape"));
+  SPARSEPROP_RETURN_IF_ERROR(check_same_dims(ps, gs, op, "pooled shape"));
+  SPARSEPROP_RETURN_IF_ERROR(check_same_dims(ts, gs, op, "taps shape"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(hs.dims[0], geo.c, op, "shift length"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(ss.dims[0], geo.c, op, "sum_g length"));
   SPARSEPROP_RETURN_IF_ERROR(check_size(sxs.dims[0], geo.c, op, "sum_gx length"));
@@ -149,8 +141,8 @@ ffi::Future NormPoolInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   PoolGeometry geo;
   SPARSEPROP_RETURN_IF_ERROR(decode_geometry(
       xs, gs, {window_h, window_w, stride_h, stride_w, pad_top, pad_left}, op, &geo));
-  SPARSEPROP_RETURN_IF_ERROR(same_dims(xs, dxs, op, "dx shape"));
-  SPARSEPROP_RETURN_IF_ERROR(same_dims(gs, ts, op, "taps shape"));
+  SPARSEPROP_RETURN_IF_ERROR(check_same_dims(dxs, xs, op, "dx shape"));
+  SPARSEPROP_RETURN_IF_ERROR(check_same_dims(ts, gs, op, "taps shape"));
   for (const Stack* s : {&hs, &as, &bs, &cs})
     SPARSEPROP_RETURN_IF_ERROR(check_size(s->dims[0], geo.c, op, "coefficient length"));
 
