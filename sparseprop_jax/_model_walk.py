@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparseprop_jax import _checks
+from sparseprop_jax import _checks, dense_conv
 from sparseprop_jax import linen as sp_linen
 from sparseprop_jax import nnx as sp_nnx
 from sparseprop_jax._layer_helpers import apply_conv, conv_config
@@ -341,12 +341,28 @@ def _is_sparse_linen(module: Any) -> bool:
             and module.has_variable(PATTERN_COLLECTION, "indptr"))
 
 
-def linen_interceptor(record: Optional[Callable[[Any, tuple], None]] = None):
+def computes_with_lax_conv(module: Any) -> bool:
+    """Whether a Flax conv layer (nnx or linen) computes with `lax.conv_general_dilated`.
+
+    False for a layer given a convolution function of its own.
+    """
+    if isinstance(module, nnx.Conv):
+        return module.conv_general_dilated is jax.lax.conv_general_dilated
+    if isinstance(module, nn.Conv):
+        return (module.conv_general_dilated_cls is None
+                and module.conv_general_dilated in (None, jax.lax.conv_general_dilated))
+    return False
+
+
+def linen_interceptor(record: Optional[Callable[[Any, tuple], None]] = None,
+                      fast_dense_convs: bool = False):
     """A `flax.linen.intercept_methods` interceptor running sparse Dense/Conv layers.
 
     A `nn.Dense` or `nn.Conv` whose variables hold `values` (in `params`)
     and a pattern (in `PATTERN_COLLECTION`) instead of a kernel runs the sparse
-    routines; every other call runs as usual. `record(module, input_shape)` is
+    routines. With `fast_dense_convs`, a dense `nn.Conv` that computes with
+    `lax.conv_general_dilated` runs with `sparseprop_jax.conv_general_dilated`
+    instead. Every other call runs as usual. `record(module, input_shape)` is
     called for each call of a Dense/Conv (sparse or not) layer.
     """
     def interceptor(next_fun, args, kwargs, context):
@@ -358,6 +374,12 @@ def linen_interceptor(record: Optional[Callable[[Any, tuple], None]] = None):
             record(module, tuple(np.shape(x)))
         if _is_sparse_linen(module):
             return _linen_sparse_call(module, x)
+        if fast_dense_convs and computes_with_lax_conv(module):
+            # The same layer, unbound, with the fast function, on this layer's
+            # variables; its own call no longer matches here.
+            fast = module.clone(parent=None,
+                                conv_general_dilated=dense_conv.conv_general_dilated)
+            return fast.apply(module.variables, *args, **kwargs)
         return next_fun(*args, **kwargs)
     return interceptor
 

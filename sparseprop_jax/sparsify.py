@@ -19,8 +19,9 @@ sparse than dense on the model's real input shapes (`only_where_faster=True`),
 stay dense and unpruned. A layer that already has exact zeros keeps them:
 pruning only adds zeros. Layers that are already sparse (`SparseDense`,
 `SparseConv`, or sparse linen variables) are pruned further in place.
-The nnx convolutions that stay dense compute with
-`sparseprop_jax.conv_general_dilated` unless `keep_flax_ops=True`.
+The convolutions that stay dense compute with
+`sparseprop_jax.conv_general_dilated` unless `keep_flax_ops=True` (for
+linen, an argument of `sparse_apply`).
 """
 
 from __future__ import annotations
@@ -278,20 +279,19 @@ def _take_fn(positions: np.ndarray) -> Callable:
 
 
 def _dense_conv_fn(layer: ml.Layer, keep_flax_ops: bool) -> Callable:
-    """What an nnx conv layer computes with if it stays dense (lax for linen layers)."""
-    own = getattr(layer.module, "conv_general_dilated", jax.lax.conv_general_dilated)
-    if (isinstance(layer.module, nnx.Conv) and not keep_flax_ops
-            and own is jax.lax.conv_general_dilated):
+    """What a conv layer computes with if it stays dense."""
+    module = layer.module
+    if not keep_flax_ops and ml.computes_with_lax_conv(module):
         return dense_conv.conv_general_dilated
-    return own
+    if getattr(module, "conv_general_dilated_cls", None) is not None:
+        return module.conv_general_dilated_cls()
+    return getattr(module, "conv_general_dilated", None) or jax.lax.conv_general_dilated
 
 
 def _fast_dense_conv(layer: ml.Layer) -> None:
-    """Gives a Flax conv that stays dense the fast dense convolution, unless it has its own."""
-    if layer.kind == "conv":
-        fn = _dense_conv_fn(layer, keep_flax_ops=False)
-        if fn is not layer.module.conv_general_dilated:
-            layer.module.conv_general_dilated = fn
+    """Gives an nnx conv that stays dense the fast dense convolution, unless it has its own."""
+    if isinstance(layer.module, nnx.Conv) and ml.computes_with_lax_conv(layer.module):
+        layer.module.conv_general_dilated = dense_conv.conv_general_dilated
 
 
 def _apply_nnx(model: Any, steps: list[_Step], conv_variant: str,
@@ -435,12 +435,14 @@ def sparsify(model: Any, sparsity: float = 0.9, *, distribution: str = "uniform"
         was; by default the layers are replaced in place.
       timing_repeats: timed runs per layer and implementation (median).
       conv_variant: the `conv_variant` of the new nnx `SparseConv` layers.
-      keep_flax_ops: nnx only. By default the `nnx.Conv` layers that stay
-        dense (skipped, below `min_sparsity`, or faster dense) compute with
-        `sparseprop_jax.conv_general_dilated` (XLA's forward, gradients as
-        matrix products, several times faster than XLA's in a training step);
-        True leaves them as they were. A layer given its own
-        `conv_general_dilated` keeps it either way.
+      keep_flax_ops: by default the `nnx.Conv` layers that stay dense
+        (skipped, below `min_sparsity`, or faster dense) compute with
+        `sparseprop_jax.conv_general_dilated` (C++ or XLA's forward, gradients
+        as matrix products, several times faster than XLA's in a training
+        step); True leaves them as they were. A layer given its own
+        `conv_general_dilated` keeps it either way. Linen layers get the
+        same from `sparse_apply`, whose `keep_flax_ops` this should match:
+        here it only says how `only_where_faster` times a dense conv.
 
     Returns:
       `(model, report)` for nnx (the same model object unless `copy`, or
@@ -523,25 +525,31 @@ def _densify_linen(where: str, variables: Mapping) -> dict:
 
 # -- linen: running sparse variables ------------------------------------------
 @contextlib.contextmanager
-def sparse_layers():
+def sparse_layers(*, keep_flax_ops: bool = False):
     """Context in which linen `nn.Dense`/`nn.Conv` layers with sparse variables run sparsely.
 
     Inside it, a `flax.linen.Dense` or `flax.linen.Conv` whose variables hold
     `values` (in `params`) and a pattern (in `PATTERN_COLLECTION`) instead of
-    a `kernel` runs the sparse kernels; every other layer runs as usual. It
-    must be active while the model is traced (inside the jitted function);
-    `sparse_apply` takes care of that.
+    a `kernel` runs the sparse kernels. An `nn.Conv` that stays dense
+    computes with `sparseprop_jax.conv_general_dilated` unless
+    `keep_flax_ops=True` or it has a convolution function of its own. Every
+    other layer runs as usual. It must be active while the model is traced
+    (inside the jitted function); `sparse_apply` takes care of that.
     """
-    with nn.intercept_methods(ml.linen_interceptor()):
+    with nn.intercept_methods(ml.linen_interceptor(fast_dense_convs=not keep_flax_ops)):
         yield
 
 
-def sparse_apply(module_or_apply: Any) -> Callable:
+def sparse_apply(module_or_apply: Any, *, keep_flax_ops: bool = False) -> Callable:
     """`module.apply` that runs the sparse layers of variables made by `sparsify`.
 
     Args:
       module_or_apply: a `flax.linen.Module`, or its `apply` (or any
         function that applies it).
+      keep_flax_ops: by default the `nn.Conv` layers that stay dense compute
+        with `sparseprop_jax.conv_general_dilated` (as `sparsify` gives nnx
+        convolutions); True leaves them to `lax.conv_general_dilated`. A
+        layer given its own `conv_general_dilated` keeps it either way.
 
     Returns:
       A function with `module.apply`'s signature (`apply(variables, *args,
@@ -557,7 +565,7 @@ def sparse_apply(module_or_apply: Any) -> Callable:
 
     @functools.wraps(apply)
     def sparse(*args, **kwargs):
-        with sparse_layers():
+        with sparse_layers(keep_flax_ops=keep_flax_ops):
             return apply(*args, **kwargs)
     return sparse
 

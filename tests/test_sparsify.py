@@ -184,6 +184,47 @@ def test_convs_that_stay_dense_get_the_fast_dense_convolution():
                                rtol=1e-4, atol=1e-4)
 
 
+class LinenOwnConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), use_bias=False, name="stem")(x)
+        x = nn.Conv(8, (3, 3), name="own", conv_general_dilated=_own_conv)(nn.relu(x))
+        return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))
+
+
+def _own_conv(*args, **kwargs):
+    return jax.lax.conv_general_dilated(*args, **kwargs)
+
+
+def test_linen_convs_that_stay_dense_get_the_fast_dense_convolution(monkeypatch):
+    module = LinenOwnConv()
+    variables = module.init(jax.random.key(0), X_IMG)
+    new, _ = sparsify(module, 0.9, variables=variables, inputs=X_IMG, skip=["stem", "own"])
+    assert "kernel" in new["params"]["stem"] and "values" in new["params"]["head"]
+    calls = []
+
+    def noting(lhs, rhs, *args, **kwargs):
+        calls.append(tuple(rhs.shape))
+        return fast_conv(lhs, rhs, *args, **kwargs)
+
+    fast_conv = sparsify_module.dense_conv.conv_general_dilated
+    monkeypatch.setattr(sparsify_module.dense_conv, "conv_general_dilated", noting)
+
+    def loss(params, apply):
+        return jnp.sum(apply({**new, "params": params}, X_IMG) ** 2)
+
+    fast, flax_ops = sparse_apply(module), sparse_apply(module, keep_flax_ops=True)
+    np.testing.assert_allclose(fast(new, X_IMG), flax_ops(new, X_IMG), rtol=1e-4, atol=1e-5)
+    assert calls == [(3, 3, 3, 8)]  # the stem only: "own" keeps its function
+    calls.clear()
+    flax_ops(new, X_IMG)
+    assert calls == []
+    grads = [jax.jit(jax.grad(loss), static_argnums=1)(new["params"], apply)
+             for apply in (fast, flax_ops)]
+    assert calls == [(3, 3, 3, 8)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+
+
 def test_copy_leaves_the_model_alone():
     model = CNN(nnx.Rngs(0))
     new, _ = sparsify(model, 0.5, copy=True)
