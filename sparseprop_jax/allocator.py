@@ -11,7 +11,8 @@ step that way (benchmarks/results/NOTES.md).
 next allocation instead: large blocks come from the heap, which is never
 trimmed, and all threads share one arena. After a few steps the heap covers
 the working set and steps fault nothing. The price: the process keeps its
-peak memory until it exits.
+peak memory until it exits. `KEEP_FREED_MEMORY_TUNABLES` is the same as a
+`GLIBC_TUNABLES` value, for a program that cannot call it first.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ import ctypes.util
 import platform
 import warnings
 
-# mallopt parameters, from glibc's <malloc.h>.
+# mallopt parameters, from glibc's <malloc.h>, with their tunable names.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+_SETTINGS = (("arena_max", _M_ARENA_MAX, 1), ("mmap_max", _M_MMAP_MAX, 0),
+             ("trim_threshold", _M_TRIM_THRESHOLD, 2**31 - 1))
+
+#: The same settings as a value of the `GLIBC_TUNABLES` environment variable,
+#: for a program run unchanged (glibc reads it when the process starts).
+KEEP_FREED_MEMORY_TUNABLES = ":".join(f"glibc.malloc.{name}={value}"
+                                      for name, _, value in _SETTINGS)
 
 
 def _jax_has_started() -> bool:
@@ -58,4 +65,4 @@ def keep_freed_memory() -> bool:
                       RuntimeWarning, stacklevel=2)
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return all(libc.mallopt(param, value) == 1 for param, value in _SETTINGS)
+    return all(libc.mallopt(param, value) == 1 for _, param, value in _SETTINGS)

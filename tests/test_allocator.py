@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import subprocess
 import sys
+
+from sparseprop_jax.allocator import KEEP_FREED_MEMORY_TUNABLES
 
 # Page faults per call of a jitted op with a 64 MiB result, once warm.
 _PROBE = """
@@ -28,10 +32,10 @@ print(json.dumps({"kept": kept, "faults": faults, "warnings": [str(w.message) fo
 """
 
 
-def _probe(mode: str, cwd) -> dict:
+def _probe(mode: str, cwd, env: dict | None = None) -> dict:
     # Run outside the checkout, so that the installed package is imported, not the source tree.
     proc = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=300, cwd=cwd, env=None if env is None else {**os.environ, **env})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -49,3 +53,10 @@ def test_too_late_warns_and_changes_nothing(tmp_path):
     assert late["kept"] is False
     assert any("before the first JAX computation" in w for w in late["warnings"]), late
     assert late["faults"] > 8000, late
+
+
+def test_the_tunables_do_the_same_for_an_unchanged_program(tmp_path):
+    tuned = _probe("default", tmp_path, {"GLIBC_TUNABLES": KEEP_FREED_MEMORY_TUNABLES})
+    assert tuned["faults"] < 500, tuned
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    assert f"GLIBC_TUNABLES={KEEP_FREED_MEMORY_TUNABLES}`" in readme.read_text()
