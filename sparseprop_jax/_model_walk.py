@@ -374,7 +374,8 @@ def linen_interceptor(record: Optional[Callable[[Any, tuple], None]] = None,
             record(module, tuple(np.shape(x)))
         if _is_sparse_linen(module):
             return _linen_sparse_call(module, x)
-        if fast_dense_convs and computes_with_lax_conv(module):
+        if (fast_dense_convs and computes_with_lax_conv(module)
+                and module.has_variable("params", "kernel")):  # not while initialising
             # The same layer, unbound, with the fast function, on this layer's
             # variables; its own call no longer matches here.
             fast = module.clone(parent=None,

@@ -223,6 +223,9 @@ def test_linen_convs_that_stay_dense_get_the_fast_dense_convolution(monkeypatch)
              for apply in (fast, flax_ops)]
     assert calls == [(3, 3, 3, 8)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+    with sparsify_module.sparse_layers():  # init inside the context makes the usual variables
+        fresh = module.init(jax.random.key(0), X_IMG)
+    jax.tree.map(np.testing.assert_array_equal, fresh, variables)
 
 
 def test_copy_leaves_the_model_alone():
