@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import jax
@@ -68,3 +69,29 @@ def test_cached_memory_is_released_on_request_and_after_idle(rng):
     tiny = sp.SparseWeight.from_dense(np.eye(3, 2, dtype=np.float32))
     jax.block_until_ready(sp.sparse_linear(np.ones((1, 3), np.float32), tiny))
     assert sp.cached_memory_bytes() < cached
+
+
+def test_buffers_in_use_at_release_are_freed_when_their_call_ends(rng):
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 2048, 2048, 0.9))
+    x = jnp.asarray(rng.standard_normal((4096, 2048)).astype(np.float32))
+    step = jax.jit(jax.grad(  # the backward lays activations out in scratch
+        lambda x, v: jnp.sum(jnp.sin(sp.sparse_linear(x, weight.with_values(v)))), (0, 1)))
+    expected = jax.block_until_ready(step(x, weight.values))
+    for _ in range(5):  # retried only if the call ends before it is seen holding the buffers
+        jax.block_until_ready(step(x, weight.values))
+        assert sp.cached_memory_bytes() > 0
+        results = []
+        call = threading.Thread(
+            target=lambda: results.append(jax.block_until_ready(step(x, weight.values))))
+        call.start()
+        while call.is_alive() and sp.cached_memory_bytes() > 0:
+            time.sleep(0.0005)  # until the call has taken the kept buffers
+        holding = call.is_alive()
+        sp.release_cached_memory()
+        call.join()
+        for a, b in zip(results[0], expected):
+            np.testing.assert_array_equal(a, b)
+        if holding:
+            assert sp.cached_memory_bytes() == 0  # freed when the call ended, not kept
+            return
+    pytest.fail("the call never held its buffers long enough to release them during it")

@@ -29,7 +29,8 @@ constexpr int64_t kMinParallelFlops = 1 << 20;
 // most kScratchCacheBytes, and a buffer no call has reused for
 // kScratchIdleSeconds is freed at the next acquire or release (a training
 // loop reuses its buffers every step; the buffers of shapes no longer run
-// go). release_scratch() frees them all at once.
+// go). release_scratch() frees them all at once, and the buffers in use then
+// when their calls end.
 constexpr std::size_t kScratchCacheBytes = std::size_t(512) << 20;
 constexpr double kScratchIdleSeconds = 10.0;
 constexpr std::size_t kScratchAlign = 64;
@@ -46,6 +47,7 @@ struct ScratchCache {
   std::mutex mutex;
   std::vector<FreeBuffer> free;  // oldest release first
   std::size_t bytes = 0;
+  std::uint64_t generation = 0;  // release_scratch() calls so far
 
   // Frees the buffers released before `cutoff`, then the oldest ones while
   // more than `limit` bytes are kept. The caller holds the mutex.
@@ -79,11 +81,12 @@ Clock::time_point idle_cutoff() {
 
 }  // namespace
 
-void* scratch_acquire(std::size_t bytes, std::size_t* capacity) {
+void* scratch_acquire(std::size_t bytes, ScratchTicket* ticket) {
   const std::size_t want = scratch_capacity(bytes);
   ScratchCache& cache = scratch_cache();
   {
     std::lock_guard<std::mutex> lock(cache.mutex);
+    ticket->generation = cache.generation;
     cache.trim(idle_cutoff(), kScratchCacheBytes);
     auto best = cache.free.end();
     for (auto it = cache.free.begin(); it != cache.free.end(); ++it)
@@ -92,7 +95,7 @@ void* scratch_acquire(std::size_t bytes, std::size_t* capacity) {
         best = it;
     if (best != cache.free.end()) {
       void* data = best->data;
-      *capacity = best->capacity;
+      ticket->capacity = best->capacity;
       cache.bytes -= best->capacity;
       cache.free.erase(best);
       return data;
@@ -100,16 +103,22 @@ void* scratch_acquire(std::size_t bytes, std::size_t* capacity) {
   }
   void* data = std::aligned_alloc(kScratchAlign, want);
   if (data == nullptr) throw std::bad_alloc();
-  *capacity = want;
+  ticket->capacity = want;
   return data;
 }
 
-void scratch_release(void* data, std::size_t capacity) {
+void scratch_release(void* data, ScratchTicket ticket) {
   ScratchCache& cache = scratch_cache();
-  std::lock_guard<std::mutex> lock(cache.mutex);
-  cache.free.push_back({capacity, data, Clock::now()});
-  cache.bytes += capacity;
-  cache.trim(idle_cutoff(), kScratchCacheBytes);
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    if (ticket.generation == cache.generation) {
+      cache.free.push_back({ticket.capacity, data, Clock::now()});
+      cache.bytes += ticket.capacity;
+      cache.trim(idle_cutoff(), kScratchCacheBytes);
+      return;
+    }
+  }
+  std::free(data);  // handed out before a release_scratch(): not kept
 }
 
 std::size_t cached_scratch_bytes() {
@@ -122,6 +131,7 @@ void release_scratch() {
   ScratchCache& cache = scratch_cache();
   std::lock_guard<std::mutex> lock(cache.mutex);
   cache.trim(Clock::time_point::max(), 0);
+  ++cache.generation;
 }
 
 int64_t Stack::index(int64_t v) const {

@@ -98,11 +98,18 @@ ffi::Error check_same_dims(const Stack& got, const Stack& expected, const char* 
 constexpr int64_t kStreamMinBytes = int64_t{4} << 20;
 inline bool streams_past_cache(int64_t floats) { return 4 * floats >= kStreamMinBytes; }
 
+// What scratch_release needs back about a buffer: its true size, and the
+// number of release_scratch() calls before it was handed out (a buffer
+// handed out before a release_scratch() is freed when its call ends, not kept).
+struct ScratchTicket {
+  std::size_t capacity = 0;
+  std::uint64_t generation = 0;
+};
+
 // Raw storage for scratch(): at least `bytes`, 64-byte aligned, reused from
-// earlier calls where one fits (see ffi_common.cc); `capacity` receives its
-// true size, which scratch_release takes back with it.
-void* scratch_acquire(std::size_t bytes, std::size_t* capacity);
-void scratch_release(void* data, std::size_t capacity);
+// earlier calls where one fits (see ffi_common.cc).
+void* scratch_acquire(std::size_t bytes, ScratchTicket* ticket);
+void scratch_release(void* data, ScratchTicket ticket);
 
 // Bytes of scratch kept for reuse, not in use by any call; release_scratch()
 // frees them (buffers in use are freed when their call ends).
@@ -113,10 +120,10 @@ void release_scratch();
 // before it is read), shared by the tasks of one call and recycled after it.
 template <typename T>
 std::shared_ptr<T[]> scratch(int64_t n) {
-  std::size_t capacity = 0;
-  void* data = scratch_acquire(sizeof(T) * static_cast<std::size_t>(n > 0 ? n : 1), &capacity);
+  ScratchTicket ticket;
+  void* data = scratch_acquire(sizeof(T) * static_cast<std::size_t>(n > 0 ? n : 1), &ticket);
   return std::shared_ptr<T[]>(static_cast<T*>(data),
-                              [capacity](T* p) { scratch_release(p, capacity); });
+                              [ticket](T* p) { scratch_release(p, ticket); });
 }
 
 
