@@ -1,9 +1,11 @@
-"""The README's quick start runs as printed."""
+"""The README's quick start runs as printed, and the values it quotes are the code's."""
 
 from __future__ import annotations
 
 import pathlib
 import re
+
+from sparseprop_jax.allocator import KEEP_FREED_MEMORY_TUNABLES
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -29,3 +31,7 @@ def test_workflow_example_runs(capsys):
     assert "hidden" in capsys.readouterr().out  # the printed sparsify report
     kernel = scope["dense_model"].hidden.kernel[...]  # densified after GMP to 90%
     assert float((kernel == 0).mean()) >= 0.89
+
+
+def test_quotes_the_keep_freed_memory_tunables():
+    assert f"GLIBC_TUNABLES={KEEP_FREED_MEMORY_TUNABLES}`" in README.read_text()
