@@ -61,6 +61,14 @@ def check_dtype(where: str, name: str, array: Any) -> None:
         )
 
 
+def promote_to_common(*arrays: Any) -> tuple[Any, ...]:
+    """`arrays` (of supported dtypes) cast to their common dtype, as `jnp.matmul` promotes:
+    bfloat16 with float32 computes in float32. The casts are outside the ops'
+    custom_vjp, so each gradient comes back in its own array's dtype."""
+    dtype = jnp.result_type(*arrays)
+    return tuple(a.astype(dtype) for a in arrays)
+
+
 def check_shape(where: str, name: str, array: Any, expected: tuple[int, ...]) -> None:
     """Raises ValueError unless `array` has exactly the shape `expected`."""
     shape = tuple(np.shape(array))

@@ -105,12 +105,14 @@ def _batch_axes(shardings, ndims, dims):
 
 
 # -- the call -----------------------------------------------------------------
-def call(target: Target, shapes, *operands: jax.Array, dtype: str = "float32", **attrs):
+def call(target: Target, shapes, *operands: jax.Array, **attrs):
     """One FFI call of `target`; `shapes` is one result shape or a tuple of them.
 
     Every custom call of the package goes through here, so how results are
-    declared (shape, dtype, vmap rule, sharding) lives in one place. `dtype`
-    is the call's floating dtype (one of `_targets.SUPPORTED_DTYPES`).
+    declared (shape, dtype, vmap rule, sharding) lives in one place. The
+    call's floating dtype is its floating operands' (they must agree), one of
+    `_targets.SUPPORTED_DTYPES`. A target not built for it (`target.dtypes`)
+    runs in float32, its floating operands widened and results rounded here.
     """
     multiple = bool(shapes) and isinstance(shapes[0], tuple)
     shapes = tuple(tuple(s) for s in shapes) if multiple else (tuple(shapes),)
@@ -120,9 +122,20 @@ def call(target: Target, shapes, *operands: jax.Array, dtype: str = "float32", *
                         f"{len(target.results)} result(s) and attributes {list(target.attrs)}; "
                         f"got {len(operands)} operands, {len(shapes)} result shape(s) and "
                         f"attributes {sorted(attrs)}")
-    if dtype not in _targets.SUPPORTED_DTYPES:
-        raise TypeError(f"{target.name}: dtype must be one of {_targets.SUPPORTED_DTYPES}, "
-                        f"got {dtype!r}")
+    floats = {jax.numpy.dtype(jax.typeof(op).dtype).name
+              for op, a in zip(operands, target.operands) if a.dtype == _targets.FLOAT}
+    if len(floats) != 1 or not floats <= set(_targets.SUPPORTED_DTYPES):
+        raise TypeError(f"{target.name}: the floating operands must share one dtype of "
+                        f"{_targets.SUPPORTED_DTYPES}, got {sorted(floats)}")
+    dtype = floats.pop()
+    if dtype not in target.dtypes:
+        wide = tuple(op.astype("float32") if a.dtype == _targets.FLOAT else op
+                     for op, a in zip(operands, target.operands))
+        out = call(target, shapes if multiple else shapes[0], *wide, **attrs)
+        out = tuple(o.astype(dtype) if r.dtype == _targets.FLOAT else o
+                    for o, r in zip(out if multiple else (out,), target.results))
+        return out if multiple else out[0]
+    name = target.name_for(dtype)
     types = tuple(zip(shapes, target.result_dtypes(dtype)))
     avals = [jax.typeof(op) for op in operands]
     varying = frozenset().union(*(a.mat.varying for a in avals))
@@ -136,19 +149,19 @@ def call(target: Target, shapes, *operands: jax.Array, dtype: str = "float32", *
         results = tuple(jax.ShapeDtypeStruct(s, t, manual_axis_type=kind,
                                              sharding=NamedSharding(mesh, PartitionSpec()))
                         for s, t in types)
-        out = _ffi_call(target, results, operands, attrs)
+        out = _ffi_call(name, results, operands, attrs)
     elif not any(isinstance(op, jax.core.Tracer) for op in operands):
         # Eager calls run on concrete arrays: nothing to partition.
-        out = _ffi_call(target, _results(types, avals, dims), operands, attrs)
+        out = _ffi_call(name, _results(types, avals, dims), operands, attrs)
     elif (split := _explicit_split(avals, dims)) is not None:
-        out = _shard_mapped(target, shapes, dtype, attrs, avals, *split)(*operands)
+        out = _shard_mapped(target, shapes, attrs, avals, *split)(*operands)
     else:
-        out = _partitioned(target, types, attrs, [a.ndim for a in avals])(*operands)
+        out = _partitioned(target, name, types, attrs, [a.ndim for a in avals])(*operands)
     return tuple(out) if multiple else out[0]
 
 
-def _ffi_call(target: Target, results, operands, attrs):
-    return jax.ffi.ffi_call(target.name, tuple(results),
+def _ffi_call(name: str, results, operands, attrs):
+    return jax.ffi.ffi_call(name, tuple(results),
                             vmap_method=_VMAP_METHOD)(*operands, **attrs)
 
 
@@ -227,7 +240,7 @@ def _explicit_split(avals, dims):
     return mesh, names, shards
 
 
-def _shard_mapped(target, shapes, dtype, attrs, avals, mesh, names, shards):
+def _shard_mapped(target, shapes, attrs, avals, mesh, names, shards):
     """The call under `shard_map` over the explicit batch axes `names`.
 
     With explicit axes the split is known while tracing, so a `shard_map` runs
@@ -240,7 +253,7 @@ def _shard_mapped(target, shapes, dtype, attrs, avals, mesh, names, shards):
     local = _local_shapes(shapes, out_dims, shards)
 
     def shard(*operands):
-        out = call(target, tuple(local), *operands, dtype=dtype, **attrs)
+        out = call(target, tuple(local), *operands, **attrs)
         return tuple(jax.lax.psum(o, names) if d == SUM else o for o, d in zip(out, out_dims))
 
     in_specs = tuple(_spec(a.ndim, d, names) for a, d in zip(avals, in_dims))
@@ -249,7 +262,7 @@ def _shard_mapped(target, shapes, dtype, attrs, avals, mesh, names, shards):
                          axis_names=frozenset(names))
 
 
-def _partitioned(target, types, attrs, ndims):
+def _partitioned(target, name, types, attrs, ndims):
     """The call as a custom_partitioning op (split over the batch) with a vmap rule."""
     dims = target.batch_dims
     in_dims, out_dims = dims
@@ -257,7 +270,7 @@ def _partitioned(target, types, attrs, ndims):
 
     def whole(*operands):
         avals = [jax.typeof(op) for op in operands]
-        return tuple(_ffi_call(target, _results(types, avals, dims), operands, attrs))
+        return tuple(_ffi_call(name, _results(types, avals, dims), operands, attrs))
 
     op = custom_partitioning(whole)
 
@@ -283,7 +296,7 @@ def _partitioned(target, types, attrs, ndims):
         local = _local_types(types, out_dims, shards)
 
         def shard(*operands):  # one device's shard: the kernel on its part of the batch
-            out = _ffi_call(target, local, operands, attrs)
+            out = _ffi_call(name, local, operands, attrs)
             return tuple(jax.lax.psum(o, names) if d == SUM and names else o
                          for o, d in zip(out, out_dims))
         return mesh, shard, results, args
@@ -303,7 +316,7 @@ def _partitioned(target, types, attrs, ndims):
     @run.def_vmap
     def _vmap_rule(axis_size, in_batched, *operands):
         def plain(*ops):
-            return tuple(_ffi_call(target, [jax.ShapeDtypeStruct(s, t) for s, t in types], ops,
+            return tuple(_ffi_call(name, [jax.ShapeDtypeStruct(s, t) for s, t in types], ops,
                                    attrs))
         in_axes = [0 if b else None for b in in_batched]
         return jax.vmap(plain, in_axes=in_axes)(*operands), (True,) * len(shapes)

@@ -10,8 +10,11 @@ of its operands and results, its attributes' names: `xla_ffi/*_ffi.h`), and
 the extension reports them. `check` compares the two at import, so a target
 changed on one side only is an import error rather than a wrong call.
 
-FLOAT stands for the op's floating dtype (float32 today, the only one in
-`SUPPORTED_DTYPES`); index arrays are int32, a max pool's taps int8.
+FLOAT stands for the call's floating dtype, one of `SUPPORTED_DTYPES`; index
+arrays are int32, a max pool's taps int8. A target is built for the dtypes
+its `dtypes` lists, each registered under its own name (`name_for`); a call
+in a supported dtype that a target is not built for runs it in float32 (see
+`_ffi.call`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from typing import Optional, Union
 FLOAT = "float"
 INT32 = "int32"
 INT8 = "int8"
-#: The floating dtypes the targets are built for.
-SUPPORTED_DTYPES = ("float32",)
+#: The floating dtypes the ops take: float32, and bfloat16 (products summed in float32).
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+#: Each dtype's suffix on the name a target is registered under (float32's is none).
+_SUFFIXES = {"float32": "", "bfloat16": "_bf16"}
 #: A result that sums over the batch (a weight gradient).
 SUM = "sum"
 Dim = Union[int, str, None]
@@ -47,6 +52,12 @@ class Target:
     operands: tuple[Array, ...]
     results: tuple[Array, ...]
     attrs: tuple[str, ...] = ()
+    #: The floating dtypes the extension builds it for.
+    dtypes: tuple[str, ...] = ("float32",)
+
+    def name_for(self, dtype: str) -> str:
+        """The name the target is registered under for `dtype` (one of `dtypes`)."""
+        return self.name + _SUFFIXES[dtype]
 
     @property
     def batch_dims(self) -> tuple[tuple[Dim, ...], tuple[Dim, ...]]:
@@ -66,22 +77,24 @@ PATTERN = _indices("indptr", "indices")
 BOTH_PATTERNS = PATTERN + _indices("t_indptr", "t_indices", "t_perm")
 VALUES = Array("values", FLOAT)
 
-# -- the linear layer: x, y [B, features], x^T [in, B] -----------------------------
+# -- the linear layer: x, y [B, features], x^T [in, B]; float32 and bfloat16 -------
+BOTH_DTYPES = ("float32", "bfloat16")
 LINEAR_FORWARD = Target("sparseprop_linear_forward",
-                        (Array("x", FLOAT, 0), VALUES, *PATTERN), (Array("y", FLOAT, 0),))
+                        (Array("x", FLOAT, 0), VALUES, *PATTERN), (Array("y", FLOAT, 0),),
+                        dtypes=BOTH_DTYPES)
 LINEAR_FORWARD_AND_XT = Target(
     "sparseprop_linear_forward_and_xt", (Array("x", FLOAT, 0), VALUES, *PATTERN),
-    (Array("y", FLOAT, 0), Array("xt", FLOAT, 1)))
+    (Array("y", FLOAT, 0), Array("xt", FLOAT, 1)), dtypes=BOTH_DTYPES)
 LINEAR_BACKWARD = Target(
     "sparseprop_linear_backward",
     (Array("dy", FLOAT, 0), Array("xt", FLOAT, 1), VALUES, *BOTH_PATTERNS),
-    (Array("dx", FLOAT, 0), Array("dvalues", FLOAT, SUM)))
+    (Array("dx", FLOAT, 0), Array("dvalues", FLOAT, SUM)), dtypes=BOTH_DTYPES)
 LINEAR_INPUT_GRAD = Target("sparseprop_linear_input_grad",
                            (Array("dy", FLOAT, 0), VALUES, *BOTH_PATTERNS),
-                           (Array("dx", FLOAT, 0),))
+                           (Array("dx", FLOAT, 0),), dtypes=BOTH_DTYPES)
 LINEAR_WEIGHT_GRAD = Target("sparseprop_linear_weight_grad",
                             (Array("dy", FLOAT, 0), Array("xt", FLOAT, 1), *PATTERN),
-                            (Array("dvalues", FLOAT, SUM),))
+                            (Array("dvalues", FLOAT, SUM),), dtypes=BOTH_DTYPES)
 
 # -- the feature-major linear layer: x, y [G, features, n], a batch of G x n -------
 LINEAR_FEATURE_MAJOR_FORWARD = Target(
@@ -148,11 +161,10 @@ ALL: tuple[Target, ...] = (LINEAR_FORWARD, LINEAR_FORWARD_AND_XT, LINEAR_BACKWAR
                            DENSE_CONV_WEIGHT_GRAD, NORM_POOL_GRAD_SUMS, NORM_POOL_INPUT_GRAD)
 
 
-def _disagreement(target: Target, reported: Mapping) -> Optional[str]:
+def _disagreement(target: Target, dtype: str, reported: Mapping) -> Optional[str]:
     for kind, ours in (("operands", target.operands), ("results", target.results)):
         theirs = tuple(reported[kind])
-        # The C++ binding is float32 today: FLOAT must be one of the supported dtypes.
-        mine = tuple(SUPPORTED_DTYPES[0] if a.dtype == FLOAT else a.dtype for a in ours)
+        mine = tuple(dtype if a.dtype == FLOAT else a.dtype for a in ours)
         if mine != theirs:
             return (f"{kind} {[a.name for a in ours]} are declared {list(mine)} here, "
                     f"{list(theirs)} in the extension")
@@ -164,13 +176,13 @@ def _disagreement(target: Target, reported: Mapping) -> Optional[str]:
 
 def check(reported: Mapping[str, Mapping]) -> None:
     """Raises ImportError unless `reported` (the extension's targets) matches ALL."""
-    declared = {t.name: t for t in ALL}
+    declared = {t.name_for(d): (t, d) for t in ALL for d in t.dtypes}
     problems = [f"{name}: registered by the extension, not declared in _targets.py"
                 for name in sorted(set(reported) - set(declared))]
     problems += [f"{name}: declared in _targets.py, not registered by the extension"
                  for name in sorted(set(declared) - set(reported))]
     for name in sorted(set(declared) & set(reported)):
-        problem = _disagreement(declared[name], reported[name])
+        problem = _disagreement(*declared[name], reported[name])
         if problem:
             problems.append(f"{name}: {problem}")
     if problems:

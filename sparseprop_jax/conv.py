@@ -159,8 +159,9 @@ def sparse_conv2d(x: Any, weight: SparseWeight, bias: Optional[Any] = None,
     geometry = dataclasses.replace(
         geometry, variant=conv_variants.choose(variant, geometry, weight.nnz))
     p = weight.pattern
+    x, values = _checks.promote_to_common(x, weight.values)
     # Under shard_map: the weight made varying like x, so its gradient is all-reduced once.
-    y = conv_op(geometry, *_ffi.match_vma(x, weight.values, p.indptr, p.indices, p.t_indptr,
+    y = conv_op(geometry, *_ffi.match_vma(x, values, p.indptr, p.indices, p.t_indptr,
                                           p.t_indices, p.t_perm))
     return y if bias is None else y + bias
 

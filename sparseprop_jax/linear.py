@@ -166,8 +166,9 @@ def sparse_linear(x: Any, weight: SparseWeight, bias: Optional[Any] = None, *,
     else:
         x = x.reshape(int(size(lead)), n_in)
         layer = _linear_2d
+    x, values = _checks.promote_to_common(x, weight.values)
     # Under shard_map: the weight made varying like x, so its gradient is all-reduced once.
-    operands = _ffi.match_vma(x, weight.values, pattern.indptr, pattern.indices,
+    operands = _ffi.match_vma(x, values, pattern.indptr, pattern.indices,
                               pattern.t_indptr, pattern.t_indices, pattern.t_perm)
     y = layer(pattern.shape, *operands).reshape(*lead, n_out, *trail)
     if bias is None:

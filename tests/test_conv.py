@@ -163,7 +163,7 @@ def test_bad_inputs(conv_weight):
     cases = [
         (ValueError, r"x must be 4-D NHWC", dict(x=jnp.ones((8, 8, 4)))),
         (ValueError, r"x must have 4 channels", dict(x=jnp.ones((2, 8, 8, 3)))),
-        (TypeError, r"x must be float32", dict(x=jnp.ones((2, 8, 8, 4), jnp.bfloat16))),
+        (TypeError, r"x must be float32 or bfloat16", dict(x=jnp.ones((2, 8, 8, 4), jnp.float16))),
         (ValueError, r"kernel is larger than the padded input",
          dict(x=jnp.ones((2, 2, 2, 4)), padding="VALID")),
         (ValueError, r"padding='CIRCULAR' is not supported", dict(padding="CIRCULAR")),

@@ -115,7 +115,7 @@ ffi::Future LinearFeatureMajorForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 // the transposed pattern's rows) beside the weight-gradient tasks (over the
 // pattern's rows).
 ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                                          const LinearBackwardOperands& b, const char* op) {
+                                          const LinearBackwardOperands<>& b, const char* op) {
   const bool want_dx = b.dx != nullptr, want_dw = b.dvalues != nullptr;
   // The results first: the operands' leading (vmap) dims broadcast against theirs.
   Stack dxs, ds, dys, xs, vs, ps;
@@ -149,7 +149,7 @@ ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<ffi:
   if (want_dw)
     SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "dvalues output length"));
   if (want_dx) {
-    SPARSEPROP_RETURN_IF_ERROR(decode_transposed(*b.values, *b.t_indptr, *b.t_indices,
+    SPARSEPROP_RETURN_IF_ERROR(decode_transposed(b.values->dimensions(), *b.t_indptr, *b.t_indices,
                                                  *b.t_perm, pat, result, op, &vs, &tpat, &ps));
   }
 
@@ -239,7 +239,7 @@ ffi::Future LinearFeatureMajorInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F
                                         ffi::Buffer<ffi::S32> t_indices,
                                         ffi::Buffer<ffi::S32> t_perm,
                                         ffi::ResultBuffer<ffi::F32> dx) {
-  const auto b = LinearBackwardOperands::input_grad(values, indptr, indices, t_indptr,
+  const auto b = LinearBackwardOperands<>::input_grad(values, indptr, indices, t_indptr,
                                                     t_indices, t_perm, dx);
   return linear_feature_major_backward(pool, dy, b,
                                        "sparse_linear input gradient (feature-major)");
@@ -249,7 +249,7 @@ ffi::Future LinearFeatureMajorWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::
                                          ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> indptr,
                                          ffi::Buffer<ffi::S32> indices,
                                          ffi::ResultBuffer<ffi::F32> dvalues) {
-  const auto b = LinearBackwardOperands::weight_grad(x, indptr, indices, dvalues);
+  const auto b = LinearBackwardOperands<>::weight_grad(x, indptr, indices, dvalues);
   return linear_feature_major_backward(pool, dy, b,
                                        "sparse_linear weight gradient (feature-major)");
 }
@@ -260,7 +260,7 @@ ffi::Future LinearFeatureMajorBackward(
     ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
     ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<ffi::F32> dx,
     ffi::ResultBuffer<ffi::F32> dvalues) {
-  LinearBackwardOperands b{&x, &values, &indptr, &indices, &t_indptr,
+  LinearBackwardOperands<> b{&x, &values, &indptr, &indices, &t_indptr,
                            &t_indices, &t_perm, &dx, &dvalues};
   return linear_feature_major_backward(pool, dy, b, "sparse_linear backward (feature-major)");
 }
@@ -269,15 +269,15 @@ ffi::Future LinearFeatureMajorBackward(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorForward,
                               Guarded<LinearFeatureMajorForward>::Call,
-                              bind<kLinearForwardSignature>());
+                              bind<kLinearForwardSignature<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorBackward,
                               Guarded<LinearFeatureMajorBackward>::Call,
-                              bind<kLinearBackwardSignature>());
+                              bind<kLinearBackwardSignature<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorInputGrad,
                               Guarded<LinearFeatureMajorInputGrad>::Call,
-                              bind<kLinearInputGradSignature>());
+                              bind<kLinearInputGradSignature<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorWeightGrad,
                               Guarded<LinearFeatureMajorWeightGrad>::Call,
-                              bind<kLinearWeightGradSignature>());
+                              bind<kLinearWeightGradSignature<ffi::F32>>());
 
 }  // namespace sparseprop

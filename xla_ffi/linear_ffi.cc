@@ -41,6 +41,14 @@
 namespace sparseprop {
 namespace {
 
+// T, in a parameter that takes nullptr without deducing T from it.
+template <typename T>
+struct Identity {
+  using type = T;
+};
+template <typename T>
+using NotDeduced = typename Identity<T>::type;
+
 // Output features computed per block before the block is transposed into the
 // batch-major output: bounds the block to 64 KiB, so it is still in cache
 // when it is transposed.
@@ -64,16 +72,19 @@ TileAt tile_at(const BatchTiles& tiles, int64_t t, int64_t features, int64_t unt
 // features, or, with `in_ld`, untiled: [in_rows, batch] with rows in_ld
 // apart. value(p) = vals[perm[p]] if perm, else vals[p]: the permuted
 // values are gathered a block at a time into a buffer that stays in cache
-// (once per tile: see linear_backward for when the caller gathers instead).
+// (once per tile: see linear_backward for when the caller gathers instead);
+// values of another type than float (Val) are widened the same way, a block
+// at a time.
 // `stream`: write `out` with streaming stores (streams_past_cache).
 // With `xt` (the linear layer's input x transposed, [ld_out, batch]: the rows
 // here are its input features), the weight gradient in the same pass
 // (spmm_sddmm_indexed): sums[p] = sum_b in_t[idx[p], b] * x[b, r] for the
 // entries p of row r, in the rows' order.
-void spmm_batch_major(const Routines& k, const int32_t* indptr, const int32_t* idx,
-                      const float* vals, const int32_t* perm, const float* in_t,
-                      int64_t in_rows, int64_t batch, float* out, int64_t ld_out, int64_t begin,
-                      int64_t end, bool stream, const float* xt = nullptr,
+template <typename T, typename Val>
+void spmm_batch_major(const RoutinesFor<T>& k, const int32_t* indptr, const int32_t* idx,
+                      const Val* vals, const int32_t* perm, const T* in_t,
+                      int64_t in_rows, int64_t batch, T* out, int64_t ld_out, int64_t begin,
+                      int64_t end, bool stream, const NotDeduced<T>* xt = nullptr,
                       float* sums = nullptr, int64_t in_ld = 0) {
   const BatchTiles tiles{batch};
   std::vector<float> buffer(kRowsPerBlock * kBatchTile);
@@ -83,9 +94,9 @@ void spmm_batch_major(const Routines& k, const int32_t* indptr, const int32_t* i
     std::fill(sums + indptr[begin], sums + indptr[end], 0.0f);
   for (int64_t t = 0; t < tiles.count(); ++t) {
     const int64_t width = tiles.width(t);
-    const float* in_tile = in_ld ? in_t + tiles.first(t) : in_t + tiles.first(t) * in_rows;
+    const T* in_tile = in_ld ? in_t + tiles.first(t) : in_t + tiles.first(t) * in_rows;
     const int64_t ld_in = in_ld ? in_ld : width;
-    float* out_tile = out + tiles.first(t) * ld_out;
+    T* out_tile = out + tiles.first(t) * ld_out;
     for (int64_t r0 = begin; r0 < end; r0 += kRowsPerBlock) {
       const int64_t n = std::min(kRowsPerBlock, end - r0);
       // Rows [0, n) of the block, entries from ptr[0] on, sums from `block_sums` on.
@@ -100,17 +111,24 @@ void spmm_batch_major(const Routines& k, const int32_t* indptr, const int32_t* i
                              xt + r0 * batch + tiles.first(t), batch, buffer.data(),
                              block_sums, width, 0, n, /*accumulate=*/t > 0);
       };
-      if (perm == nullptr) {
-        product(indptr + r0, idx, vals, sums);
-      } else {
-        const int32_t lo = indptr[r0];
-        for (int64_t i = 0; i <= n; ++i) block_ptr[i] = indptr[r0 + i] - lo;
-        block_vals.resize(std::max<int32_t>(1, block_ptr[n]));
-        gather(vals, perm + lo, 0, block_ptr[n], block_vals.data());
-        product(block_ptr.data(), idx + lo, block_vals.data(),
-                sums != nullptr ? sums + lo : nullptr);
+      if constexpr (std::is_same_v<Val, float>) {
+        if (perm == nullptr) {
+          product(indptr + r0, idx, vals, sums);
+          k.transpose_rounded(buffer.data(), width, out_tile + r0, ld_out, n, 0, width, stream);
+          continue;
+        }
       }
-      k.transpose(buffer.data(), width, out_tile + r0, ld_out, n, 0, width, stream);
+      const int32_t lo = indptr[r0];
+      for (int64_t i = 0; i <= n; ++i) block_ptr[i] = indptr[r0 + i] - lo;
+      block_vals.resize(std::max<int32_t>(1, block_ptr[n]));
+      if (perm != nullptr) {
+        gather(vals, perm + lo, 0, block_ptr[n], block_vals.data());
+      } else {
+        for (int32_t p = 0; p < block_ptr[n]; ++p) block_vals[p] = as_float(vals[lo + p]);
+      }
+      product(block_ptr.data(), idx + lo, block_vals.data(),
+              sums != nullptr ? sums + lo : nullptr);
+      k.transpose_rounded(buffer.data(), width, out_tile + r0, ld_out, n, 0, width, stream);
     }
   }
 }
@@ -126,8 +144,9 @@ void spmm_batch_major(const Routines& k, const int32_t* indptr, const int32_t* i
 // the pattern, the batch size and the entry's row, not on the task split.
 constexpr int64_t kPerTileMinEntriesPerRow = 24;
 
-void weight_gradient(const Routines& k, const int32_t* indptr, const int32_t* idx,
-                     const float* dyt, int64_t n_out, const float* xt, int64_t n_in,
+template <typename T>
+void weight_gradient(const RoutinesFor<T>& k, const int32_t* indptr, const int32_t* idx,
+                     const T* dyt, int64_t n_out, const T* xt, int64_t n_in,
                      int64_t batch, bool per_tile, float* dvalues, int64_t begin, int64_t end) {
   if (!per_tile) {
     k.sddmm_indexed(indptr, idx, dyt, n_out, xt, n_in, dvalues, batch, begin, end, false);
@@ -142,7 +161,8 @@ void weight_gradient(const Routines& k, const int32_t* indptr, const int32_t* id
 
 // dst[r * ld_dst + c] = src[r * ld_src + c] for r < rows, c < cols: a block
 // of rows between x^T and one of its batch tiles.
-void copy_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
+template <typename T>
+void copy_rows(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows,
                int64_t cols) {
   for (int64_t r = 0; r < rows; ++r)
     std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
@@ -153,22 +173,38 @@ void copy_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
 // batch]), split over the features. `count` is either the source's own
 // number of slices (each transposed once) or the call's result slices (each
 // result slice gets the source slice it reads).
-Phase transpose_phase(const Routines& k, const float* src, const Stack& src_stack,
-                      float* dst, int64_t count, int parts, bool untiled = false) {
+template <typename T>
+Phase transpose_phase(const RoutinesFor<T>& k, const T* src, const Stack& src_stack,
+                      T* dst, int64_t count, int parts, bool untiled = false) {
   const int64_t batch = src_stack.dims[0], features = src_stack.dims[1];
   const bool stream = streams_past_cache(count * batch * features);
   Phase phase;
   for (int64_t v = 0; v < count; ++v) split_even(features, v, 0, parts, &phase.tasks);
   phase.fn = [=, &k](const Task& t) {
     const BatchTiles tiles{batch};
-    const float* src_v = src + (count == src_stack.count ? t.slice * src_stack.slice()
-                                                         : slice_offset(src_stack, t.slice));
-    float* dst_v = dst + t.slice * batch * features;
+    const T* src_v = src + (count == src_stack.count ? t.slice * src_stack.slice()
+                                                     : slice_offset(src_stack, t.slice));
+    T* dst_v = dst + t.slice * batch * features;
     for (int64_t tile = 0; tile < tiles.count(); ++tile) {
       const TileAt to = tile_at(tiles, tile, features, untiled ? batch : 0);
       k.transpose(src_v + tiles.first(tile) * features, features, dst_v + to.offset, to.ld,
                   tiles.width(tile), t.begin, t.end, stream);
     }
+    return ffi::Error::Success();
+  };
+  return phase;
+}
+
+// Tasks widening each of the `stack.count` slices of `n` values at `src` to
+// float at `dst` (slice i at i * n).
+template <typename T>
+Phase widen_phase(const T* src, const Stack& stack, int64_t n, float* dst, int parts) {
+  Phase phase;
+  for (int64_t v = 0; v < stack.count; ++v) split_even(n, v, 0, parts, &phase.tasks);
+  phase.fn = [=](const Task& t) {
+    const T* from = src + t.slice * stack.slice();
+    float* to = dst + t.slice * n;
+    for (int64_t p = t.begin; p < t.end; ++p) to[p] = as_float(from[p]);
     return ffi::Error::Success();
   };
   return phase;
@@ -193,10 +229,12 @@ bool tiles_share_evenly(const BatchTiles& tiles, int parts) {
 // products read that instead of the batch-tiled scratch copy: x^T is laid out
 // untiled so that it splits along the batch like x, but each task still
 // reads one tile's columns of it.
-ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                           ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::Buffer<ffi::F32>> y,
-                           ffi::Result<ffi::Buffer<ffi::F32>>* xt_result) {
+template <ffi::DataType D>
+ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> values,
+                           ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                           ffi::Result<ffi::Buffer<D>> y,
+                           ffi::Result<ffi::Buffer<D>>* xt_result) {
+  using T = ffi::NativeType<D>;
   constexpr const char* op = "sparse_linear forward";
   Stack ys, xs, vs;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(y->dimensions(), 2, op, "output", &ys));
@@ -217,20 +255,34 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                             "pattern", &pat, /*rows_checked_by_tasks=*/true));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
-  const Routines& k = active_routines();
+  const RoutinesFor<T>& k = active_routines<T>();
   const int parts =
       parallel_parts(pool, total * batch * (pat.nnz + kFlopsPerMovedFloat * (n_in + pat.rows)));
   // x^T: the result (untiled, one slice per slice of y), or scratch (tiled,
   // one per slice of x; a shared x is transposed once).
   const bool saving = xt_result != nullptr;
   const int64_t xt_count = saving ? total : xs.count;
-  std::shared_ptr<float[]> scratch_xt;
-  if (!saving) scratch_xt = scratch<float>(xs.count * n_in * batch);
-  float* xt = saving ? (*xt_result)->typed_data() : scratch_xt.get();
+  std::shared_ptr<T[]> scratch_xt;
+  if (!saving) scratch_xt = scratch<T>(xs.count * n_in * batch);
+  T* xt = saving ? (*xt_result)->typed_data() : scratch_xt.get();
   const int64_t xt_ld = saving ? batch : 0;  // spmm_batch_major's in_ld: 0 for tiled
   const auto xt_of = [=](int64_t v) { return xt + (saving ? v : xs.index(v)) * n_in * batch; };
-  const float* w = values.typed_data();
-  float* out = y->typed_data();
+  const T* w = values.typed_data();
+  T* out = y->typed_data();
+  // The products' values: for bfloat16, widened to float once, in a first
+  // phase (rather than a block at a time in every tile of every task).
+  std::vector<Phase> phases;
+  std::shared_ptr<float[]> wide;
+  if constexpr (!std::is_same_v<T, float>) {
+    wide = scratch<float>(vs.count * pat.nnz);
+    phases.push_back(widen_phase(w, vs, pat.nnz, wide.get(), parts));
+  }
+  const auto values_of = [=](int64_t v) {
+    if constexpr (std::is_same_v<T, float>)
+      return w + slice_offset(vs, v);
+    else
+      return static_cast<const float*>(wide.get() + vs.index(v) * pat.nnz);
+  };
   const bool stream_y = streams_past_cache(total * ys.slice());
 
   // Whole batch tiles per task, where they share out evenly over the parts
@@ -243,28 +295,28 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (by_tiles) {
     Phase products;
     for (int64_t v = 0; v < total; ++v) split_even(tiles.count(), v, 0, parts, &products.tasks);
-    const float* x_data = x.typed_data();
+    const T* x_data = x.typed_data();
     products.fn = [=, keep = scratch_xt, &k](const Task& t) -> ffi::Error {
       ffi::Error error = check_rows(pat, t.slice, 0, pat.rows, op, "pattern");  // reads all
       if (error.failure()) return error;
-      const float* x_v = x_data + slice_offset(xs, t.slice);
-      float* xt_v = xt_of(t.slice);
-      float* y_v = out + t.slice * ys.slice();
+      const T* x_v = x_data + slice_offset(xs, t.slice);
+      T* xt_v = xt_of(t.slice);
+      T* y_v = out + t.slice * ys.slice();
       for (int64_t tile = t.begin; tile < t.end; ++tile) {
         const int64_t first = tiles.first(tile), width = tiles.width(tile);
         const TileAt at = tile_at(tiles, tile, n_in, xt_ld);
-        float* xt_tile = xt_v + at.offset;
+        T* xt_tile = xt_v + at.offset;
         k.transpose(x_v + first * n_in, n_in, xt_tile, at.ld, width, 0, n_in, false);
         spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
-                         w + slice_offset(vs, t.slice), nullptr, xt_tile, n_in, width,
+                         values_of(t.slice), nullptr, xt_tile, n_in, width,
                          y_v + first * pat.rows, pat.rows, 0, pat.rows, stream_y, nullptr,
                          nullptr, xt_ld);
       }
       return ffi::Error::Success();
     };
-    return run_phases(pool, parts, {std::move(products)});
+    phases.push_back(std::move(products));
+    return run_phases(pool, parts, std::move(phases));
   }
-  std::vector<Phase> phases;
   phases.push_back(transpose_phase(k, x.typed_data(), xs, xt, xt_count, parts, saving));
   Phase products;
   for (int64_t v = 0; v < total; ++v)
@@ -272,7 +324,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   products.fn = [=, keep = scratch_xt, &k](const Task& t) -> ffi::Error {
     ffi::Error error = check_rows(pat, t.slice, t.begin, t.end, op, "pattern");
     if (error.failure()) return error;
-    spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), w + slice_offset(vs, t.slice),
+    spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), values_of(t.slice),
                      nullptr, xt_of(t.slice), n_in, batch,
                      out + t.slice * ys.slice(), pat.rows, t.begin, t.end, stream_y, nullptr,
                      nullptr, xt_ld);
@@ -282,17 +334,18 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return run_phases(pool, parts, std::move(phases));
 }
 
-ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                          ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y) {
-  return linear_forward(pool, x, values, indptr, indices, y, nullptr);
+template <ffi::DataType D>
+ffi::Future LinearForward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> values,
+                          ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                          ffi::ResultBuffer<D> y) {
+  return linear_forward<D>(pool, x, values, indptr, indices, y, nullptr);
 }
 
-ffi::Future LinearForwardAndXt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                               ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
-                               ffi::ResultBuffer<ffi::F32> xt) {
-  return linear_forward(pool, x, values, indptr, indices, y, &xt);
+template <ffi::DataType D>
+ffi::Future LinearForwardAndXt(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> values,
+                               ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                               ffi::ResultBuffer<D> y, ffi::ResultBuffer<D> xt) {
+  return linear_forward<D>(pool, x, values, indptr, indices, y, &xt);
 }
 
 // dx = dy W (iterating W by columns, the transposed pattern, so each row of
@@ -306,8 +359,14 @@ ffi::Future LinearForwardAndXt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // transposed pattern's order, which each task scatters into dvalues through
 // the permutation at the end. Otherwise the weight gradient runs over W by
 // rows.
-ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                            const LinearBackwardOperands& b, const char* op) {
+// With bfloat16 operands (T) the products read dy^T and x^T in bfloat16 and
+// sum in float; the values are widened as they are gathered, and the weight
+// gradient's float sums rounded as they are written (by rows: through a
+// float copy of the task's entries).
+template <ffi::DataType D>
+ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<D> dy,
+                            const LinearBackwardOperands<D>& b, const char* op) {
+  using T = ffi::NativeType<D>;
   // The results first: the operands' leading (vmap) dims broadcast against theirs.
   Stack dxs, ds, dys, xs, vs, ps;
   if (b.dx != nullptr)
@@ -341,11 +400,11 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   if (b.dvalues != nullptr)
     SPARSEPROP_RETURN_IF_ERROR(check_size(ds.dims[0], pat.nnz, op, "dvalues output length"));
   if (b.dx != nullptr) {
-    SPARSEPROP_RETURN_IF_ERROR(decode_transposed(*b.values, *b.t_indptr, *b.t_indices,
+    SPARSEPROP_RETURN_IF_ERROR(decode_transposed(b.values->dimensions(), *b.t_indptr, *b.t_indices,
                                                  *b.t_perm, pat, result, op, &vs, &tpat, &ps));
   }
 
-  const Routines& k = active_routines();
+  const RoutinesFor<T>& k = active_routines<T>();
   const bool want_dx = b.dx != nullptr, want_dw = b.dvalues != nullptr;
   const int64_t nnz = want_dx ? tpat.nnz : pat.nnz;
   // dy^T in; dx out.
@@ -356,17 +415,18 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   // Phase 1: the layout work. dy^T has one slice per slice of dy; the
   // gathered values one per slice of the values and permutation together.
   std::vector<Phase> layout;
-  auto dyt = scratch<float>(dys.count * n_out * batch);
+  auto dyt = scratch<T>(dys.count * n_out * batch);
   layout.push_back(transpose_phase(k, dy.typed_data(), dys, dyt.get(), dys.count, parts));
-  std::shared_ptr<float[]> gathered, sums, xt_tiles;
+  std::shared_ptr<float[]> gathered, sums;
+  std::shared_ptr<T[]> xt_tiles;
   const bool one_pass = want_dx && want_dw && k.one_pass_backward;
   if (one_pass) sums = scratch<float>(total * nnz);
   // The weight gradient over W by rows reads x^T tile by tile: with several
   // tiles, copied into the tiled layout.
   const BatchTiles tiles{batch};
-  const float* xt = want_dw ? b.x->typed_data() : nullptr;
+  const T* xt = want_dw ? b.x->typed_data() : nullptr;
   if (want_dw && !one_pass && tiles.count() > 1) {
-    xt_tiles = scratch<float>(xs.count * xs.slice());
+    xt_tiles = scratch<T>(xs.count * xs.slice());
     Phase copies;
     for (int64_t v = 0; v < xs.count; ++v) split_even(n_in, v, 0, parts, &copies.tasks);
     copies.fn = [=, tiled = xt_tiles.get()](const Task& t) {
@@ -393,7 +453,7 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   // is kept from an inconsistent pair, and two tasks never scatter to one
   // entry.
   const bool gather_first = want_dx && tiles.count() > 1;
-  const float* w = want_dx ? b.values->typed_data() : nullptr;
+  const T* w = want_dx ? b.values->typed_data() : nullptr;
   const int32_t* perm = want_dx ? b.t_perm->typed_data() : nullptr;
   const auto check_transposed = [=](int64_t v, int64_t begin, int64_t end) {
     return check_transposed_rows(tpat, perm + slice_offset(ps, v), pat, v, begin, end, op);
@@ -424,11 +484,11 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   // weight-gradient tasks over the rows of the pattern.
   std::vector<Phase> products;
   const int64_t dx_slice = dxs.slice(), dw_slice = ds.slice();
-  float* dw = want_dw ? (*b.dvalues)->typed_data() : nullptr;
+  T* dw = want_dw ? (*b.dvalues)->typed_data() : nullptr;
   if (want_dx) {
     Phase igrad;
     for (int64_t v = 0; v < total; ++v) split_rows(tpat.row_ptr(v), n_in, v, parts, &igrad.tasks);
-    float* dx = (*b.dx)->typed_data();
+    T* dx = (*b.dx)->typed_data();
     const bool stream_dx = streams_past_cache(total * dx_slice);
     igrad.fn = [=, &k](const Task& t) -> ffi::Error {
       if (!gather_first) {  // else checked in the gathering phase
@@ -436,13 +496,17 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
         if (error.failure()) return error;
       }
       const int32_t* perm_v = perm + slice_offset(ps, t.slice);
-      const float* vals = gather_first ? gathered.get() + gs.index(t.slice) * nnz
-                                       : w + slice_offset(vs, t.slice);
       float* sums_v = one_pass ? sums.get() + t.slice * nnz : nullptr;
-      spmm_batch_major(k, tpat.row_ptr(t.slice), tpat.col_idx(t.slice), vals,
-                       gather_first ? nullptr : perm_v, dyt.get() + slice_offset(dys, t.slice),
-                       n_out, batch, dx + t.slice * dx_slice, n_in, t.begin, t.end, stream_dx,
-                       one_pass ? xt + slice_offset(xs, t.slice) : nullptr, sums_v);
+      const auto products = [&](const auto* vals, const int32_t* vals_perm) {
+        spmm_batch_major(k, tpat.row_ptr(t.slice), tpat.col_idx(t.slice), vals, vals_perm,
+                         dyt.get() + slice_offset(dys, t.slice), n_out, batch,
+                         dx + t.slice * dx_slice, n_in, t.begin, t.end, stream_dx,
+                         one_pass ? xt + slice_offset(xs, t.slice) : nullptr, sums_v);
+      };
+      if (gather_first)
+        products(gathered.get() + gs.index(t.slice) * nnz, nullptr);
+      else
+        products(w + slice_offset(vs, t.slice), perm_v);
       if (one_pass) {
         const int32_t* tptr = tpat.row_ptr(t.slice);
         scatter(sums_v, perm_v, tptr[t.begin], tptr[t.end], dw + t.slice * dw_slice);
@@ -455,14 +519,26 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
     Phase wgrad;
     for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), n_out, v, parts, &wgrad.tasks);
     const bool per_tile = batch > kBatchTile && pat.nnz >= kPerTileMinEntriesPerRow * n_out;
+    // Float sums: dvalues itself, or for bfloat16 a float copy, rounded into it.
+    std::shared_ptr<float[]> wsums;
+    if constexpr (!std::is_same_v<T, float>) wsums = scratch<float>(total * pat.nnz);
     wgrad.fn = [=, &k](const Task& t) -> ffi::Error {
       ffi::Error error = check_rows(pat, t.slice, t.begin, t.end, op, "pattern");
       if (error.failure()) return error;
+      T* dw_v = dw + t.slice * dw_slice;
+      float* sums_v;
+      if constexpr (std::is_same_v<T, float>)
+        sums_v = dw_v;
+      else
+        sums_v = wsums.get() + t.slice * pat.nnz;
       weight_gradient(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
                       dyt.get() + slice_offset(dys, t.slice), n_out,
                       (xt_tiles ? xt_tiles.get() : xt) + slice_offset(xs, t.slice), n_in,
-                      batch, per_tile,
-                      dw + t.slice * dw_slice, t.begin, t.end);
+                      batch, per_tile, sums_v, t.begin, t.end);
+      if constexpr (!std::is_same_v<T, float>) {
+        const int32_t* ptr = pat.row_ptr(t.slice);
+        for (int64_t p = ptr[t.begin]; p < ptr[t.end]; ++p) dw_v[p] = rounded<T>(sums_v[p]);
+      }
       return ffi::Error::Success();
     };
     products.push_back(std::move(wgrad));
@@ -473,45 +549,54 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   return run_phases(pool, parts, std::move(phases));
 }
 
-ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                            ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                            ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> t_indptr,
-                            ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
-                            ffi::ResultBuffer<ffi::F32> dx) {
-  const auto b = LinearBackwardOperands::input_grad(values, indptr, indices, t_indptr,
-                                                    t_indices, t_perm, dx);
-  return linear_backward(pool, dy, b, "sparse_linear input gradient");
+template <ffi::DataType D>
+ffi::Future LinearInputGrad(ffi::ThreadPool pool, ffi::Buffer<D> dy, ffi::Buffer<D> values,
+                            ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                            ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
+                            ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<D> dx) {
+  const auto b = LinearBackwardOperands<D>::input_grad(values, indptr, indices, t_indptr,
+                                                       t_indices, t_perm, dx);
+  return linear_backward<D>(pool, dy, b, "sparse_linear input gradient");
 }
 
-ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                             ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::S32> indptr,
-                             ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> dvalues) {
-  const auto b = LinearBackwardOperands::weight_grad(xt, indptr, indices, dvalues);
-  return linear_backward(pool, dy, b, "sparse_linear weight gradient");
+template <ffi::DataType D>
+ffi::Future LinearWeightGrad(ffi::ThreadPool pool, ffi::Buffer<D> dy, ffi::Buffer<D> xt,
+                             ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                             ffi::ResultBuffer<D> dvalues) {
+  const auto b = LinearBackwardOperands<D>::weight_grad(xt, indptr, indices, dvalues);
+  return linear_backward<D>(pool, dy, b, "sparse_linear weight gradient");
 }
 
-ffi::Future LinearBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                           ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> values,
-                           ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
-                           ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
-                           ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<ffi::F32> dx,
-                           ffi::ResultBuffer<ffi::F32> dvalues) {
-  LinearBackwardOperands b{&xt, &values, &indptr, &indices, &t_indptr,
-                           &t_indices, &t_perm, &dx, &dvalues};
-  return linear_backward(pool, dy, b, "sparse_linear backward");
+template <ffi::DataType D>
+ffi::Future LinearBackward(ffi::ThreadPool pool, ffi::Buffer<D> dy, ffi::Buffer<D> xt,
+                           ffi::Buffer<D> values, ffi::Buffer<ffi::S32> indptr,
+                           ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> t_indptr,
+                           ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
+                           ffi::ResultBuffer<D> dx, ffi::ResultBuffer<D> dvalues) {
+  LinearBackwardOperands<D> b{&xt, &values, &indptr, &indices, &t_indptr,
+                              &t_indices, &t_perm, &dx, &dvalues};
+  return linear_backward<D>(pool, dy, b, "sparse_linear backward");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForward, Guarded<LinearForward>::Call,
-                              bind<kLinearForwardSignature>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForwardAndXt, Guarded<LinearForwardAndXt>::Call,
-                              bind<kLinearForwardAndXtSignature>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearInputGrad, Guarded<LinearInputGrad>::Call,
-                              bind<kLinearInputGradSignature>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearWeightGrad, Guarded<LinearWeightGrad>::Call,
-                              bind<kLinearWeightGradSignature>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearBackward, Guarded<LinearBackward>::Call,
-                              bind<kLinearBackwardSignature>());
+// One handler of each per dtype, F32 and BF16.
+#define SPARSEPROP_LINEAR_HANDLERS(suffix, D)                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForward##suffix, Guarded<LinearForward<D>>::Call, \
+                                bind<kLinearForwardSignature<D>>());                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearForwardAndXt##suffix,                           \
+                                Guarded<LinearForwardAndXt<D>>::Call,                  \
+                                bind<kLinearForwardAndXtSignature<D>>());              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearInputGrad##suffix,                              \
+                                Guarded<LinearInputGrad<D>>::Call,                     \
+                                bind<kLinearInputGradSignature<D>>());                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearWeightGrad##suffix,                             \
+                                Guarded<LinearWeightGrad<D>>::Call,                    \
+                                bind<kLinearWeightGradSignature<D>>());                \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearBackward##suffix, Guarded<LinearBackward<D>>::Call, \
+                                bind<kLinearBackwardSignature<D>>());
+SPARSEPROP_LINEAR_HANDLERS(, ffi::F32)
+SPARSEPROP_LINEAR_HANDLERS(Bf16, ffi::BF16)
+#undef SPARSEPROP_LINEAR_HANDLERS
 
 }  // namespace sparseprop

@@ -149,11 +149,11 @@ ffi::Error check_permutation(const int32_t* perm, int64_t lo, int64_t hi, int64_
   return ffi::Error::Success();
 }
 
-ffi::Error decode_transposed(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
+ffi::Error decode_transposed(ffi::Span<const int64_t> values_dims, ffi::Buffer<ffi::S32> t_indptr,
                              ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
                              const Pattern& pat, const Stack& result, const char* op,
                              Stack* vs, Pattern* tpat, Stack* ps) {
-  ffi::Error error = decode_operand(values.dimensions(), 1, result, op, "values", vs);
+  ffi::Error error = decode_operand(values_dims, 1, result, op, "values", vs);
   if (error.success())
     error = decode_operand(t_perm.dimensions(), 1, result, op, "transposed permutation", ps);
   if (error.success())

@@ -71,7 +71,7 @@ ffi::Error check_transposed_rows(const Pattern& tpat, const int32_t* perm, const
 // the decoded `pat` (`tpat`, its indices left to check_transposed_rows) and
 // its permutation into the values (`ps`), each checked to hold pat's nnz
 // entries.
-ffi::Error decode_transposed(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> t_indptr,
+ffi::Error decode_transposed(ffi::Span<const int64_t> values_dims, ffi::Buffer<ffi::S32> t_indptr,
                              ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
                              const Pattern& pat, const Stack& result, const char* op,
                              Stack* vs, Pattern* tpat, Stack* ps);

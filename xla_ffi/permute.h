@@ -13,30 +13,34 @@
 
 #include <cstdint>
 
+#include "bfloat16.h"
+
 namespace sparseprop {
 
 constexpr int64_t kPermuteAhead = 128;
 
-// dst[p] = src[index[p]] for p in [begin, end).
-inline void gather(const float* src, const int32_t* index, int64_t begin, int64_t end,
+// dst[p] = src[index[p]] for p in [begin, end), widened to float.
+template <typename Src>
+inline void gather(const Src* src, const int32_t* index, int64_t begin, int64_t end,
                    float* dst) {
   int64_t p = begin;
   for (; p + kPermuteAhead < end; ++p) {
     __builtin_prefetch(src + index[p + kPermuteAhead], /*rw=*/0);
-    dst[p] = src[index[p]];
+    dst[p] = as_float(src[index[p]]);
   }
-  for (; p < end; ++p) dst[p] = src[index[p]];
+  for (; p < end; ++p) dst[p] = as_float(src[index[p]]);
 }
 
-// dst[index[p]] = src[p] for p in [begin, end).
+// dst[index[p]] = src[p] for p in [begin, end), rounded to Dst.
+template <typename Dst>
 inline void scatter(const float* src, const int32_t* index, int64_t begin, int64_t end,
-                    float* dst) {
+                    Dst* dst) {
   int64_t p = begin;
   for (; p + kPermuteAhead < end; ++p) {
     __builtin_prefetch(dst + index[p + kPermuteAhead], /*rw=*/1);
-    dst[index[p]] = src[p];
+    dst[index[p]] = rounded<Dst>(src[p]);
   }
-  for (; p < end; ++p) dst[index[p]] = src[p];
+  for (; p < end; ++p) dst[index[p]] = rounded<Dst>(src[p]);
 }
 
 }  // namespace sparseprop

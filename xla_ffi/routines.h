@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "bfloat16.h"
+
 namespace sparseprop {
 
 struct Grid {
@@ -54,17 +56,21 @@ struct PoolGeometry {
   int64_t h, w, c, ho, wo, kh, kw, sh, sw, pad_top, pad_left;
 };
 
-// One instruction set's numeric routines (routines_<isa>.cc) for elements
-// of type T; the dispatch table of simd_dispatch.cc lists every instruction
-// set's. Only float exists today: the element type is the seam where
-// another (bfloat16 with float accumulation) gets its own tables.
+// One instruction set's numeric routines (routines_<isa>.cc) over dense
+// operands stored as T (float or BFloat16); the dispatch table of
+// simd_dispatch.cc lists every instruction set's tables. Whatever T, the
+// products multiply and accumulate in float32: the values, the block
+// buffers and the sums are float, and only the dense operands (the runs the
+// products read, the bulk of their traffic) are T. The dense convolution and
+// the norm-pool routines exist for float only (nullptr in the BFloat16
+// tables): their handlers take float32 alone.
 template <typename T>
 struct RoutinesFor {
   // For grid positions q in [q_begin, q_end) and rows r in [row_begin, row_end):
   //   out_q[r * ld_row + l] = sum_p values[p] * in_q[offsets[p] + l],  l < length.
   // Every output element of the range is written (empty rows get 0).
-  void (*spmm)(const int32_t* indptr, const int64_t* offsets, const T* values,
-               const T* in, T* out, int64_t ld_row, int64_t length,
+  void (*spmm)(const int32_t* indptr, const int64_t* offsets, const float* values,
+               const T* in, float* out, int64_t ld_row, int64_t length,
                const Grid& grid, int64_t q_begin, int64_t q_end, int64_t row_begin,
                int64_t row_end);
 
@@ -76,7 +82,7 @@ struct RoutinesFor {
   // else written. Each entry is summed in an order fixed by its row, so for a
   // fixed sequence of position ranges the results are deterministic.
   void (*sddmm)(const int32_t* indptr, const int64_t* offsets, const T* rows,
-                int64_t ld_row, const T* in, T* out_values, int64_t length,
+                int64_t ld_row, const T* in, float* out_values, int64_t length,
                 const Grid& grid, int64_t q_begin, int64_t q_end, int64_t row_begin,
                 int64_t row_end, bool accumulate);
 
@@ -92,11 +98,11 @@ struct RoutinesFor {
   //   added to out_values if `accumulate`, else written. (Called on one tile
   //   at a time, with accumulate for the tiles after the first, it reads
   //   `in` from one tile at a time.)
-  void (*spmm_indexed)(const int32_t* indptr, const int32_t* indices, const T* values,
-                       const T* in, int64_t ld_in, T* out, int64_t ld_row,
+  void (*spmm_indexed)(const int32_t* indptr, const int32_t* indices, const float* values,
+                       const T* in, int64_t ld_in, float* out, int64_t ld_row,
                        int64_t length, int64_t row_begin, int64_t row_end);
   void (*sddmm_indexed)(const int32_t* indptr, const int32_t* indices, const T* rows,
-                        int64_t n_rows, const T* in, int64_t n_in, T* out_values,
+                        int64_t n_rows, const T* in, int64_t n_in, float* out_values,
                         int64_t batch, int64_t row_begin, int64_t row_end, bool accumulate);
 
   // Both backward products of the linear layer in one pass, over one tile of
@@ -108,8 +114,8 @@ struct RoutinesFor {
   // `accumulate` (the tiles after the first), else written. Each sum's order
   // depends only on its row and `length`.
   void (*spmm_sddmm_indexed)(const int32_t* indptr, const int32_t* indices,
-                             const T* values, const T* dy, const T* x,
-                             int64_t ld_x, T* dx, T* sums, int64_t length,
+                             const float* values, const T* dy, const T* x,
+                             int64_t ld_x, float* dx, float* sums, int64_t length,
                              int64_t row_begin, int64_t row_end, bool accumulate);
 
   // Out-of-place transpose of the columns [col_begin, col_end) of a
@@ -118,14 +124,18 @@ struct RoutinesFor {
   // destination lines (see streams_past_cache in ffi_common.h).
   void (*transpose)(const T* src, int64_t ld_src, T* dst, int64_t ld_dst,
                     int64_t rows, int64_t col_begin, int64_t col_end, bool stream);
+  // The same from a float buffer (the products' output) into T, each element
+  // rounded to the nearest T, ties to even (for float: transpose itself).
+  void (*transpose_rounded)(const float* src, int64_t ld_src, T* dst, int64_t ld_dst,
+                            int64_t rows, int64_t col_begin, int64_t col_end, bool stream);
 
   // The forward of a dense convolution over output pixels, the patches read
   // where they lie in the padded input:
   //   y[q * cout + o] = sum_{i < n_segs, r < seg} x[base[q] + i * ld_seg + r]
   //                                              * w[(i * seg + r) * cout + o]
   // for q < n_pixels and o < cout (w the kernel as [kh * kw * cin, cout]).
-  void (*patch_conv)(const T* x, const int64_t* base, int64_t n_pixels, int64_t n_segs,
-                     int64_t ld_seg, int64_t seg, const T* w, int64_t cout, T* y);
+  void (*patch_conv)(const float* x, const int64_t* base, int64_t n_pixels, int64_t n_segs,
+                     int64_t ld_seg, int64_t seg, const float* w, int64_t cout, float* y);
 
   // The weight gradient of a dense convolution over a block of output pixels,
   // the patches read where they lie in the padded input (no patch matrix):
@@ -133,8 +143,9 @@ struct RoutinesFor {
   //       sum_{q < n_pixels} x[base[q] + i * ld_seg + r] * dy[q * cout + o]
   // for kernel rows i < n_segs, r < seg (a kernel row's kw x cin entries,
   // contiguous in an NHWC input) and o < cout. Each sum runs over q in order.
-  void (*patch_weight_grad)(const T* x, const int64_t* base, int64_t n_pixels, int64_t n_segs,
-                            int64_t ld_seg, int64_t seg, const T* dy, int64_t cout, T* dw);
+  void (*patch_weight_grad)(const float* x, const int64_t* base, int64_t n_pixels,
+                            int64_t n_segs, int64_t ld_seg, int64_t seg, const float* dy,
+                            int64_t cout, float* dw);
 
   // The backward of BatchNorm, ReLU and max pool (in that order) on one
   // image, in two steps. The pool's forward recorded each output's winning
@@ -145,12 +156,13 @@ struct RoutinesFor {
   // pool_input_grad_row, for image row `row`:
   //   dx[row, w, c] = a[c] * dz + b[c] * (x[row, w, c] - shift[c]) + d[c]
   // where dz is the sum of g over the windows whose winner is (row, w).
-  void (*pool_grad_sums)(const PoolGeometry& g, const T* dpool, const T* pooled,
-                         const int8_t* taps, const T* x, const T* shift, int64_t i_begin,
-                         int64_t i_end, T* grad, T* sum_g, T* sum_gx);
-  void (*pool_input_grad_row)(const PoolGeometry& g, const T* grad, const int8_t* taps,
-                              const T* x, const T* shift, const T* a, const T* b, const T* d,
-                              int64_t row, T* dx);
+  void (*pool_grad_sums)(const PoolGeometry& g, const float* dpool, const float* pooled,
+                         const int8_t* taps, const float* x, const float* shift,
+                         int64_t i_begin, int64_t i_end, float* grad, float* sum_g,
+                         float* sum_gx);
+  void (*pool_input_grad_row)(const PoolGeometry& g, const float* grad, const int8_t* taps,
+                              const float* x, const float* shift, const float* a,
+                              const float* b, const float* d, int64_t row, float* dx);
 
   // Whether the linear backward runs spmm_sddmm_indexed when it wants both
   // gradients, rather than spmm_indexed and sddmm_indexed apart.

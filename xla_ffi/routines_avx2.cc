@@ -47,6 +47,17 @@ struct Isa {
   // Whether there are stores past the caches (non-temporal): yes,
   // _mm256_stream_ps, ordered by _mm_sfence.
   static constexpr bool kStreamingStores = true;
+  // Whether the weight gradients multiply bfloat16 runs in pairs, with
+  // float sums (vdpbf16ps: load_pairs, dot_pairs): no, AVX2 widens
+  // bfloat16 to float in registers (a shift) and multiplies floats.
+  static constexpr bool kPairedBf16Dot = false;
+  // Loads kWidth bfloat16 at p (unaligned) as the floats they are: each
+  // zero-extended to 32 bits, then moved to the upper half.
+  template <typename V>
+  static V widen(const BFloat16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return reinterpret_cast<V>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
 
   // Stores the kWidth floats of v at dst (32-byte aligned) past the caches.
   template <typename V>

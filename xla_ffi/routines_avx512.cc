@@ -13,40 +13,13 @@
 namespace sparseprop {
 namespace avx512 {
 
-// What routines_impl.h needs to know of the instruction set (the members are
-// explained in routines_avx2.cc).
-struct Isa {
-  static constexpr const char* kName = "avx512";
-  // A 512-bit register.
-  static constexpr int kWidth = 16;
-  // Vectors of a run the products hold in accumulators at once: 4, a whole
-  // 64-float batch tile.
-  static constexpr int kRunVectors = 4;
-  // 8: as on AVX2 (16 measured no faster and leaves longer padded tails).
-  static constexpr int kEntryGroup = 8;
-  // 8: the 32 vector registers hold 8 sums next to x_m, dx_m and a run.
-  static constexpr int kBackwardGroup = 8;
-  // Yes: on AVX-512 the one pass measured clearly faster than the two
-  // passes apart (see benchmarks/results/NOTES.md).
-  static constexpr bool kOnePassBackward = true;
-  // 16, each destination row a whole 64-byte line.
-  static constexpr int kTransposeBlock = 16;
-  // Yes: a 16-float vector is one whole line, so a 16 x 16 block is
-  // transposed in 16 registers and each line stored at once.
-  static constexpr bool kLineVectors = true;
-  // Yes: _mm512_stream_ps, ordered by _mm_sfence.
-  static constexpr bool kStreamingStores = true;
+#include "isa_avx512.h"
 
-  template <typename V>
-  static void stream(float* dst, V v) {
-    _mm512_stream_ps(dst, reinterpret_cast<__m512>(v));
-  }
-  static void store_fence() { _mm_sfence(); }
-  // "v": any SSE/AVX/AVX-512 register.
-  template <typename V>
-  static void keep_in_register(V& v) {
-    __asm__("" : "+v"(v));
-  }
+// What routines_impl.h needs to know of the instruction set.
+struct Isa : Avx512Record {
+  static constexpr const char* kName = "avx512";
+  // No: bfloat16 is widened to float in registers (see avx512_bf16).
+  static constexpr bool kPairedBf16Dot = false;
 };
 
 #include "routines_impl.h"

@@ -42,6 +42,11 @@ static inline vfloat broadcast(float s) {
   return v + s;
 }
 
+// kWidth bfloat16, widened to floats in registers (exact: a bfloat16 is the
+// upper half of the float with the same bits). How is the instruction
+// set's (Isa::widen): GCC's generic vector conversion splits it into halves.
+static inline vfloat load(const BFloat16* p) { return Isa::template widen<vfloat>(p); }
+
 // Entries ahead whose operand run is prefetched: the runs sit at scattered
 // rows (one per nonzero), which the hardware prefetchers cannot predict.
 constexpr int64_t kPrefetchDistance = 8;
@@ -50,7 +55,8 @@ constexpr int64_t kPrefetchDistance = 8;
 // by its loads, and a prefetch of every line of the run spent a load slot on
 // each: the first line alone measured faster, and distances 4 and 16 the
 // same as 8 (see benchmarks/results/NOTES.md).
-static inline void prefetch_run(const float* p) { __builtin_prefetch(p); }
+template <typename In>
+static inline void prefetch_run(const In* p) { __builtin_prefetch(p); }
 
 // Where entry p's run starts in the dense operand: a precomputed offset
 // (convolutions: a shifted window) or its index times a stride (the linear
@@ -68,14 +74,14 @@ struct ScaledIndex {
 
 // out[0 : V * kWidth] = sum_p values[p] * in[offset(p) + (0 : V * kWidth)],
 // the output held in V registers across the whole row.
-template <int V, typename Offset>
+template <int V, typename Offset, typename In>
 static inline void spmm_tile(int64_t lo, int64_t hi, Offset offset, const float* values,
-                             const float* in, float* out) {
+                             const In* in, float* out) {
   vfloat acc[V];
   for (int v = 0; v < V; ++v) acc[v] = vfloat{};
   for (int64_t p = lo; p < hi; ++p) {
     if (p + kPrefetchDistance < hi) prefetch_run(in + offset(p + kPrefetchDistance));
-    const float* src = in + offset(p);
+    const In* src = in + offset(p);
     const vfloat w = broadcast(values[p]);
     for (int v = 0; v < V; ++v) acc[v] += w * load(src + v * kWidth);
   }
@@ -107,15 +113,15 @@ static inline int64_t in_vector_chunks(int64_t length, Chunk&& chunk) {
 }
 
 // One sparse row times its runs, for a run of `length` floats.
-template <typename Offset>
+template <typename Offset, typename In>
 static inline void spmm_row(int64_t lo, int64_t hi, Offset offset, const float* values,
-                            const float* in, float* out, int64_t length) {
+                            const In* in, float* out, int64_t length) {
   int64_t l = in_vector_chunks(length, [&](auto vectors, int64_t at) {
     spmm_tile<decltype(vectors)::value>(lo, hi, offset, values, in + at, out + at);
   });
   for (; l < length; ++l) {
     float a = 0.0f;
-    for (int64_t p = lo; p < hi; ++p) a += values[p] * in[offset(p) + l];
+    for (int64_t p = lo; p < hi; ++p) a += values[p] * as_float(in[offset(p) + l]);
     out[l] = a;
   }
 }
@@ -130,9 +136,9 @@ constexpr int kBlockRegisters = 8;
 
 // out[i][0 : V * kWidth] = sum_p values[p] * in[i][offset(p) + (0 : V * kWidth)]
 // for P positions i at once.
-template <int V, int P, typename Offset>
+template <int V, int P, typename Offset, typename In>
 static inline void spmm_tile_positions(int64_t lo, int64_t hi, Offset offset,
-                                       const float* values, const float* const* in,
+                                       const float* values, const In* const* in,
                                        float* const* out, int64_t l) {
   vfloat acc[P][V];
   for (int i = 0; i < P; ++i)
@@ -149,9 +155,9 @@ static inline void spmm_tile_positions(int64_t lo, int64_t hi, Offset offset,
 
 // One sparse row for P positions: runs of `length` floats in chunks of at
 // most kBlockRegisters / P vectors (4 at most), then the last lanes one by one.
-template <int P, typename Offset>
+template <int P, typename Offset, typename In>
 static inline void spmm_row_positions(int64_t lo, int64_t hi, Offset offset,
-                                      const float* values, const float* const* in,
+                                      const float* values, const In* const* in,
                                       float* const* out, int64_t length) {
   constexpr int chunk = kBlockRegisters / P < kMaxVectors ? kBlockRegisters / P : kMaxVectors;
   int64_t l = 0;
@@ -169,21 +175,21 @@ static inline void spmm_row_positions(int64_t lo, int64_t hi, Offset offset,
   for (; l < length; ++l)
     for (int i = 0; i < P; ++i) {
       float a = 0.0f;
-      for (int64_t p = lo; p < hi; ++p) a += values[p] * in[i][offset(p) + l];
+      for (int64_t p = lo; p < hi; ++p) a += values[p] * as_float(in[i][offset(p) + l]);
       out[i][l] = a;
     }
 }
 
 // Grid positions [q_begin, q_end) in blocks of P (then of P / 2, ... for the
 // last few), every row of the range for each block.
-template <int P, typename Offset>
+template <int P, typename Offset, typename In>
 static void spmm_position_blocks(const int32_t* indptr, Offset offset, const float* values,
-                                 const float* in, float* out, int64_t ld_row, int64_t length,
+                                 const In* in, float* out, int64_t ld_row, int64_t length,
                                  const Grid& grid, int64_t q_begin, int64_t q_end,
                                  int64_t row_begin, int64_t row_end) {
   int64_t q = q_begin;
   for (; q + P <= q_end; q += P) {
-    const float* in_q[P];
+    const In* in_q[P];
     float* out_q[P];
     for (int i = 0; i < P; ++i) {
       const int64_t gi = (q + i) / grid.n_inner, gj = (q + i) % grid.n_inner;
@@ -211,8 +217,8 @@ static inline int register_block_positions(int64_t length) {
   return vectors <= 1 ? 8 : vectors == 2 ? 4 : vectors <= 4 ? 2 : 1;
 }
 
-template <typename Offset>
-static void spmm_rows(const int32_t* indptr, Offset offset, const float* values, const float* in,
+template <typename Offset, typename In>
+static void spmm_rows(const int32_t* indptr, Offset offset, const float* values, const In* in,
                       float* out, int64_t ld_row, int64_t length, const Grid& grid,
                       int64_t q_begin, int64_t q_end, int64_t row_begin, int64_t row_end) {
   switch (register_block_positions(length)) {
@@ -234,16 +240,18 @@ static void spmm_rows(const int32_t* indptr, Offset offset, const float* values,
   }
 }
 
+template <typename In>
 static void spmm(const int32_t* indptr, const int64_t* offsets, const float* values,
-                 const float* in, float* out, int64_t ld_row, int64_t length,
+                 const In* in, float* out, int64_t ld_row, int64_t length,
                  const Grid& grid, int64_t q_begin, int64_t q_end, int64_t row_begin,
                  int64_t row_end) {
   spmm_rows(indptr, TableOffset{offsets}, values, in, out, ld_row, length, grid, q_begin, q_end,
             row_begin, row_end);
 }
 
+template <typename In>
 static void spmm_indexed(const int32_t* indptr, const int32_t* indices, const float* values,
-                         const float* in, int64_t ld_in, float* out, int64_t ld_row,
+                         const In* in, int64_t ld_in, float* out, int64_t ld_row,
                          int64_t length, int64_t row_begin, int64_t row_end) {
   const ScaledIndex offset{indices, ld_in};
   for (int64_t r = row_begin; r < row_end; ++r)
@@ -253,17 +261,27 @@ static void spmm_indexed(const int32_t* indptr, const int32_t* indices, const fl
 // acc[e] += g[0 : length] * x[e][0 : length] lane-wise for e < G; the last
 // length % kWidth products go to tail[e]. `kWholeVectors`: the caller knows
 // that length is a multiple of kWidth, so there is no tail to handle.
-template <int G, bool kWholeVectors = false>
-static inline void sddmm_group(const float* g, const float* const* x, int64_t length,
+// bfloat16 runs, where the instruction set multiplies bfloat16 pairs
+// (I::kPairedBf16Dot), go 2 * kWidth elements at a time: lane i of acc[e]
+// adds the products of elements 2i and 2i + 1, so each lane sums other
+// elements than when widened, but the lanes together sum them all.
+template <int G, bool kWholeVectors = false, typename In, typename I = Isa>
+static inline void sddmm_group(const In* g, const In* const* x, int64_t length,
                                vfloat* acc, float* tail) {
   int64_t l = 0;
+  if constexpr (std::is_same_v<In, BFloat16> && I::kPairedBf16Dot) {
+    for (; l + 2 * kWidth <= length; l += 2 * kWidth) {
+      const auto gp = I::load_pairs(g + l);
+      for (int e = 0; e < G; ++e) acc[e] = I::dot_pairs(acc[e], gp, I::load_pairs(x[e] + l));
+    }
+  }
   for (; l + kWidth <= length; l += kWidth) {
     const vfloat gv = load(g + l);
     for (int e = 0; e < G; ++e) acc[e] += gv * load(x[e] + l);
   }
   if constexpr (!kWholeVectors)
     for (; l < length; ++l)
-      for (int e = 0; e < G; ++e) tail[e] += g[l] * x[e][l];
+      for (int e = 0; e < G; ++e) tail[e] += as_float(g[l]) * as_float(x[e][l]);
 }
 
 // Lane i of the concatenation (x, y) of two vectors of `width` lanes that
@@ -364,12 +382,12 @@ static inline void sddmm_row_groups(const int32_t* indptr, int64_t row_begin, in
 // The convolutions' entry sums over the grid positions [q_begin, q_end):
 // sum_q sum_l rows_q[r * ld_row + l] * in_q[offset(p) + l]. The caller keeps
 // the range small enough that its windows stay in cache across all rows.
-template <typename Offset>
+template <typename Offset, typename In>
 struct GridDot {
   Offset offset;
-  const float* rows;
+  const In* rows;
   int64_t ld_row;
-  const float* in;
+  const In* in;
   int64_t length;
   const Grid& grid;
   int64_t q_begin, q_end;
@@ -382,8 +400,8 @@ struct GridDot {
     for (int e = 0; e < G; ++e) off[e] = offset(entries[e]);
     int64_t i = q_begin / grid.n_inner, j = q_begin % grid.n_inner;
     for (int64_t q = q_begin; q < q_end; ++q) {
-      const float* base = in + i * grid.in_outer + j * grid.in_inner;
-      const float* x[G];
+      const In* base = in + i * grid.in_outer + j * grid.in_inner;
+      const In* x[G];
       for (int e = 0; e < G; ++e) x[e] = base + off[e];
       sddmm_group<G>(rows + i * grid.out_outer + j * grid.out_inner + r * ld_row, x, length, acc,
                      tail);
@@ -396,11 +414,12 @@ struct GridDot {
   }
 };
 
-static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* rows,
-                  int64_t ld_row, const float* in, float* out_values, int64_t length,
+template <typename In>
+static void sddmm(const int32_t* indptr, const int64_t* offsets, const In* rows,
+                  int64_t ld_row, const In* in, float* out_values, int64_t length,
                   const Grid& grid, int64_t q_begin, int64_t q_end, int64_t row_begin,
                   int64_t row_end, bool accumulate) {
-  const GridDot<TableOffset> dot{TableOffset{offsets}, rows, ld_row, in, length,
+  const GridDot<TableOffset, In> dot{TableOffset{offsets}, rows, ld_row, in, length,
                                  grid, q_begin, q_end};
   sddmm_row_groups(indptr, row_begin, row_end, out_values, accumulate, dot);
 }
@@ -408,11 +427,12 @@ static void sddmm(const int32_t* indptr, const int64_t* offsets, const float* ro
 // The linear layer's entry sums over the whole batch, of two operands in the
 // batch-tiled layout (routines.h) with n_rows and n_in rows: one run
 // per tile each, all summed in the same registers and reduced once.
+template <typename In>
 struct TiledDot {
   const int32_t* indices;
-  const float* rows;
+  const In* rows;
   int64_t n_rows;
-  const float* in;
+  const In* in;
   int64_t n_in;
   int64_t batch;
 
@@ -420,8 +440,8 @@ struct TiledDot {
   void run(int64_t r, const int64_t* entries, float* sums, bool accumulate) const {
     vfloat acc[G] = {};
     float tail[G] = {};
-    const float* g = rows + r * kBatchTile;
-    const float* x[G];
+    const In* g = rows + r * kBatchTile;
+    const In* x[G];
     for (int e = 0; e < G; ++e) x[e] = in + indices[entries[e]] * kBatchTile;
     const int64_t full = batch / kBatchTile;
     // The tiles by hand rather than through BatchTiles: whole tiles at a fixed
@@ -443,10 +463,11 @@ struct TiledDot {
   }
 };
 
-static void sddmm_indexed(const int32_t* indptr, const int32_t* indices, const float* rows,
-                          int64_t n_rows, const float* in, int64_t n_in, float* out_values,
+template <typename In>
+static void sddmm_indexed(const int32_t* indptr, const int32_t* indices, const In* rows,
+                          int64_t n_rows, const In* in, int64_t n_in, float* out_values,
                           int64_t batch, int64_t row_begin, int64_t row_end, bool accumulate) {
-  const TiledDot dot{indices, rows, n_rows, in, n_in, batch};
+  const TiledDot<In> dot{indices, rows, n_rows, in, n_in, batch};
   sddmm_row_groups(indptr, row_begin, row_end, out_values, accumulate, dot);
 }
 
@@ -468,9 +489,9 @@ static inline vfloat in_register(vfloat v) {
 
 // Entries [p, p + G) of a row on one chunk of V vectors: acc (dx_m) += each
 // value times its run, and sums[p + e] (+)= <run, xv>.
-template <int G, int V>
+template <int G, int V, typename In>
 static inline void spmm_sddmm_group(int64_t p, int64_t hi, ScaledIndex offset,
-                                    const float* values, const float* dy, const vfloat* xv,
+                                    const float* values, const In* dy, const vfloat* xv,
                                     vfloat* acc, float* sums, bool accumulate) {
   vfloat dot[G];
   for (int e = 0; e < G; ++e) dot[e] = vfloat{};
@@ -478,7 +499,7 @@ static inline void spmm_sddmm_group(int64_t p, int64_t hi, ScaledIndex offset,
 #pragma GCC unroll 16
   for (int e = 0; e < G; ++e) {
     if (p + e + kPrefetchDistance < hi) prefetch_run(dy + offset(p + e + kPrefetchDistance));
-    const float* src = dy + offset(p + e);
+    const In* src = dy + offset(p + e);
     const vfloat w = broadcast(values[p + e]);
     for (int v = 0; v < V; ++v) {
       const vfloat d = in_register(load(src + v * kWidth));
@@ -492,9 +513,9 @@ static inline void spmm_sddmm_group(int64_t p, int64_t hi, ScaledIndex offset,
 
 // The last entries of a row, fewer than G: in groups of G / 2, G / 4, ..., 1,
 // so each entry's sum depends only on its row.
-template <int G, int V>
+template <int G, int V, typename In>
 static inline void spmm_sddmm_rest(int64_t p, int64_t hi, ScaledIndex offset,
-                                   const float* values, const float* dy, const vfloat* xv,
+                                   const float* values, const In* dy, const vfloat* xv,
                                    vfloat* acc, float* sums, bool accumulate) {
   if constexpr (G > 1) {
     constexpr int half = G / 2;
@@ -512,9 +533,9 @@ constexpr int kBackwardGroup = Isa::kBackwardGroup;
 
 // One row's entries [lo, hi) on V vectors of the runs: dx[0 : V * kWidth]
 // is written, sums[p] (+)= <dy run of p, x[0 : V * kWidth]>.
-template <int V>
+template <int V, typename In>
 static inline void spmm_sddmm_tile(int64_t lo, int64_t hi, ScaledIndex offset,
-                                   const float* values, const float* dy, const float* x,
+                                   const float* values, const In* dy, const In* x,
                                    float* dx, float* sums, bool accumulate) {
   vfloat xv[V], acc[V];
   for (int v = 0; v < V; ++v) {
@@ -532,8 +553,9 @@ static inline void spmm_sddmm_tile(int64_t lo, int64_t hi, ScaledIndex offset,
 // kMaxBackwardVectors vectors (each a pass over the row's entries), then the
 // last lanes one by one. The first chunk writes the sums unless `accumulate`,
 // the rest add.
+template <typename In>
 static inline void spmm_sddmm_row(int64_t lo, int64_t hi, ScaledIndex offset,
-                                  const float* values, const float* dy, const float* x,
+                                  const float* values, const In* dy, const In* x,
                                   float* dx, float* sums, int64_t length, bool accumulate) {
   int64_t l = in_vector_chunks<kMaxBackwardVectors>(length, [&](auto vectors, int64_t at) {
     spmm_sddmm_tile<decltype(vectors)::value>(lo, hi, offset, values, dy + at, x + at, dx + at,
@@ -543,16 +565,17 @@ static inline void spmm_sddmm_row(int64_t lo, int64_t hi, ScaledIndex offset,
   for (; l < length; ++l, accumulate = true) {
     float a = 0.0f;
     for (int64_t p = lo; p < hi; ++p) {
-      const float d = dy[offset(p) + l];
+      const float d = as_float(dy[offset(p) + l]);
       a += values[p] * d;
-      sums[p] = (accumulate ? sums[p] : 0.0f) + d * x[l];
+      sums[p] = (accumulate ? sums[p] : 0.0f) + d * as_float(x[l]);
     }
     dx[l] = a;
   }
 }
 
+template <typename In>
 static void spmm_sddmm_indexed(const int32_t* indptr, const int32_t* indices,
-                               const float* values, const float* dy, const float* x,
+                               const float* values, const In* dy, const In* x,
                                int64_t ld_x, float* dx, float* sums, int64_t length,
                                int64_t row_begin, int64_t row_end, bool accumulate) {
   const ScaledIndex offset{indices, length};
@@ -755,6 +778,49 @@ static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_d
       dst[c * ld_dst + r] = src[r * ld_src + c];
   if constexpr (I::kStreamingStores)
     if (stream) I::store_fence();
+}
+
+// `transpose` for the bfloat16 tables: from and into bfloat16 operands, or
+// from a float buffer into bfloat16 (rounded). Where the instruction set
+// transposes 16 x 16 float blocks in registers, each block is widened to
+// float in a buffer (unless it is float already), transposed there with
+// transpose16x16 and narrowed row by row into the destination (loops the
+// compiler vectorises); the edges, and every element on the scalar path,
+// go one by one. Half the bytes of float, so no streaming stores.
+template <typename Src, typename Dst, typename I = Isa>
+static void transpose_elements(const Src* src, int64_t ld_src, Dst* dst, int64_t ld_dst,
+                               int64_t rows, int64_t col_begin, int64_t col_end, bool) {
+  constexpr int64_t b = I::kTransposeBlock;
+  const int64_t in_blocks = b > 1 ? rows / b * b : 0;
+  const int64_t cols_in_blocks = b > 1 ? col_begin + (col_end - col_begin) / b * b : col_begin;
+  if constexpr (b > 1) {
+    alignas(64) float wide[b * b], turned[b * b];
+    const auto block = [&](int64_t r, int64_t c) {
+      const float* from = wide;
+      int64_t ld_from = b;
+      if constexpr (std::is_same_v<Src, float>) {
+        from = src + r * ld_src + c;
+        ld_from = ld_src;
+      } else {
+        for (int64_t i = 0; i < b; ++i)
+          for (int64_t j = 0; j < b; ++j) wide[i * b + j] = as_float(src[(r + i) * ld_src + c + j]);
+      }
+      transpose16x16<false, I>(from, ld_from, turned, b);
+      for (int64_t i = 0; i < b; ++i)
+        for (int64_t j = 0; j < b; ++j)
+          dst[(c + i) * ld_dst + r + j] = rounded<Dst>(turned[i * b + j]);
+    };
+    if (ld_src > ld_dst) {
+      for (int64_t r = 0; r < in_blocks; r += b)
+        for (int64_t c = col_begin; c < cols_in_blocks; c += b) block(r, c);
+    } else {
+      for (int64_t c = col_begin; c < cols_in_blocks; c += b)
+        for (int64_t r = 0; r < in_blocks; r += b) block(r, c);
+    }
+  }
+  for (int64_t c = col_begin; c < col_end; ++c)
+    for (int64_t r = c < cols_in_blocks ? in_blocks : 0; r < rows; ++r)
+      dst[c * ld_dst + r] = rounded<Dst>(as_float(src[r * ld_src + c]));
 }
 
 // patch_weight_grad's inner block: KB entries of one kernel row times V
@@ -967,9 +1033,15 @@ static void pool_input_grad_row(const PoolGeometry& g, const float* grad, const 
   }
 }
 
-// This instruction set's table, for the dispatch table of simd_dispatch.cc.
+// This instruction set's tables, for the dispatch table of simd_dispatch.cc.
 extern const Routines kRoutines;
-const Routines kRoutines = {&spmm, &sddmm, &spmm_indexed, &sddmm_indexed, &spmm_sddmm_indexed,
+const Routines kRoutines = {&spmm<float>, &sddmm<float>, &spmm_indexed<float>,
+                            &sddmm_indexed<float>, &spmm_sddmm_indexed<float>, &transpose<>,
                             &transpose<>, &patch_conv, &patch_weight_grad, &pool_grad_sums,
-                            &pool_input_grad_row, Isa::kOnePassBackward,
-                            Isa::kName};
+                            &pool_input_grad_row, Isa::kOnePassBackward, Isa::kName};
+extern const RoutinesFor<BFloat16> kBf16Routines;
+const RoutinesFor<BFloat16> kBf16Routines = {
+    &spmm<BFloat16>, &sddmm<BFloat16>, &spmm_indexed<BFloat16>, &sddmm_indexed<BFloat16>,
+    &spmm_sddmm_indexed<BFloat16>, &transpose_elements<BFloat16, BFloat16>,
+    &transpose_elements<float, BFloat16>, nullptr, nullptr, nullptr, nullptr,
+    Isa::kOnePassBackward, Isa::kName};

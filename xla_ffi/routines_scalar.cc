@@ -33,6 +33,12 @@ struct Isa {
   static constexpr bool kLineVectors = false;
   // No: plain C++ has no stores past the caches (and no stream, store_fence).
   static constexpr bool kStreamingStores = false;
+  // No: bfloat16 is widened to float one element at a time.
+  static constexpr bool kPairedBf16Dot = false;
+  template <typename V>
+  static V widen(const BFloat16* p) {
+    return as_float(*p);
+  }
 
   // Nothing to do: the reference path stays plain C++, without asm.
   template <typename V>

@@ -6,16 +6,24 @@ namespace sparseprop {
 
 // Each instruction set's routines (routines_<isa>.cc), compiled in its own
 // translation unit with its own target flags (CMakeLists.txt).
-namespace scalar { extern const Routines kRoutines; }
+#define SPARSEPROP_DECLARE_TABLES(isa)                         \
+  namespace isa {                                              \
+  extern const Routines kRoutines;                             \
+  extern const RoutinesFor<BFloat16> kBf16Routines;            \
+  }
+SPARSEPROP_DECLARE_TABLES(scalar)
 #if defined(SPARSEPROP_X86_SIMD)
-namespace avx2 { extern const Routines kRoutines; }
-namespace avx512 { extern const Routines kRoutines; }
+SPARSEPROP_DECLARE_TABLES(avx2)
+SPARSEPROP_DECLARE_TABLES(avx512)
+SPARSEPROP_DECLARE_TABLES(avx512_bf16)
 #endif
+#undef SPARSEPROP_DECLARE_TABLES
 
 namespace {
 
 struct Path {
   const Routines* routines;  // its name too: routines->name
+  const RoutinesFor<BFloat16>* bf16_routines;
   bool (*cpu_supports)();
 };
 
@@ -28,6 +36,9 @@ struct Path {
 bool has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+}
+bool has_avx512_bf16() {
+  return has_avx512() && __builtin_cpu_supports("avx512bf16");
 }
 bool has_avx2() {
   __builtin_cpu_init();
@@ -43,10 +54,11 @@ bool always() { return true; }
 // here, and its source and flags in CMakeLists.txt (ROUTINES_ISAS).
 const Path kPaths[] = {
 #if defined(SPARSEPROP_X86_SIMD)
-    {&avx512::kRoutines, &has_avx512},
-    {&avx2::kRoutines, &has_avx2},
+    {&avx512_bf16::kRoutines, &avx512_bf16::kBf16Routines, &has_avx512_bf16},
+    {&avx512::kRoutines, &avx512::kBf16Routines, &has_avx512},
+    {&avx2::kRoutines, &avx2::kBf16Routines, &has_avx2},
 #endif
-    {&scalar::kRoutines, &always},
+    {&scalar::kRoutines, &scalar::kBf16Routines, &always},
 };
 constexpr int kNumPaths = sizeof(kPaths) / sizeof(kPaths[0]);
 
@@ -61,7 +73,14 @@ std::atomic<int> task_count{0};
 
 }  // namespace
 
-const Routines& active_routines() { return *kPaths[active.load(std::memory_order_relaxed)].routines; }
+template <>
+const RoutinesFor<float>& active_routines<float>() {
+  return *kPaths[active.load(std::memory_order_relaxed)].routines;
+}
+template <>
+const RoutinesFor<BFloat16>& active_routines<BFloat16>() {
+  return *kPaths[active.load(std::memory_order_relaxed)].bf16_routines;
+}
 
 std::string active_simd_path() { return kPaths[active.load()].routines->name; }
 

@@ -10,8 +10,10 @@
 
 namespace sparseprop {
 
-// Routines of the active path.
-const Routines& active_routines();
+// Routines of the active path for dense operands stored as T (float or
+// BFloat16).
+template <typename T = float>
+const RoutinesFor<T>& active_routines();
 
 // Name of the active path, one of known_simd_paths().
 std::string active_simd_path();

@@ -1,0 +1,165 @@
+"""bfloat16 through the ops: products summed in float32, results rounded once, on every path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import dense_reference, random_kernel, tasks_per_call
+
+import sparseprop_jax as sp
+
+BF16 = jnp.bfloat16
+# A result rounded once to bfloat16 is within half its unit in the last place:
+# 2^-8 relative. Products summed in bfloat16 would be off by far more.
+ROUNDING = 2.0 ** -8
+
+
+def as_bf16(a) -> np.ndarray:
+    """`a` rounded to bfloat16, as float64 (the reference's inputs)."""
+    return np.asarray(jnp.asarray(a, BF16), np.float64)
+
+
+def assert_rounded_once(actual, expected, scale_terms: int = 1):
+    """A bfloat16 result against the float64 reference of its bfloat16 inputs."""
+    assert actual.dtype == BF16
+    expected = np.asarray(expected, np.float64)
+    atol = 1e-5 * np.sqrt(max(scale_terms, 1)) * (1.0 + np.abs(expected).max(initial=0.0))
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
+                               rtol=ROUNDING * 1.001, atol=atol)
+
+
+def _grads(weight, x, dy, wrt, feature_axis=-1):
+    def loss(x, values):
+        y = sp.sparse_linear(x, weight.with_values(values), feature_axis=feature_axis)
+        return jnp.vdot(y.astype(jnp.float32), dy.astype(jnp.float32)), y
+    fn = jax.jit(jax.grad(loss, argnums=wrt, has_aux=True))
+    return fn(x, weight.values)
+
+
+def _bf16_case(rng, n_in, n_out, sparsity, batch):
+    kernel = as_bf16(random_kernel(rng, n_in, n_out, sparsity))
+    weight = sp.SparseWeight.from_dense(kernel.astype(np.float32))
+    weight = weight.with_values(weight.values.astype(BF16))
+    x = jnp.asarray(rng.standard_normal((batch, n_in)), BF16)
+    dy = jnp.asarray(rng.standard_normal((batch, n_out)), BF16)
+    return kernel, weight, x, dy
+
+
+@pytest.mark.parametrize("n_in,n_out,sparsity,batch", [
+    (100, 70, 0.9, 37),     # one narrow tile
+    (64, 48, 0.0, 64),      # fully dense, one whole tile
+    (200, 300, 0.5, 130),   # long rows over three tiles (per-tile weight gradient)
+    (33, 17, 0.95, 1),      # a single row of the batch
+    (50, 40, 1.0, 9),       # all zero
+])
+@pytest.mark.parametrize("wrt", [(0, 1), (0,), (1,)], ids=["both", "dx", "dvalues"])
+def test_linear_matches_dense_reference_on_every_path(n_in, n_out, sparsity, batch, wrt, rng):
+    kernel, weight, x, dy = _bf16_case(rng, n_in, n_out, sparsity, batch)
+    y_ref, dx_ref, dk_ref, _ = dense_reference(as_bf16(x), kernel, None, as_bf16(dy))
+    mask = kernel != 0
+    for path in sp.supported_simd_paths():
+        for tasks in (0, 3):
+            with sp.use_simd_path(path), tasks_per_call(tasks):
+                grads, y = jax.block_until_ready(_grads(weight, x, dy, wrt))
+            assert_rounded_once(y, y_ref, n_in)
+            grads = dict(zip(wrt, grads))
+            if 0 in grads:
+                assert_rounded_once(grads[0], dx_ref, n_out)
+            if 1 in grads:
+                assert grads[1].dtype == BF16
+                dk = np.asarray(weight.with_values(grads[1]).to_dense(), np.float64)
+                assert_rounded_once(jnp.asarray(dk, BF16), dk_ref * mask, batch)
+                assert np.all(dk[~mask] == 0)
+
+
+def test_empty_rows_and_columns(rng):
+    kernel = as_bf16(random_kernel(rng, 40, 30, 0.7))
+    kernel[:, 3:9] = 0
+    kernel[5:12, :] = 0
+    weight = sp.SparseWeight.from_dense(kernel.astype(np.float32))
+    weight = weight.with_values(weight.values.astype(BF16))
+    x = jnp.asarray(rng.standard_normal((21, 40)), BF16)
+    dy = jnp.asarray(rng.standard_normal((21, 30)), BF16)
+    y_ref, dx_ref, dk_ref, _ = dense_reference(as_bf16(x), kernel, None, as_bf16(dy))
+    for path in sp.supported_simd_paths():
+        with sp.use_simd_path(path):
+            (dx, dvalues), y = jax.block_until_ready(_grads(weight, x, dy, (0, 1)))
+        assert_rounded_once(y, y_ref, 40)
+        assert np.all(np.asarray(y, np.float32)[:, 3:9] == 0)
+        assert_rounded_once(dx, dx_ref, 30)
+        assert np.all(np.asarray(dx, np.float32)[:, 5:12] == 0)
+        dk = weight.with_values(dvalues).to_dense()
+        assert_rounded_once(dk, dk_ref * (kernel != 0), 21)
+
+
+def test_paths_agree_on_the_products_they_share(rng):
+    """Every path sums the same products in float32 (in other orders, with or
+    without fused multiply-adds, or in pairs on avx512_bf16), so results agree
+    within one rounding to bfloat16 either side."""
+    kernel, weight, x, dy = _bf16_case(rng, 120, 90, 0.8, 70)
+    results = {}
+    for path in sp.supported_simd_paths():
+        with sp.use_simd_path(path):
+            results[path] = jax.block_until_ready(_grads(weight, x, dy, (1,)))
+    (scalar_dv,), scalar_y = results["scalar"]
+    for (dv,), y in results.values():
+        for got, want in ((y, scalar_y), (dv, scalar_dv)):
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                       rtol=2 * ROUNDING, atol=1e-3)
+
+
+def test_vmap_and_leading_dims(rng):
+    kernel, weight, _, _ = _bf16_case(rng, 30, 20, 0.8, 1)
+    xs = jnp.asarray(rng.standard_normal((3, 5, 30)), BF16)
+    y = jax.vmap(lambda x: sp.sparse_linear(x, weight))(xs)
+    y_ref = as_bf16(xs) @ kernel
+    assert_rounded_once(y, y_ref, 30)
+    assert_rounded_once(sp.sparse_linear(xs, weight), y_ref, 30)
+
+
+def test_bfloat16_with_float32_computes_in_float32(rng):
+    """As jnp.matmul promotes; each gradient comes back in its own input's dtype."""
+    kernel = random_kernel(rng, 24, 16, 0.75)
+    weight = sp.SparseWeight.from_dense(kernel)
+    x = jnp.asarray(rng.standard_normal((6, 24)), BF16)
+    y = sp.sparse_linear(x, weight)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), as_bf16(x) @ kernel, rtol=1e-5, atol=1e-5)
+    dx, dv = jax.grad(lambda x, v: sp.sparse_linear(x, weight.with_values(v)).sum(),
+                      argnums=(0, 1))(x, weight.values)
+    assert dx.dtype == BF16 and dv.dtype == jnp.float32
+
+
+def test_feature_axis_and_conv_take_bfloat16(rng):
+    """The targets without bfloat16 kernels yet run in float32 and round their results."""
+    kernel, weight, _, _ = _bf16_case(rng, 12, 10, 0.5, 1)
+    x = jnp.asarray(rng.standard_normal((4, 12, 7)), BF16)
+    y = sp.sparse_linear(x, weight, feature_axis=-2)
+    assert_rounded_once(y, np.einsum("bin,io->bon", as_bf16(x), kernel), 12)
+    dx = jax.grad(lambda x: sp.sparse_linear(x, weight, feature_axis=-2)
+                  .astype(jnp.float32).sum())(x)
+    assert dx.dtype == BF16
+
+    conv_kernel = as_bf16(rng.standard_normal((3, 3, 4, 6)) * (rng.random((3, 3, 4, 6)) < 0.5))
+    conv_weight = sp.SparseWeight.from_dense(conv_kernel.astype(np.float32))
+    conv_weight = conv_weight.with_values(conv_weight.values.astype(BF16))
+    images = jnp.asarray(rng.standard_normal((2, 5, 5, 4)), BF16)
+    y = sp.sparse_conv2d(images, conv_weight)
+    y_ref = jax.lax.conv_general_dilated(
+        jnp.asarray(as_bf16(images), jnp.float32), jnp.asarray(conv_kernel, jnp.float32),
+        (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST)
+    assert_rounded_once(y, y_ref, 36)
+    dx, dv = jax.grad(lambda x, v: sp.sparse_conv2d(x, conv_weight.with_values(v))
+                      .astype(jnp.float32).sum(), argnums=(0, 1))(images, conv_weight.values)
+    assert dx.dtype == BF16 and dv.dtype == BF16
+
+
+def test_float16_is_refused_naming_the_supported_dtypes(rng):
+    weight = sp.SparseWeight.from_dense(random_kernel(rng, 8, 4, 0.5))
+    with pytest.raises(TypeError, match="float32 or bfloat16.*got float16"):
+        sp.sparse_linear(jnp.ones((2, 8), jnp.float16), weight)
+    with pytest.raises(TypeError, match="float32 or bfloat16.*got float16"):
+        sp.sparse_linear(jnp.ones((2, 8)), weight.with_values(weight.values.astype(jnp.float16)))
