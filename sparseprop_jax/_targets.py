@@ -117,17 +117,20 @@ CONV_ATTRS = ("stride", "kh", "kw", "pad_top", "pad_bottom", "pad_left", "pad_ri
 
 def _conv_forward(variant: str) -> Target:
     return Target(f"sparseprop_conv_{variant}_forward", (Array("x", FLOAT, 0), VALUES, *PATTERN),
-                  (Array("y", FLOAT, 0),), CONV_ATTRS)
+                  (Array("y", FLOAT, 0),), CONV_ATTRS, CONV_DTYPES[variant])
 
 
 def _conv_backward(variant: str) -> Target:
     return Target(f"sparseprop_conv_{variant}_backward",
                   (Array("x", FLOAT, 0), Array("dy", FLOAT, 0), VALUES, *BOTH_PATTERNS),
-                  (Array("dx", FLOAT, 0), Array("dvalues", FLOAT, SUM)), CONV_ATTRS)
+                  (Array("dx", FLOAT, 0), Array("dvalues", FLOAT, SUM)), CONV_ATTRS,
+                  CONV_DTYPES[variant])
 
 
 #: The convolution variants (which dims the SIMD lanes run over; see conv_variants.py).
 CONV_VARIANTS = ("batch", "width")
+#: Each variant's dtypes (the width variant has no bfloat16 build yet).
+CONV_DTYPES = {"batch": BOTH_DTYPES, "width": ("float32",)}
 CONV_FORWARD = {v: _conv_forward(v) for v in CONV_VARIANTS}
 CONV_BACKWARD = {v: _conv_backward(v) for v in CONV_VARIANTS}
 

@@ -132,8 +132,9 @@ def test_bfloat16_with_float32_computes_in_float32(rng):
     assert dx.dtype == BF16 and dv.dtype == jnp.float32
 
 
-def test_feature_axis_and_conv_take_bfloat16(rng):
-    """The targets without bfloat16 kernels yet run in float32 and round their results."""
+def test_feature_axis_takes_bfloat16(rng):
+    """The feature-major targets, without a bfloat16 build yet, run in float32
+    and round their results."""
     kernel, weight, _, _ = _bf16_case(rng, 12, 10, 0.5, 1)
     x = jnp.asarray(rng.standard_normal((4, 12, 7)), BF16)
     y = sp.sparse_linear(x, weight, feature_axis=-2)
@@ -142,19 +143,56 @@ def test_feature_axis_and_conv_take_bfloat16(rng):
                   .astype(jnp.float32).sum())(x)
     assert dx.dtype == BF16
 
-    conv_kernel = as_bf16(rng.standard_normal((3, 3, 4, 6)) * (rng.random((3, 3, 4, 6)) < 0.5))
-    conv_weight = sp.SparseWeight.from_dense(conv_kernel.astype(np.float32))
-    conv_weight = conv_weight.with_values(conv_weight.values.astype(BF16))
-    images = jnp.asarray(rng.standard_normal((2, 5, 5, 4)), BF16)
-    y = sp.sparse_conv2d(images, conv_weight)
-    y_ref = jax.lax.conv_general_dilated(
-        jnp.asarray(as_bf16(images), jnp.float32), jnp.asarray(conv_kernel, jnp.float32),
-        (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST)
-    assert_rounded_once(y, y_ref, 36)
-    dx, dv = jax.grad(lambda x, v: sp.sparse_conv2d(x, conv_weight.with_values(v))
-                      .astype(jnp.float32).sum(), argnums=(0, 1))(images, conv_weight.values)
-    assert dx.dtype == BF16 and dv.dtype == BF16
+
+def _conv_reference(x, kernel, stride, padding, dy):
+    """Output and (dx, dkernel) of the convolution in float64, for cotangent dy."""
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision=jax.lax.Precision.HIGHEST)
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(conv, jnp.asarray(x, jnp.float64), jnp.asarray(kernel, jnp.float64))
+        dx, dk = vjp(jnp.asarray(dy, jnp.float64))
+        return np.asarray(y), np.asarray(dx), np.asarray(dk)
+
+
+@pytest.mark.parametrize("variant", ["batch", "width"])
+@pytest.mark.parametrize("n,h,w,cin,cout,k,stride,padding,sparsity", [
+    (3, 9, 7, 8, 12, 3, 1, "SAME", 0.8),
+    (2, 10, 11, 5, 16, 3, 2, "SAME", 0.5),
+    (1, 6, 6, 16, 8, 1, 1, "VALID", 0.0),
+    (5, 8, 8, 3, 8, 7, 2, ((3, 3), (3, 3)), 0.6),
+    (2, 5, 5, 4, 4, 3, 1, "SAME", 1.0),
+])
+def test_conv_matches_dense_reference_on_every_path(variant, n, h, w, cin, cout, k, stride,
+                                                    padding, sparsity, rng):
+    """The batch variant has bfloat16 kernels; the width variant runs in float32
+    and rounds: both within one rounding of the float64 reference."""
+    kernel = as_bf16(rng.standard_normal((k, k, cin, cout)))
+    kernel[rng.random(kernel.shape) < sparsity] = 0
+    weight = sp.SparseWeight.from_dense(kernel.astype(np.float32))
+    weight = weight.with_values(weight.values.astype(BF16))
+    x = jnp.asarray(rng.standard_normal((n, h, w, cin)), BF16)
+    y_shape = jax.eval_shape(lambda x: sp.sparse_conv2d(x, weight, None, stride, padding),
+                             x).shape
+    dy = jnp.asarray(rng.standard_normal(y_shape), BF16)
+    y_ref, dx_ref, dk_ref = _conv_reference(as_bf16(x), kernel, stride, padding, as_bf16(dy))
+
+    def loss(x, values):
+        y = sp.sparse_conv2d(x, weight.with_values(values), None, stride, padding,
+                             variant=variant)
+        return jnp.vdot(y.astype(jnp.float32), dy.astype(jnp.float32)), y
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    mask = kernel != 0
+    for path in sp.supported_simd_paths():
+        with sp.use_simd_path(path):
+            (dx, dvalues), y = jax.block_until_ready(step(x, weight.values))
+        assert_rounded_once(y, y_ref, k * k * cin)
+        assert_rounded_once(dx, dx_ref, k * k * cout)
+        dk = weight.with_values(dvalues).to_dense()
+        assert_rounded_once(dk, dk_ref * mask, int(np.prod(y_shape[:3])))
+        assert np.all(np.asarray(dk, np.float32)[~mask] == 0)
 
 
 def test_float16_is_refused_naming_the_supported_dtypes(rng):

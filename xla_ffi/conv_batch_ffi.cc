@@ -3,7 +3,8 @@
 // (RowRuns) in recycled scratch; the products compute one output row (a
 // range of its channels) at a time into a buffer that is transposed into the
 // NHWC result while it is still in cache. What both variants share is in
-// conv_common.h.
+// conv_common.h. The handlers exist for float32 and bfloat16 (T) operands:
+// bfloat16 row runs, float products and sums, results rounded once.
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -42,29 +43,30 @@ RowRuns dy_runs(const ConvGeometry& g) { return {g.hd(), g.cout, 1, g.wd(), g.n}
 // Tasks copying each slice of NHWC `src` (n, h, w, c) into the row-run
 // layout `to` at `dst`, the image at (top, left) and zeros around it; split
 // over the destination rows.
-Phase to_row_runs(const Routines& k, const float* src, const Stack& ss, float* dst,
+template <typename T>
+Phase to_row_runs(const RoutinesFor<T>& k, const T* src, const Stack& ss, T* dst,
                   const RowRuns& to, int64_t top, int64_t left, int parts) {
   const int64_t n = ss.dims[0], h = ss.dims[1], w = ss.dims[2], c = ss.dims[3];
   const bool stream = streams_past_cache(ss.count * to.size());
   Phase phase;
   for (int64_t v = 0; v < ss.count; ++v) split_even(to.rows, v, 0, parts, &phase.tasks);
   phase.fn = [=, &k](const Task& t) {
-    const float* image = src + t.slice * ss.slice();
-    float* slice = dst + t.slice * to.size();
+    const T* image = src + t.slice * ss.slice();
+    T* slice = dst + t.slice * to.size();
     for (int64_t r = t.begin; r < t.end; ++r) {
       const int64_t y = r - top;
       if (y < 0 || y >= h) {
-        std::fill(slice + r * to.row(), slice + (r + 1) * to.row(), 0.0f);
+        std::fill(slice + r * to.row(), slice + (r + 1) * to.row(), T{});
         continue;
       }
       for (int64_t pc = 0; pc < to.s * to.wq; ++pc) {
-        float* pixel = slice + to.at(r, pc, 0);
+        T* pixel = slice + to.at(r, pc, 0);
         const int64_t x = pc - left;
         if (x >= 0 && x < w) {
           k.transpose(image + (y * w + x) * c, h * w * c, pixel, to.s * to.run(), n, 0, c, stream);
         } else {
           for (int64_t ci = 0; ci < c; ++ci)
-            std::fill(pixel + ci * to.s * to.run(), pixel + ci * to.s * to.run() + n, 0.0f);
+            std::fill(pixel + ci * to.s * to.run(), pixel + ci * to.s * to.run() + n, T{});
         }
       }
     }
@@ -89,28 +91,32 @@ std::function<int64_t(int32_t)> tap_offsets(const RowRuns& x, int64_t kw) {
 // destination past the cache (streams_past_cache). (Going through the
 // row in blocks of pixels, to keep a block's windows in L2 across channels,
 // measured no faster.)
-void row_product_to_nhwc(const Routines& k, const int32_t* indptr, const int64_t* offsets,
-                         const float* values, const float* in, int64_t begin, int64_t end,
-                         int64_t cols, int64_t n, float* dst, int64_t pixel_step,
-                         int64_t ld_dst, bool stream) {
+template <typename T>
+void row_product_to_nhwc(const RoutinesFor<T>& k, const int32_t* indptr,
+                         const int64_t* offsets, const float* values, const T* in,
+                         int64_t begin, int64_t end, int64_t cols, int64_t n, T* dst,
+                         int64_t pixel_step, int64_t ld_dst, bool stream) {
   const int64_t run = cols * n, channels = end - begin;
   const auto buffer = scratch<float>(channels * run);
   // indptr + begin: the range's rows as rows 0.. (the entries keep their
   // positions in offsets and values).
   k.spmm(indptr + begin, offsets, values, in, buffer.get(), run, run, Grid{}, 0, 1, 0, channels);
   for (int64_t i = 0; i < cols; ++i)
-    k.transpose(buffer.get() + i * n, run, dst + i * pixel_step, ld_dst, channels, 0, n, stream);
+    k.transpose_rounded(buffer.get() + i * n, run, dst + i * pixel_step, ld_dst, channels, 0, n,
+                        stream);
 }
 
-ffi::Future ConvBatchForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                             ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
-                             int64_t stride, int64_t kh, int64_t kw, int64_t pad_top,
-                             int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+template <ffi::DataType D>
+ffi::Future ConvBatchForward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> values,
+                             ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                             ffi::ResultBuffer<D> y, int64_t stride, int64_t kh, int64_t kw,
+                             int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                             int64_t pad_right) {
+  using T = ffi::NativeType<D>;
   constexpr const char* op = "sparse_conv2d forward";
   ConvForwardCall c;
   SPARSEPROP_RETURN_IF_ERROR(decode_conv_forward(
-      x, values, indptr, indices, y->dimensions(),
+      x.dimensions(), values.dimensions(), indptr, indices, y->dimensions(),
       {stride, kh, kw, pad_top, pad_bottom, pad_left, pad_right}, op, &c));
   const ConvGeometry& g = c.g;
   const Stack &ys = c.ys, &xs = c.xs, &vs = c.vs;
@@ -119,12 +125,26 @@ ffi::Future ConvBatchForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
   const RowRuns xr = x_runs(g);
   const EntryOffsets offsets = entry_offsets(pat, tap_offsets(xr, kw));
-  const Routines& k = active_routines();
+  const RoutinesFor<T>& k = active_routines<T>();
   const int64_t ho = g.ho(), wo = g.wo(), cout = g.cout, n = g.n, s = g.s;
   const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
-  auto xl = scratch<float>(xs.count * xr.size());
-  std::vector<Phase> phases;
-  phases.push_back(to_row_runs(k, x.typed_data(), xs, xl.get(), xr, g.pt, g.pl, parts));
+  auto xl = scratch<T>(xs.count * xr.size());
+  std::vector<Phase> layout, phases;
+  layout.push_back(to_row_runs(k, x.typed_data(), xs, xl.get(), xr, g.pt, g.pl, parts));
+  // The products' values: for bfloat16, widened to float beside the layout.
+  const T* w = values.typed_data();
+  std::shared_ptr<float[]> wide;
+  if constexpr (!std::is_same_v<T, float>) {
+    wide = scratch<float>(vs.count * pat.nnz);
+    layout.push_back(widen_phase(w, vs, pat.nnz, wide.get(), parts));
+  }
+  const auto values_of = [=](int64_t v) {
+    if constexpr (std::is_same_v<T, float>)
+      return w + slice_offset(vs, v);
+    else
+      return static_cast<const float*>(wide.get() + vs.index(v) * pat.nnz);
+  };
+  phases.push_back(concurrent(std::move(layout)));
   // Tasks: (output row = group, range of output channels).
   Phase products;
   for (int64_t v = 0; v < total; ++v) {
@@ -133,15 +153,13 @@ ffi::Future ConvBatchForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t i = 0; i < ho; ++i)
       for (const Task& ch : channels) products.tasks.push_back({v, ch.begin, ch.end, i});
   }
-  const float* w = values.typed_data();
-  float* out = y->typed_data();
+  T* out = y->typed_data();
   const bool stream_y = streams_past_cache(total * ys.slice());
   products.fn = [=, &k](const Task& t) {
-    float* image = out + t.slice * ys.slice() + t.group * wo * cout + t.begin;
-    const float* in = xl.get() + xs.index(t.slice) * xr.size() + t.group * s * xr.row();
-    row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice),
-                        w + slice_offset(vs, t.slice), in, t.begin, t.end, wo, n, image, cout,
-                        ho * wo * cout, stream_y);
+    T* image = out + t.slice * ys.slice() + t.group * wo * cout + t.begin;
+    const T* in = xl.get() + xs.index(t.slice) * xr.size() + t.group * s * xr.row();
+    row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice), values_of(t.slice), in,
+                        t.begin, t.end, wo, n, image, cout, ho * wo * cout, stream_y);
     return ffi::Error::Success();
   };
   phases.push_back(std::move(products));
@@ -151,18 +169,21 @@ ffi::Future ConvBatchForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // The fused backward: phase 1 lays x and dy out in row runs; phase 2 runs the
 // weight gradient (tasks split over output channels) and the rows of the
 // s x s stride phases of the input gradient side by side.
-ffi::Future ConvBatchBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                              ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> values,
-                              ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
-                              ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
-                              ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<ffi::F32> dx,
-                              ffi::ResultBuffer<ffi::F32> dvalues, int64_t stride, int64_t kh,
-                              int64_t kw, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-                              int64_t pad_right) {
+// For bfloat16, the weight gradient's float sums are rounded into dvalues
+// by each task, for its rows' entries.
+template <ffi::DataType D>
+ffi::Future ConvBatchBackward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> dy,
+                              ffi::Buffer<D> values, ffi::Buffer<ffi::S32> indptr,
+                              ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> t_indptr,
+                              ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
+                              ffi::ResultBuffer<D> dx, ffi::ResultBuffer<D> dvalues,
+                              int64_t stride, int64_t kh, int64_t kw, int64_t pad_top,
+                              int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  using T = ffi::NativeType<D>;
   constexpr const char* op = "sparse_conv2d backward";
   ConvBackwardCall c;
   SPARSEPROP_RETURN_IF_ERROR(decode_conv_backward(
-      x, dy, values, indptr, indices, t_indptr, t_indices, t_perm, dx->dimensions(),
+      x.dimensions(), dy.dimensions(), values.dimensions(), indptr, indices, t_indptr, t_indices, t_perm, dx->dimensions(),
       dvalues->dimensions(), {stride, kh, kw, pad_top, pad_bottom, pad_left, pad_right}, op,
       &c));
   const ConvGeometry& g = c.g;
@@ -178,7 +199,8 @@ ffi::Future ConvBatchBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return dr.at(P - t, Q - u, co);
   };
   std::shared_ptr<PhaseMatrices> phase_mats;
-  SPARSEPROP_RETURN_IF_ERROR(phase_matrices(c, values, t_perm, dy_offset, op, &phase_mats));
+  SPARSEPROP_RETURN_IF_ERROR(
+      phase_matrices(c, values.typed_data(), t_perm, dy_offset, op, &phase_mats));
 
   // The weight gradient: per output row, the run of wo pixels of each
   // channel of dy (inside the padded copy) against the forward's windows
@@ -202,10 +224,10 @@ ffi::Future ConvBatchBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t j = pr.j0; j < pr.j0 + pr.rows; ++j)
       in_rows.push_back({pr.a, pr.b, j, pr.i0, pr.cols});
 
-  const Routines& k = active_routines();
+  const RoutinesFor<T>& k = active_routines<T>();
   const int parts = parallel_parts(pool, total * ho * wo * n * pat.nnz);
-  auto xl = scratch<float>(xs.count * xr.size());
-  auto dyp = scratch<float>(dys.count * dr.size());
+  auto xl = scratch<T>(xs.count * xr.size());
+  auto dyp = scratch<T>(dys.count * dr.size());
   std::vector<Phase> layout, phases;
   layout.push_back(to_row_runs(k, x.typed_data(), xs, xl.get(), xr, g.pt, g.pl, parts));
   layout.push_back(to_row_runs(k, dy.typed_data(), dys, dyp.get(), dr, P, Q, parts));
@@ -220,21 +242,33 @@ ffi::Future ConvBatchBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t v = 0; v < total; ++v)
     for (int64_t e = 0; e < static_cast<int64_t>(in_rows.size()); ++e)
       split_even(cin, v, 1 + e, in_parts, &products.tasks);
-  float* dxd = dx->typed_data();
-  float* dwd = dvalues->typed_data();
+  T* dxd = dx->typed_data();
+  T* dwd = dvalues->typed_data();
+  std::shared_ptr<float[]> wsums;  // bfloat16: the weight gradient's float sums
+  if constexpr (!std::is_same_v<T, float>) wsums = scratch<float>(total * pat.nnz);
   const int64_t h = g.h, wdt = g.w, pt = g.pt, pl = g.pl;
   const bool stream_dx = streams_past_cache(total * dxs.slice());
   products.fn = [=, &k](const Task& t) {
-    const float* dyv = dyp.get() + dys.index(t.slice) * dr.size();
+    const T* dyv = dyp.get() + dys.index(t.slice) * dr.size();
     if (t.group == 0) {
+      T* dw_v = dwd + t.slice * pat.nnz;
+      float* sums_v;
+      if constexpr (std::is_same_v<T, float>)
+        sums_v = dw_v;
+      else
+        sums_v = wsums.get() + t.slice * pat.nnz;
       weight_gradient_blocks(k, pat.row_ptr(t.slice), offsets.of(t.slice), dyv + dr.at(P, Q, 0),
-                             xl.get() + xs.index(t.slice) * xr.size(),
-                             dwd + t.slice * pat.nnz, plan, t.begin, t.end);
+                             xl.get() + xs.index(t.slice) * xr.size(), sums_v, plan, t.begin,
+                             t.end);
+      if constexpr (!std::is_same_v<T, float>) {
+        const int32_t* ptr = pat.row_ptr(t.slice);
+        for (int64_t p = ptr[t.begin]; p < ptr[t.end]; ++p) dw_v[p] = rounded<T>(sums_v[p]);
+      }
       return ffi::Error::Success();
     }
     const InputRow& ir = in_rows[t.group - 1];
     const PhaseMatrix& m = phase_mats->of(t.slice);
-    float* pixel0 = dxd + t.slice * dxs.slice() +
+    T* pixel0 = dxd + t.slice * dxs.slice() +
                     (((ir.j * s + ir.a - pt) * wdt + ir.i0 * s + ir.b - pl) * cin) + t.begin;
     row_product_to_nhwc(k, m.indptr.data() + (ir.a * s + ir.b) * cin, m.offsets.data(),
                         m.values.data(), dyv + dr.at(ir.j, ir.i0, 0), t.begin, t.end, ir.cols, n,
@@ -247,9 +281,14 @@ ffi::Future ConvBatchBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvBatchForward, Guarded<ConvBatchForward>::Call,
-                              bind<kConvForwardSignature>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvBatchBackward, Guarded<ConvBatchBackward>::Call,
-                              bind<kConvBackwardSignature>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvBatchForward, Guarded<ConvBatchForward<ffi::F32>>::Call,
+                              bind<kConvForwardSignature<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvBatchBackward, Guarded<ConvBatchBackward<ffi::F32>>::Call,
+                              bind<kConvBackwardSignature<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvBatchForwardBf16, Guarded<ConvBatchForward<ffi::BF16>>::Call,
+                              bind<kConvForwardSignature<ffi::BF16>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvBatchBackwardBf16,
+                              Guarded<ConvBatchBackward<ffi::BF16>>::Call,
+                              bind<kConvBackwardSignature<ffi::BF16>>());
 
 }  // namespace sparseprop

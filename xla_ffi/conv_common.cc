@@ -29,17 +29,18 @@ ffi::Error check_output_shape(const Stack& s, const ConvGeometry& g, const char*
 
 }  // namespace
 
-ffi::Error decode_conv_forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> values,
+ffi::Error decode_conv_forward(ffi::Span<const int64_t> x_dims,
+                               ffi::Span<const int64_t> values_dims,
                                ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
                                ffi::Span<const int64_t> y_dims, const ConvAttrs& attrs,
                                const char* op, ConvForwardCall* call) {
   ConvForwardCall c;
   ffi::Error error = decode_stack(y_dims, 4, op, "output", &c.ys);
-  if (error.success()) error = decode_operand(x.dimensions(), 4, c.ys, op, "x", &c.xs);
+  if (error.success()) error = decode_operand(x_dims, 4, c.ys, op, "x", &c.xs);
   if (error.success()) error = decode_geometry(c.xs, c.ys.dims[3], attrs, op, &c.g);
   if (error.success()) error = check_output_shape(c.ys, c.g, op, "output");
   if (error.success())
-    error = decode_operand(values.dimensions(), 1, c.ys, op, "values", &c.vs);
+    error = decode_operand(values_dims, 1, c.ys, op, "values", &c.vs);
   if (error.success())
     error = decode_pattern(indptr, indices, c.g.cout, c.g.kh * c.g.kw * c.g.cin, c.ys, op,
                            "pattern", &c.pat);
@@ -48,8 +49,10 @@ ffi::Error decode_conv_forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> va
   return error;
 }
 
-ffi::Error decode_conv_backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                                ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+ffi::Error decode_conv_backward(ffi::Span<const int64_t> x_dims,
+                                ffi::Span<const int64_t> dy_dims,
+                                ffi::Span<const int64_t> values_dims,
+                                ffi::Buffer<ffi::S32> indptr,
                                 ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> t_indptr,
                                 ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
                                 ffi::Span<const int64_t> dx_dims,
@@ -59,13 +62,13 @@ ffi::Error decode_conv_backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> d
   ffi::Error error = decode_stack(dx_dims, 4, op, "input gradient", &c.dxs);
   if (error.success()) error = decode_stack(dvalues_dims, 1, op, "weight gradient", &c.dws);
   if (error.success()) error = check_same_lead(c.dxs, c.dws, op, "weight gradient");
-  if (error.success()) error = decode_operand(x.dimensions(), 4, c.dxs, op, "x", &c.xs);
-  if (error.success()) error = decode_operand(dy.dimensions(), 4, c.dxs, op, "dy", &c.dys);
+  if (error.success()) error = decode_operand(x_dims, 4, c.dxs, op, "x", &c.xs);
+  if (error.success()) error = decode_operand(dy_dims, 4, c.dxs, op, "dy", &c.dys);
   if (error.success()) error = decode_geometry(c.xs, c.dys.dims[3], attrs, op, &c.g);
   if (error.success()) error = check_same_dims(c.dxs, c.xs, op, "input gradient shape");
   if (error.success()) error = check_output_shape(c.dys, c.g, op, "dy");
   if (error.success())
-    error = decode_operand(values.dimensions(), 1, c.dxs, op, "values", &c.vs);
+    error = decode_operand(values_dims, 1, c.dxs, op, "values", &c.vs);
   if (error.success())
     error = decode_operand(t_perm.dimensions(), 1, c.dxs, op, "transposed permutation", &c.ps);
   const int64_t rows = c.g.kh * c.g.kw * c.g.cin;
@@ -92,20 +95,8 @@ int64_t block_positions(int64_t window, int64_t step, int64_t out) {
   return b;
 }
 
-void weight_gradient_blocks(const Routines& k, const int32_t* indptr, const int64_t* offsets,
-                            const float* rows, const float* in, float* out_values,
-                            const WindowPlan& plan, int64_t row_begin, int64_t row_end) {
-  const int64_t positions = plan.grid.size();
-  int64_t q0 = 0;
-  do {  // at least once: with no positions, the sums are written as zeros
-    const int64_t q1 = std::min(positions, q0 + plan.block);
-    k.sddmm(indptr, offsets, rows, plan.ld_row, in, out_values, plan.length, plan.grid, q0, q1,
-            row_begin, row_end, q0 > 0);
-    q0 = q1;
-  } while (q0 < positions);
-}
-
-ffi::Error phase_matrices(const ConvBackwardCall& call, ffi::Buffer<ffi::F32> values,
+template <typename T>
+ffi::Error phase_matrices(const ConvBackwardCall& call, const T* values,
                           ffi::Buffer<ffi::S32> t_perm,
                           const std::function<int64_t(int64_t, int64_t, int64_t)>& dy_offset,
                           const char* op, std::shared_ptr<PhaseMatrices>* out) {
@@ -122,7 +113,7 @@ ffi::Error phase_matrices(const ConvBackwardCall& call, ffi::Buffer<ffi::F32> va
     const int32_t* perm = t_perm.typed_data() + slice_offset(call.ps, v);
     ffi::Error error = check_transposed_rows(tpat, perm, pat, v, 0, tpat.rows, op);
     if (error.failure()) return error;
-    const float* w = values.typed_data() + slice_offset(call.vs, v);
+    const T* w = values + slice_offset(call.vs, v);
     const int32_t* rp = tpat.row_ptr(v);
     const int32_t* co = tpat.col_idx(v);
     PhaseMatrix& m = phases->slices[i];
@@ -137,7 +128,7 @@ ffi::Error phase_matrices(const ConvBackwardCall& call, ffi::Buffer<ffi::F32> va
               const int64_t r = (ky * kw + kx) * cin + ci;
               for (int64_t p = rp[r]; p < rp[r + 1]; ++p) {
                 m.offsets.push_back(dy_offset(t, u, co[p]));
-                m.values.push_back(w[perm[p]]);
+                m.values.push_back(as_float(w[perm[p]]));
               }
             }
           m.indptr.push_back(static_cast<int32_t>(m.offsets.size()));
@@ -146,6 +137,14 @@ ffi::Error phase_matrices(const ConvBackwardCall& call, ffi::Buffer<ffi::F32> va
   *out = std::move(phases);
   return ffi::Error::Success();
 }
+
+using DyOffset = std::function<int64_t(int64_t, int64_t, int64_t)>;
+template ffi::Error phase_matrices<float>(const ConvBackwardCall&, const float*,
+                                          ffi::Buffer<ffi::S32>, const DyOffset&, const char*,
+                                          std::shared_ptr<PhaseMatrices>*);
+template ffi::Error phase_matrices<BFloat16>(const ConvBackwardCall&, const BFloat16*,
+                                             ffi::Buffer<ffi::S32>, const DyOffset&,
+                                             const char*, std::shared_ptr<PhaseMatrices>*);
 
 std::vector<PhaseRows> phase_rows(const ConvGeometry& g) {
   std::vector<PhaseRows> rows;

@@ -72,13 +72,18 @@ struct ConvAttrs {
   int64_t stride, kh, kw, pad_top, pad_bottom, pad_left, pad_right;
 };
 
-ffi::Error decode_conv_forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> values,
+// (The floating operands are read only for their dims: the dtype is the
+// handler's.)
+ffi::Error decode_conv_forward(ffi::Span<const int64_t> x_dims,
+                               ffi::Span<const int64_t> values_dims,
                                ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
                                ffi::Span<const int64_t> y_dims, const ConvAttrs& attrs,
                                const char* op, ConvForwardCall* call);
 
-ffi::Error decode_conv_backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                                ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
+ffi::Error decode_conv_backward(ffi::Span<const int64_t> x_dims,
+                                ffi::Span<const int64_t> dy_dims,
+                                ffi::Span<const int64_t> values_dims,
+                                ffi::Buffer<ffi::S32> indptr,
                                 ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> t_indptr,
                                 ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
                                 ffi::Span<const int64_t> dx_dims,
@@ -116,9 +121,21 @@ int64_t block_positions(int64_t window, int64_t step, int64_t out);
 // the block's windows stay in cache across rows (walking all positions per
 // entry would stream the whole image from memory once per nonzero). The
 // blocks depend only on the geometry, so results are deterministic.
-void weight_gradient_blocks(const Routines& k, const int32_t* indptr, const int64_t* offsets,
-                            const float* rows, const float* in, float* out_values,
-                            const WindowPlan& plan, int64_t row_begin, int64_t row_end);
+// (Float sums of operands stored as T.)
+template <typename T>
+void weight_gradient_blocks(const RoutinesFor<T>& k, const int32_t* indptr,
+                            const int64_t* offsets, const T* rows, const T* in,
+                            float* out_values, const WindowPlan& plan, int64_t row_begin,
+                            int64_t row_end) {
+  const int64_t positions = plan.grid.size();
+  int64_t q0 = 0;
+  do {  // at least once: with no positions, the sums are written as zeros
+    const int64_t q1 = std::min(positions, q0 + plan.block);
+    k.sddmm(indptr, offsets, rows, plan.ld_row, in, out_values, plan.length, plan.grid, q0, q1,
+            row_begin, row_end, q0 > 0);
+    q0 = q1;
+  } while (q0 < positions);
+}
 
 // The s x s phase sub-kernels of the input gradient, as one compressed-rows
 // matrix: rows (phase, ci), phase = a * s + b; entries carry their offset into
@@ -139,8 +156,10 @@ struct PhaseMatrices {
 // The phase sub-kernels for every distinct slice of the transposed pattern
 // with t_perm and the values, each slice first checked against the pattern
 // (check_transposed_rows); dy_offset(t, u, co) is the offset of
-// output-gradient channel co at tap (t, u) of a phase.
-ffi::Error phase_matrices(const ConvBackwardCall& call, ffi::Buffer<ffi::F32> values,
+// output-gradient channel co at tap (t, u) of a phase. The values (stored as
+// T: float or BFloat16) are widened to float.
+template <typename T>
+ffi::Error phase_matrices(const ConvBackwardCall& call, const T* values,
                           ffi::Buffer<ffi::S32> t_perm,
                           const std::function<int64_t(int64_t, int64_t, int64_t)>& dy_offset,
                           const char* op, std::shared_ptr<PhaseMatrices>* out);

@@ -16,16 +16,21 @@ constexpr Signature conv_signature(std::initializer_list<ffi::DataType> operands
   return signature(operands, results,
                    {"stride", "kh", "kw", "pad_top", "pad_bottom", "pad_left", "pad_right"});
 }
+// Each for D, the dtype of the activations and values: F32, or BF16 (the
+// batch variant only).
 // (x, values, indptr, indices) -> y
+template <ffi::DataType D>
 inline constexpr Signature kConvForwardSignature =
-    conv_signature({ffi::F32, ffi::F32, ffi::S32, ffi::S32}, {ffi::F32});
+    conv_signature({D, D, ffi::S32, ffi::S32}, {D});
 // (x, dy, values, indptr, indices, t_indptr, t_indices, t_perm) -> (dx, dvalues)
+template <ffi::DataType D>
 inline constexpr Signature kConvBackwardSignature = conv_signature(
-    {ffi::F32, ffi::F32, ffi::F32, ffi::S32, ffi::S32, ffi::S32, ffi::S32, ffi::S32},
-    {ffi::F32, ffi::F32});
+    {D, D, D, ffi::S32, ffi::S32, ffi::S32, ffi::S32, ffi::S32}, {D, D});
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvBatchForward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvBatchBackward);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvBatchForwardBf16);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvBatchBackwardBf16);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWidthForward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWidthBackward);
 

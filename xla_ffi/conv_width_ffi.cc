@@ -104,7 +104,7 @@ ffi::Future ConvWidthForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   constexpr const char* op = "sparse_conv2d forward";
   ConvForwardCall c;
   SPARSEPROP_RETURN_IF_ERROR(decode_conv_forward(
-      x, values, indptr, indices, y->dimensions(),
+      x.dimensions(), values.dimensions(), indptr, indices, y->dimensions(),
       {stride, kh, kw, pad_top, pad_bottom, pad_left, pad_right}, op, &c));
   const ConvGeometry& g = c.g;
   const Stack &ys = c.ys, &xs = c.xs, &vs = c.vs;
@@ -155,7 +155,8 @@ ffi::Future ConvWidthBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   constexpr const char* op = "sparse_conv2d backward";
   ConvBackwardCall c;
   SPARSEPROP_RETURN_IF_ERROR(decode_conv_backward(
-      x, dy, values, indptr, indices, t_indptr, t_indices, t_perm, dx->dimensions(),
+      x.dimensions(), dy.dimensions(), values.dimensions(), indptr, indices, t_indptr,
+      t_indices, t_perm, dx->dimensions(),
       dvalues->dimensions(), {stride, kh, kw, pad_top, pad_bottom, pad_left, pad_right}, op,
       &c));
   const ConvGeometry& g = c.g;
@@ -171,7 +172,8 @@ ffi::Future ConvWidthBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return co * dl.plane() + (P - t) * dl.row() + (Q - u);
   };
   std::shared_ptr<PhaseMatrices> phase_mats;
-  SPARSEPROP_RETURN_IF_ERROR(phase_matrices(c, values, t_perm, dy_offset, op, &phase_mats));
+  SPARSEPROP_RETURN_IF_ERROR(
+      phase_matrices(c, values.typed_data(), t_perm, dy_offset, op, &phase_mats));
 
   // The weight gradient: per output row (image, row), the run of wo pixels
   // of each channel of dy (inside the padded copy) against the forward's
@@ -243,8 +245,8 @@ ffi::Future ConvWidthBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWidthForward, Guarded<ConvWidthForward>::Call,
-                              bind<kConvForwardSignature>());
+                              bind<kConvForwardSignature<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWidthBackward, Guarded<ConvWidthBackward>::Call,
-                              bind<kConvBackwardSignature>());
+                              bind<kConvBackwardSignature<ffi::F32>>());
 
 }  // namespace sparseprop

@@ -195,21 +195,6 @@ Phase transpose_phase(const RoutinesFor<T>& k, const T* src, const Stack& src_st
   return phase;
 }
 
-// Tasks widening each of the `stack.count` slices of `n` values at `src` to
-// float at `dst` (slice i at i * n).
-template <typename T>
-Phase widen_phase(const T* src, const Stack& stack, int64_t n, float* dst, int parts) {
-  Phase phase;
-  for (int64_t v = 0; v < stack.count; ++v) split_even(n, v, 0, parts, &phase.tasks);
-  phase.fn = [=](const Task& t) {
-    const T* from = src + t.slice * stack.slice();
-    float* to = dst + t.slice * n;
-    for (int64_t p = t.begin; p < t.end; ++p) to[p] = as_float(from[p]);
-    return ffi::Error::Success();
-  };
-  return phase;
-}
-
 // Whether split_even shares the tiles out over `parts` tasks within 25% of
 // an even split of the batch.
 bool tiles_share_evenly(const BatchTiles& tiles, int parts) {
