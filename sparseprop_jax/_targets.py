@@ -96,20 +96,21 @@ LINEAR_WEIGHT_GRAD = Target("sparseprop_linear_weight_grad",
                             (Array("dy", FLOAT, 0), Array("xt", FLOAT, 1), *PATTERN),
                             (Array("dvalues", FLOAT, SUM),), dtypes=BOTH_DTYPES)
 
-# -- the feature-major linear layer: x, y [G, features, n], a batch of G x n -------
+# -- the feature-major linear layer: x, y [G, features, n], a batch of G x n ------
 LINEAR_FEATURE_MAJOR_FORWARD = Target(
     "sparseprop_linear_feature_major_forward", (Array("x", FLOAT, 0), VALUES, *PATTERN),
-    (Array("y", FLOAT, 0),))
+    (Array("y", FLOAT, 0),), dtypes=BOTH_DTYPES)
 LINEAR_FEATURE_MAJOR_BACKWARD = Target(
     "sparseprop_linear_feature_major_backward",
     (Array("dy", FLOAT, 0), Array("x", FLOAT, 0), VALUES, *BOTH_PATTERNS),
-    (Array("dx", FLOAT, 0), Array("dvalues", FLOAT, SUM)))
+    (Array("dx", FLOAT, 0), Array("dvalues", FLOAT, SUM)), dtypes=BOTH_DTYPES)
 LINEAR_FEATURE_MAJOR_INPUT_GRAD = Target(
     "sparseprop_linear_feature_major_input_grad", (Array("dy", FLOAT, 0), VALUES, *BOTH_PATTERNS),
-    (Array("dx", FLOAT, 0),))
+    (Array("dx", FLOAT, 0),), dtypes=BOTH_DTYPES)
 LINEAR_FEATURE_MAJOR_WEIGHT_GRAD = Target(
     "sparseprop_linear_feature_major_weight_grad",
-    (Array("dy", FLOAT, 0), Array("x", FLOAT, 0), *PATTERN), (Array("dvalues", FLOAT, SUM),))
+    (Array("dy", FLOAT, 0), Array("x", FLOAT, 0), *PATTERN), (Array("dvalues", FLOAT, SUM),),
+    dtypes=BOTH_DTYPES)
 
 # -- the convolution: NHWC activations, one pair of targets per variant ------------
 CONV_ATTRS = ("stride", "kh", "kw", "pad_top", "pad_bottom", "pad_left", "pad_right")

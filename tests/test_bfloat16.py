@@ -132,16 +132,30 @@ def test_bfloat16_with_float32_computes_in_float32(rng):
     assert dx.dtype == BF16 and dv.dtype == jnp.float32
 
 
-def test_feature_axis_takes_bfloat16(rng):
-    """The feature-major targets, without a bfloat16 build yet, run in float32
-    and round their results."""
-    kernel, weight, _, _ = _bf16_case(rng, 12, 10, 0.5, 1)
-    x = jnp.asarray(rng.standard_normal((4, 12, 7)), BF16)
-    y = sp.sparse_linear(x, weight, feature_axis=-2)
-    assert_rounded_once(y, np.einsum("bin,io->bon", as_bf16(x), kernel), 12)
-    dx = jax.grad(lambda x: sp.sparse_linear(x, weight, feature_axis=-2)
-                  .astype(jnp.float32).sum())(x)
-    assert dx.dtype == BF16
+@pytest.mark.parametrize("groups,n_in,n_out,n,sparsity", [
+    (4, 12, 10, 7, 0.5),      # narrow runs
+    (3, 40, 24, 130, 0.8),    # three tiles a group
+    (2, 16, 16, 64, 0.0),     # dense
+])
+def test_feature_axis_matches_dense_reference_on_every_path(groups, n_in, n_out, n, sparsity,
+                                                            rng):
+    kernel = as_bf16(random_kernel(rng, n_in, n_out, sparsity))
+    weight = sp.SparseWeight.from_dense(kernel.astype(np.float32))
+    weight = weight.with_values(weight.values.astype(BF16))
+    x = jnp.asarray(rng.standard_normal((groups, n_in, n)), BF16)
+    dy = jnp.asarray(rng.standard_normal((groups, n_out, n)), BF16)
+    y_ref, dx_ref, dk_ref, _ = dense_reference(np.swapaxes(as_bf16(x), 1, 2), kernel, None,
+                                               np.swapaxes(as_bf16(dy), 1, 2))
+    mask = kernel != 0
+    for path in sp.supported_simd_paths():
+        with sp.use_simd_path(path):
+            (dx, dvalues), y = jax.block_until_ready(
+                _grads(weight, x, dy, (0, 1), feature_axis=-2))
+        assert_rounded_once(y, np.swapaxes(y_ref, 1, 2), n_in)
+        assert_rounded_once(dx, np.swapaxes(dx_ref, 1, 2), n_out)
+        dk = weight.with_values(dvalues).to_dense()
+        assert_rounded_once(dk, dk_ref * mask, groups * n)
+        assert np.all(np.asarray(dk, np.float32)[~mask] == 0)
 
 
 def _conv_reference(x, kernel, stride, padding, dy):

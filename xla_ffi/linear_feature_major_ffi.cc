@@ -13,8 +13,13 @@
 // gathered through the permutation first). The weight gradient sums over
 // the groups, in windows of groups, so each sum's order depends only on the
 // shapes.
+//
+// The handlers exist for float32 and bfloat16 (T) operands: with bfloat16
+// the products read x and dy as bfloat16 and sum in float, into a buffer
+// of a block of rows that is rounded into the result.
 #include <algorithm>
 #include <memory>
+#include <vector>
 
 #include "ffi_common.h"
 #include "linear_backward.h"
@@ -39,13 +44,40 @@ struct Units {
   }
 };
 
+// Rows of a unit computed into the float buffer per block before they are
+// rounded into a bfloat16 result: a 64 KiB buffer, in cache when it is read.
+constexpr int64_t kRowsPerRoundedBlock = 16384 / kBatchTile;
+
+// out[r, 0 : width] (rows ld_out apart) = sum_p values[p] * in[idx[p], 0 : width]
+// (rows ld_in apart) for the rows r in [row_begin, row_end): straight into out
+// for float, through a float buffer a block of rows at a time for bfloat16.
+template <typename T>
+void rows_product(const RoutinesFor<T>& k, const int32_t* indptr, const int32_t* idx,
+                  const float* values, const T* in, int64_t ld_in, T* out, int64_t ld_out,
+                  int64_t width, int64_t row_begin, int64_t row_end) {
+  if constexpr (std::is_same_v<T, float>) {
+    k.spmm_indexed(indptr, idx, values, in, ld_in, out, ld_out, width, row_begin, row_end);
+  } else {
+    std::vector<float> buffer(kRowsPerRoundedBlock * kBatchTile);
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += kRowsPerRoundedBlock) {
+      const int64_t rows = std::min(kRowsPerRoundedBlock, row_end - r0);
+      // indptr + r0: the block's rows as rows 0.. (entries keep their positions).
+      k.spmm_indexed(indptr + r0, idx, values, in, ld_in, buffer.data(), width, width, 0, rows);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t l = 0; l < width; ++l)
+          out[(r0 + r) * ld_out + l] = rounded<T>(buffer[r * width + l]);
+    }
+  }
+}
+
 // Tasks running out[r] = sum_p value(p) * in[idx[p]] on every unit's
 // columns, for the rows of `pat` (out has pat.rows features, in pat.cols):
 // split over the units where there are enough to go round, else over the
 // rows. `check`: each task first validates the rows it reads (check_rows);
 // else the caller has already.
-Phase products_phase(const Routines& k, const Pattern& pat, const Stack& in_stack,
-                     const float* in, const Stack& out_stack, float* out,
+template <typename T>
+Phase products_phase(const RoutinesFor<T>& k, const Pattern& pat, const Stack& in_stack,
+                     const T* in, const Stack& out_stack, T* out,
                      std::function<const float*(int64_t)> values_of, const Units& units,
                      int parts, bool check, const char* op) {
   Phase phase;
@@ -64,13 +96,13 @@ Phase products_phase(const Routines& k, const Pattern& pat, const Stack& in_stac
       if (error.failure()) return error;
     }
     const int64_t u_begin = by_units ? t.begin : 0, u_end = by_units ? t.end : units.count();
-    const float* in_v = in + slice_offset(in_stack, t.slice);
-    float* out_v = out + t.slice * out_stack.slice();
+    const T* in_v = in + slice_offset(in_stack, t.slice);
+    T* out_v = out + t.slice * out_stack.slice();
     const float* vals = values_of(t.slice);
     for (int64_t u = u_begin; u < u_end; ++u)
-      k.spmm_indexed(pat.row_ptr(t.slice), pat.col_idx(t.slice), vals,
-                     in_v + units.offset(u, in_rows), n, out_v + units.offset(u, out_rows), n,
-                     units.width(u), row_begin, row_end);
+      rows_product(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), vals,
+                   in_v + units.offset(u, in_rows), n, out_v + units.offset(u, out_rows), n,
+                   units.width(u), row_begin, row_end);
     return ffi::Error::Success();
   };
   return phase;
@@ -80,10 +112,11 @@ Phase products_phase(const Routines& k, const Pattern& pat, const Stack& in_stac
 // reads per window of groups: about half a core's L2.
 constexpr int64_t kWeightGradWindowBytes = 256 * 1024;
 
-ffi::Future LinearFeatureMajorForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                      ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                                      ffi::Buffer<ffi::S32> indices,
-                                      ffi::ResultBuffer<ffi::F32> y) {
+template <ffi::DataType D>
+ffi::Future LinearFeatureMajorForward(ffi::ThreadPool pool, ffi::Buffer<D> x,
+                                      ffi::Buffer<D> values, ffi::Buffer<ffi::S32> indptr,
+                                      ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<D> y) {
+  using T = ffi::NativeType<D>;
   constexpr const char* op = "sparse_linear forward (feature-major)";
   Stack ys, xs, vs;
   SPARSEPROP_RETURN_IF_ERROR(decode_stack(y->dimensions(), 3, op, "output", &ys));
@@ -98,14 +131,24 @@ ffi::Future LinearFeatureMajorForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
                                             &pat, /*rows_checked_by_tasks=*/true));
   SPARSEPROP_RETURN_IF_ERROR(check_size(vs.dims[0], pat.nnz, op, "values length"));
 
-  const Routines& k = active_routines();
+  const RoutinesFor<T>& k = active_routines<T>();
   const Units units{BatchTiles{n}, groups};
   const int parts = parallel_parts(pool, ys.count * groups * n * (pat.nnz + n_out));
-  const float* w = values.typed_data();
-  Phase products = products_phase(
-      k, pat, xs, x.typed_data(), ys, y->typed_data(),
-      [=](int64_t v) { return w + slice_offset(vs, v); }, units, parts, /*check=*/true, op);
-  return run_phases(pool, parts, {std::move(products)});
+  const T* w = values.typed_data();
+  std::vector<Phase> phases;
+  std::function<const float*(int64_t)> values_of;
+  if constexpr (std::is_same_v<T, float>) {
+    values_of = [=](int64_t v) { return w + slice_offset(vs, v); };
+  } else {  // widened once, in a first phase
+    std::shared_ptr<float[]> wide = scratch<float>(vs.count * pat.nnz);
+    phases.push_back(widen_phase(w, vs, pat.nnz, wide.get(), parts));
+    values_of = [=, nnz = pat.nnz](int64_t v) -> const float* {
+      return wide.get() + vs.index(v) * nnz;
+    };
+  }
+  phases.push_back(products_phase(k, pat, xs, x.typed_data(), ys, y->typed_data(), values_of,
+                                  units, parts, /*check=*/true, op));
+  return run_phases(pool, parts, std::move(phases));
 }
 
 // dx = W^T dy, group by group, and dvalues[p] = sum over the groups of
@@ -114,8 +157,10 @@ ffi::Future LinearFeatureMajorForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 // into its order; the second runs the input-gradient tasks (over units or
 // the transposed pattern's rows) beside the weight-gradient tasks (over the
 // pattern's rows).
-ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                                          const LinearBackwardOperands<>& b, const char* op) {
+template <ffi::DataType D>
+ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<D> dy,
+                                          const LinearBackwardOperands<D>& b, const char* op) {
+  using T = ffi::NativeType<D>;
   const bool want_dx = b.dx != nullptr, want_dw = b.dvalues != nullptr;
   // The results first: the operands' leading (vmap) dims broadcast against theirs.
   Stack dxs, ds, dys, xs, vs, ps;
@@ -153,7 +198,7 @@ ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<ffi:
                                                  *b.t_perm, pat, result, op, &vs, &tpat, &ps));
   }
 
-  const Routines& k = active_routines();
+  const RoutinesFor<T>& k = active_routines<T>();
   const Units units{BatchTiles{n}, groups};
   const int64_t nnz = pat.nnz;
   const int parts = parallel_parts(
@@ -167,7 +212,7 @@ ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<ffi:
     const Stack gs = joint({&vs, &ps, &tpat.indptr_stack, &tpat.indices_stack,
                             &pat.indptr_stack, &pat.indices_stack});
     std::shared_ptr<float[]> gathered = scratch<float>(std::max<int64_t>(1, gs.count * nnz));
-    const float* w = b.values->typed_data();
+    const T* w = b.values->typed_data();
     const int32_t* perm = b.t_perm->typed_data();
     Phase gathering;
     for (int64_t i = 0; i < gs.count; ++i)
@@ -203,26 +248,35 @@ ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<ffi:
     Phase wgrad;
     for (int64_t v = 0; v < ds.count; ++v)
       split_rows(pat.row_ptr(v), n_out, v, parts, &wgrad.tasks);
-    const float* x = b.x->typed_data();
-    const float* dyd = dy.typed_data();
-    float* dw = (*b.dvalues)->typed_data();
+    const T* x = b.x->typed_data();
+    const T* dyd = dy.typed_data();
+    T* dw = (*b.dvalues)->typed_data();
+    std::shared_ptr<float[]> wsums;  // bfloat16: the float sums, rounded into dw
+    if constexpr (!std::is_same_v<T, float>) wsums = scratch<float>(ds.count * nnz);
     wgrad.fn = [=, &k](const Task& t) -> ffi::Error {
       ffi::Error error = check_rows(pat, t.slice, t.begin, t.end, op, "pattern");
       if (error.failure()) return error;
       const int32_t* ptr = pat.row_ptr(t.slice);
       const int32_t* idx = pat.col_idx(t.slice);
-      float* dw_v = dw + t.slice * ds.slice();
+      T* dw_v = dw + t.slice * ds.slice();
       if (groups == 0 || n == 0) {  // an empty batch: every sum is 0
-        std::fill(dw_v + ptr[t.begin], dw_v + ptr[t.end], 0.0f);
+        std::fill(dw_v + ptr[t.begin], dw_v + ptr[t.end], T{});
         return ffi::Error::Success();
       }
+      float* sums_v;
+      if constexpr (std::is_same_v<T, float>)
+        sums_v = dw_v;
+      else
+        sums_v = wsums.get() + t.slice * nnz;
       int64_t* offsets_v = offsets.get() + t.slice * nnz;
       for (int64_t p = ptr[t.begin]; p < ptr[t.end]; ++p) offsets_v[p] = int64_t{idx[p]} * n;
-      const float* dy_v = dyd + slice_offset(dys, t.slice);
-      const float* x_v = x + slice_offset(xs, t.slice);
+      const T* dy_v = dyd + slice_offset(dys, t.slice);
+      const T* x_v = x + slice_offset(xs, t.slice);
       for (int64_t q = 0; q < groups; q += window)
-        k.sddmm(ptr, offsets_v, dy_v, n, x_v, dw_v, n, grid, q, std::min(groups, q + window),
+        k.sddmm(ptr, offsets_v, dy_v, n, x_v, sums_v, n, grid, q, std::min(groups, q + window),
                 t.begin, t.end, /*accumulate=*/q > 0);
+      if constexpr (!std::is_same_v<T, float>)
+        for (int64_t p = ptr[t.begin]; p < ptr[t.end]; ++p) dw_v[p] = rounded<T>(sums_v[p]);
       return ffi::Error::Success();
     };
     products.push_back(std::move(wgrad));
@@ -231,53 +285,59 @@ ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<ffi:
   return run_phases(pool, parts, std::move(phases));
 }
 
-ffi::Future LinearFeatureMajorInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                                        ffi::Buffer<ffi::F32> values,
-                                        ffi::Buffer<ffi::S32> indptr,
+template <ffi::DataType D>
+ffi::Future LinearFeatureMajorInputGrad(ffi::ThreadPool pool, ffi::Buffer<D> dy,
+                                        ffi::Buffer<D> values, ffi::Buffer<ffi::S32> indptr,
                                         ffi::Buffer<ffi::S32> indices,
                                         ffi::Buffer<ffi::S32> t_indptr,
                                         ffi::Buffer<ffi::S32> t_indices,
-                                        ffi::Buffer<ffi::S32> t_perm,
-                                        ffi::ResultBuffer<ffi::F32> dx) {
-  const auto b = LinearBackwardOperands<>::input_grad(values, indptr, indices, t_indptr,
-                                                    t_indices, t_perm, dx);
-  return linear_feature_major_backward(pool, dy, b,
-                                       "sparse_linear input gradient (feature-major)");
+                                        ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<D> dx) {
+  const auto b = LinearBackwardOperands<D>::input_grad(values, indptr, indices, t_indptr,
+                                                       t_indices, t_perm, dx);
+  return linear_feature_major_backward<D>(pool, dy, b,
+                                          "sparse_linear input gradient (feature-major)");
 }
 
-ffi::Future LinearFeatureMajorWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                                         ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> indptr,
+template <ffi::DataType D>
+ffi::Future LinearFeatureMajorWeightGrad(ffi::ThreadPool pool, ffi::Buffer<D> dy,
+                                         ffi::Buffer<D> x, ffi::Buffer<ffi::S32> indptr,
                                          ffi::Buffer<ffi::S32> indices,
-                                         ffi::ResultBuffer<ffi::F32> dvalues) {
-  const auto b = LinearBackwardOperands<>::weight_grad(x, indptr, indices, dvalues);
-  return linear_feature_major_backward(pool, dy, b,
-                                       "sparse_linear weight gradient (feature-major)");
+                                         ffi::ResultBuffer<D> dvalues) {
+  const auto b = LinearBackwardOperands<D>::weight_grad(x, indptr, indices, dvalues);
+  return linear_feature_major_backward<D>(pool, dy, b,
+                                          "sparse_linear weight gradient (feature-major)");
 }
 
+template <ffi::DataType D>
 ffi::Future LinearFeatureMajorBackward(
-    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x,
-    ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+    ffi::ThreadPool pool, ffi::Buffer<D> dy, ffi::Buffer<D> x, ffi::Buffer<D> values,
+    ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
     ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
-    ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<ffi::F32> dx,
-    ffi::ResultBuffer<ffi::F32> dvalues) {
-  LinearBackwardOperands<> b{&x, &values, &indptr, &indices, &t_indptr,
-                           &t_indices, &t_perm, &dx, &dvalues};
-  return linear_feature_major_backward(pool, dy, b, "sparse_linear backward (feature-major)");
+    ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<D> dx, ffi::ResultBuffer<D> dvalues) {
+  LinearBackwardOperands<D> b{&x, &values, &indptr, &indices, &t_indptr,
+                              &t_indices, &t_perm, &dx, &dvalues};
+  return linear_feature_major_backward<D>(pool, dy, b, "sparse_linear backward (feature-major)");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorForward,
-                              Guarded<LinearFeatureMajorForward>::Call,
-                              bind<kLinearForwardSignature<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorBackward,
-                              Guarded<LinearFeatureMajorBackward>::Call,
-                              bind<kLinearBackwardSignature<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorInputGrad,
-                              Guarded<LinearFeatureMajorInputGrad>::Call,
-                              bind<kLinearInputGradSignature<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorWeightGrad,
-                              Guarded<LinearFeatureMajorWeightGrad>::Call,
-                              bind<kLinearWeightGradSignature<ffi::F32>>());
+// One handler of each per dtype, F32 and BF16 (the signatures are the
+// batch-major layer's: linear_ffi.h).
+#define SPARSEPROP_FEATURE_MAJOR_HANDLERS(suffix, D)                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorForward##suffix,                    \
+                                Guarded<LinearFeatureMajorForward<D>>::Call,           \
+                                bind<kLinearForwardSignature<D>>());                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorBackward##suffix,                   \
+                                Guarded<LinearFeatureMajorBackward<D>>::Call,          \
+                                bind<kLinearBackwardSignature<D>>());                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorInputGrad##suffix,                  \
+                                Guarded<LinearFeatureMajorInputGrad<D>>::Call,         \
+                                bind<kLinearInputGradSignature<D>>());                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kLinearFeatureMajorWeightGrad##suffix,                 \
+                                Guarded<LinearFeatureMajorWeightGrad<D>>::Call,        \
+                                bind<kLinearWeightGradSignature<D>>());
+SPARSEPROP_FEATURE_MAJOR_HANDLERS(, ffi::F32)
+SPARSEPROP_FEATURE_MAJOR_HANDLERS(Bf16, ffi::BF16)
+#undef SPARSEPROP_FEATURE_MAJOR_HANDLERS
 
 }  // namespace sparseprop

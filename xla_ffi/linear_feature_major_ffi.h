@@ -16,5 +16,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearFeatureMajorForward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearFeatureMajorBackward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearFeatureMajorInputGrad);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearFeatureMajorWeightGrad);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearFeatureMajorForwardBf16);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearFeatureMajorBackwardBf16);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearFeatureMajorInputGradBf16);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kLinearFeatureMajorWeightGradBf16);
 
 }  // namespace sparseprop
