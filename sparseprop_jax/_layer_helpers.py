@@ -64,18 +64,50 @@ def layer_pattern(where: str, shape: tuple[int, ...], sparsity: Optional[float],
     return pattern
 
 
-def init_values(where: str, kernel_init: Initializer, key: Array,
-                pattern: SparsityPattern) -> Array:
-    """Draws a dense kernel with `kernel_init` and keeps the entries on `pattern`."""
-    kernel = kernel_init(key, pattern.shape, _checks.DEFAULT_DTYPE)
+def dtype_name(dtype: Any) -> str:
+    """`dtype`'s name for messages ("float16", not "<class 'jax.numpy.float16'>")."""
+    if dtype is None:  # which jnp.dtype reads as float64
+        return "None"
+    try:
+        return jnp.dtype(dtype).name
+    except (TypeError, ValueError):
+        return repr(dtype)
+
+
+def check_dtype_arg(where: str, name: str, dtype: Any, optional: bool = False) -> Any:
+    """A layer's `dtype`/`param_dtype` argument, returned as given (as flax keeps it) if the
+    ops support it; otherwise a TypeError naming the argument and the supported dtypes.
+
+    With `optional`, None (infer the dtype at call time) is accepted.
+    """
+    if dtype is None and optional:
+        return None
+    try:
+        # jnp.dtype(None) is float64, so None is refused here explicitly.
+        ok = dtype is not None and _checks.is_supported_dtype(dtype)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        supported = ", ".join(_checks.SUPPORTED_DTYPES) + (" or None" if optional else "")
+        raise TypeError(f"{where}: {name} must be one of the supported dtypes ({supported}), "
+                        f"got {dtype_name(dtype)}")
+    return dtype
+
+
+def init_values(where: str, kernel_init: Initializer, key: Array, pattern: SparsityPattern,
+                param_dtype: Any = _checks.DEFAULT_DTYPE) -> Array:
+    """Draws a dense kernel in `param_dtype` with `kernel_init` and keeps the entries on
+    `pattern`."""
+    kernel = kernel_init(key, pattern.shape, param_dtype)
     _checks.check_dtype(where, "kernel_init(...) result", kernel)
     _checks.check_shape(where, "kernel_init(...) result", kernel, pattern.shape)
     return SparseWeight.gather(kernel, pattern).values
 
 
-def init_bias(where: str, bias_init: Initializer, key: Array, features: int) -> Array:
-    """Draws a `[features]` float32 bias with `bias_init`, checked."""
-    bias = bias_init(key, (features,), _checks.DEFAULT_DTYPE)
+def init_bias(where: str, bias_init: Initializer, key: Array, features: int,
+              param_dtype: Any = _checks.DEFAULT_DTYPE) -> Array:
+    """Draws a `[features]` bias in `param_dtype` with `bias_init`, checked."""
+    bias = bias_init(key, (features,), param_dtype)
     _checks.check_dtype(where, "bias_init(...) result", bias)
     _checks.check_shape(where, "bias_init(...) result", bias, (features,))
     return bias
@@ -157,8 +189,8 @@ def conv_config(where: str, kernel_size: Any, strides: Any, padding: Any, *,
 
 
 def check_conv_inputs(where: str, inputs: Any) -> Array:
-    """`inputs` as an array of rank >= 3 (`[*batch, H, W, C]`), or a ValueError."""
-    inputs = jnp.asarray(inputs)
+    """`inputs` as an array of rank >= 3 (`[*batch, H, W, C]`), or an error naming it."""
+    inputs = _checks.as_array(where, "inputs", inputs)
     if inputs.ndim < 3:
         raise ValueError(f"{where}: inputs must have shape [N, H, W, C] (or [H, W, C], or more "
                          f"batch dims), got shape {inputs.shape}")

@@ -326,8 +326,11 @@ def _linen_sparse_call(module: Any, x: Any) -> Any:
     x = jnp.asarray(x)
     pattern = _linen_pattern(where, module.variables[PATTERN_COLLECTION],
                              _linen_kernel_shape(module, x.shape))
-    weight = SparseWeight(module.get_variable("params", "values"), pattern)
+    values = module.get_variable("params", "values")
     bias = module.get_variable("params", "bias") if module.use_bias else None
+    # The layer's own promotion to its dtype, as its dense call does.
+    x, values, bias = module.promote_dtype(x, values, bias, dtype=module.dtype)
+    weight = SparseWeight(values, pattern)
     if isinstance(module, nn.Dense):
         return sparse_linear(x, weight, bias)
     strides, padding, error = _linen_conv_settings(module)

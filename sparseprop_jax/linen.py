@@ -12,6 +12,10 @@ never mutable::
     model = SparseDense(features=256, sparsity=0.9)
     variables = model.init(jax.random.key(0), x)
     y = model.apply({'params': params, PATTERN_COLLECTION: variables[PATTERN_COLLECTION]}, x)
+
+Mixed precision works as in `nn.Dense`/`nn.Conv`: `param_dtype` is the dtype
+the values and bias are stored (and trained) in, `dtype` the one a call
+computes in, float32 or bfloat16 each.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from typing import Any, Optional, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from sparseprop_jax import _checks
 from sparseprop_jax._layer_helpers import (CONV_DIMS, DEFAULT_SPARSITY, DENSE_DIMS, Initializer,
                                            apply_conv, check_conv_inputs, check_dense,
-                                           conv_config, conv_kernel_size, init_values,
-                                           random_pattern)
+                                           check_dtype_arg, conv_config, conv_kernel_size,
+                                           init_values, random_pattern)
 from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax.norm_pool import batch_norm_relu_max_pool, normalize_relu
 from sparseprop_jax.pooling import max_pool
@@ -44,7 +49,8 @@ PATTERN_COLLECTION = "sparsity_pattern"
 class SparseDense(nn.Module):
     """A linear layer `y = x @ kernel + bias` whose kernel has a fixed sparsity pattern.
 
-    Mirrors `flax.linen.Dense` (float32 only). At `init`, the input's last
+    Mirrors `flax.linen.Dense`, with its `dtype` and `param_dtype` (float32
+    or bfloat16). At `init`, the input's last
     dimension gives `in_features`; a dense kernel is drawn with `kernel_init`
     and restricted to a uniformly random pattern with exactly
     `round(sparsity * in_features * features)` zeros, drawn with the 'params' rng.
@@ -62,6 +68,11 @@ class SparseDense(nn.Module):
         (used at init only; with `variables_from_dense` the pattern decides).
       kernel_init: initializer of the dense kernel the values are drawn from.
       bias_init: initializer of the bias.
+      dtype: the dtype of the computation, float32 or bfloat16; None (the
+        default) infers it from the inputs and parameters, as flax's
+        `promote_dtype` does (bfloat16 with float32 gives float32).
+      param_dtype: the dtype the values and bias are created in, float32
+        (the default) or bfloat16.
     """
 
     features: int
@@ -69,29 +80,36 @@ class SparseDense(nn.Module):
     sparsity: float = DEFAULT_SPARSITY
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros_init()
+    # Last, not in nn.Dense's places, so the fields before keep their positions.
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         # Fail when the layer is declared, not at its first call.
         _checks.check_features("linen.SparseDense", "features", self.features)
         _checks.check_sparsity("linen.SparseDense", self.sparsity)
+        _check_dtypes("linen.SparseDense", self)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, inputs: Any, *, feature_axis: int = -1) -> Array:
         """Applies the layer.
 
+        Inputs, values and bias are cast to `dtype` (when None, to their
+        common dtype) before the product, as `nn.Dense` does.
+
         Args:
-          inputs: float32 `[..., in_features]`, or with `feature_axis`,
-            in_features along that axis.
+          inputs: `[..., in_features]`, or with `feature_axis`, in_features
+            along that axis.
           feature_axis: the axis of `inputs` the kernel contracts; the output
             has `features` in its place (see `sparse_linear`).
 
         Returns:
-          float32 `[..., features]`, or the shape of `inputs` with `features`
-          at `feature_axis`.
+          `[..., features]` in the computation dtype, or the shape of `inputs`
+          with `features` at `feature_axis`.
         """
         where = "linen.SparseDense"
-        inputs = jnp.asarray(inputs)
+        inputs = _checks.as_array(where, "inputs", inputs)
         if inputs.ndim < 1:
             raise ValueError(f"{where}: inputs must have shape [..., in_features], got a scalar")
         axis = _checks.check_axis(where, "feature_axis", feature_axis, inputs.ndim)
@@ -103,10 +121,8 @@ class SparseDense(nn.Module):
         if pattern.out_features != self.features:
             raise ValueError(f"{where}: features={self.features} does not match the pattern in "
                              f"the variables, whose shape is {pattern.shape} (in, out)")
-        values = self.param(
-            "values", lambda key: init_values(where, self.kernel_init, key, pattern))
-        bias = (self.param("bias", self.bias_init, (self.features,), _checks.DEFAULT_DTYPE)
-                if self.use_bias else None)
+        values, bias = _params(self, where, pattern)
+        inputs, values, bias = promote_dtype(inputs, values, bias, dtype=self.dtype)
         return sparse_linear(inputs, SparseWeight(values, pattern), bias,
                              feature_axis=feature_axis)
 
@@ -116,11 +132,15 @@ class SparseDense(nn.Module):
                              mask: Optional[Any] = None) -> dict:
         """The variables of a `SparseDense` holding a dense kernel's nonzeros.
 
+        The values keep the kernel's dtype and the bias its own: a Dense's
+        variables give a `SparseDense` with the Dense's `param_dtype` (give it
+        the Dense's `dtype` too).
+
         Args:
-          kernel_or_variables: a float32 `(in_features, out_features)` kernel, or
-            the variables of a `flax.linen.Dense` (`{'params': {'kernel', 'bias'}}`),
-            whose bias is then used.
-          bias: optional float32 `[out_features]`; only with a kernel array.
+          kernel_or_variables: an `(in_features, out_features)` kernel (float32
+            or bfloat16), or the variables of a `flax.linen.Dense`
+            (`{'params': {'kernel', 'bias'}}`), whose bias is then used.
+          bias: optional `[out_features]`; only with a kernel array.
           mask: optional boolean array of the kernel's shape choosing the
             nonzeros; without it, the kernel's exact zeros define the pattern.
             Entries outside the mask are dropped.
@@ -159,7 +179,8 @@ class SparseDense(nn.Module):
 class SparseConv(nn.Module):
     """A 2-D convolution (NHWC input, HWIO kernel) whose kernel has a fixed sparsity pattern.
 
-    Mirrors `flax.linen.Conv` for 2-D windows (float32 only). At `init`, the
+    Mirrors `flax.linen.Conv` for 2-D windows, with its `dtype` and
+    `param_dtype` (float32 or bfloat16). At `init`, the
     input's last dimension gives the input channels; a dense kernel
     `(kh, kw, in, features)` is drawn with `kernel_init` and restricted to a
     uniformly random pattern with exactly `round(sparsity * kh * kw * in *
@@ -187,6 +208,11 @@ class SparseConv(nn.Module):
         "measure", "batch" or "width").
       input_dilation, kernel_dilation, feature_group_count: as in
         `flax.linen.Conv`; only 1 is supported.
+      dtype: the dtype of the computation, float32 or bfloat16; None (the
+        default) infers it from the inputs and parameters, as flax's
+        `promote_dtype` does (bfloat16 with float32 gives float32).
+      param_dtype: the dtype the values and bias are created in, float32
+        (the default) or bfloat16.
     """
 
     features: int
@@ -201,12 +227,16 @@ class SparseConv(nn.Module):
     input_dilation: Any = 1
     kernel_dilation: Any = 1
     feature_group_count: int = 1
+    # Last, not in nn.Conv's places, so the fields before keep their positions.
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         # Fail when the layer is declared, not at its first call.
         _checks.check_features("linen.SparseConv", "features", self.features)
         _checks.check_sparsity("linen.SparseConv", self.sparsity)
         self._config()
+        _check_dtypes("linen.SparseConv", self)
         super().__post_init__()
 
     def _config(self):
@@ -220,12 +250,16 @@ class SparseConv(nn.Module):
     def __call__(self, inputs: Any) -> Array:
         """Applies the layer.
 
+        Inputs, values and bias are cast to `dtype` (when None, to their
+        common dtype) before the convolution, as `nn.Conv` does.
+
         Args:
-          inputs: float32 `[N, H, W, in]`; also `[H, W, in]` (unbatched) or
-            with several batch dims, as `flax.linen.Conv` takes.
+          inputs: `[N, H, W, in]`; also `[H, W, in]` (unbatched) or with
+            several batch dims, as `flax.linen.Conv` takes.
 
         Returns:
-          float32 `[N, H_out, W_out, features]` (same batch dims as `inputs`).
+          `[N, H_out, W_out, features]` in the computation dtype (same batch
+          dims as `inputs`).
         """
         where = "linen.SparseConv"
         kernel_size, strides, padding = self._config()
@@ -242,10 +276,8 @@ class SparseConv(nn.Module):
                 f"needs a pattern of {shape[0] * shape[1] * shape[2]} rows (kh * kw * in) and "
                 f"kernel shape {shape}, but the pattern in the variables has kernel shape "
                 f"{pattern.shape} (check kernel_size and the input's channels)")
-        values = self.param(
-            "values", lambda key: init_values(where, self.kernel_init, key, pattern))
-        bias = (self.param("bias", self.bias_init, (self.features,), _checks.DEFAULT_DTYPE)
-                if self.use_bias else None)
+        values, bias = _params(self, where, pattern)
+        inputs, values, bias = promote_dtype(inputs, values, bias, dtype=self.dtype)
         return apply_conv(where, inputs, SparseWeight(values, pattern), bias, strides, padding,
                           self.conv_variant)
 
@@ -255,11 +287,15 @@ class SparseConv(nn.Module):
                              mask: Optional[Any] = None) -> dict:
         """The variables of a `SparseConv` holding a dense HWIO kernel's nonzeros.
 
+        The values keep the kernel's dtype and the bias its own: a Conv's
+        variables give a `SparseConv` with the Conv's `param_dtype` (give it
+        the Conv's `dtype` too).
+
         Args:
-          kernel_or_conv_variables: a float32 `(kh, kw, in, out)` kernel, or the
-            variables of a `flax.linen.Conv` (`{'params': {'kernel', 'bias'}}`),
-            whose bias is then used.
-          bias: optional float32 `[out]`; only with a kernel array.
+          kernel_or_conv_variables: a `(kh, kw, in, out)` kernel (float32 or
+            bfloat16), or the variables of a `flax.linen.Conv`
+            (`{'params': {'kernel', 'bias'}}`), whose bias is then used.
+          bias: optional `[out]`; only with a kernel array.
           mask: optional boolean array of the kernel's shape choosing the
             nonzeros; without it, the kernel's exact zeros define the pattern.
             Entries outside the mask are dropped.
@@ -356,6 +392,21 @@ class BatchNormReLUMaxPool(nn.Module):
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y
+
+
+def _check_dtypes(where: str, module: nn.Module) -> None:
+    check_dtype_arg(where, "dtype", module.dtype, optional=True)
+    check_dtype_arg(where, "param_dtype", module.param_dtype)
+
+
+def _params(module: nn.Module, where: str,
+            pattern: SparsityPattern) -> tuple[Array, Optional[Array]]:
+    """A sparse layer's values and bias, created in its `param_dtype` at init."""
+    values = module.param("values", lambda key: init_values(where, module.kernel_init, key,
+                                                            pattern, module.param_dtype))
+    bias = (module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+            if module.use_bias else None)
+    return values, bias
 
 
 def _module_pattern(module: nn.Module, where: str, shape: tuple[int, ...], sparsity: float,

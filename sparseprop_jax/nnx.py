@@ -9,6 +9,13 @@ keeps optimizer state for the nonzeros only::
     layer = SparseDense(784, 256, sparsity=0.9, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(layer, optax.adam(1e-3), wrt=nnx.Param)
 
+Mixed precision works as in `nnx.Linear`/`nnx.Conv`: `param_dtype` is the
+dtype the values and bias are stored (and trained) in, `dtype` the one a call
+computes in, float32 or bfloat16 each::
+
+    layer = SparseDense(784, 256, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                        rngs=nnx.Rngs(0))
+
 Build layers outside `jit`/`nnx.eval_shape`: the pattern is drawn eagerly,
 because its number of nonzeros fixes array shapes.
 """
@@ -18,14 +25,17 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import reprlib
+from flax.nnx.nn import dtypes
 
 from sparseprop_jax import _checks
 from sparseprop_jax import norm_pool
 from sparseprop_jax.linear import sparse_linear
 from sparseprop_jax._layer_helpers import (CONV_DIMS, Initializer, apply_conv, check_dense,
-                                           conv_config, init_bias, init_values, layer_pattern)
+                                           check_dtype_arg, conv_config, dtype_name, init_bias,
+                                           init_values, layer_pattern)
 from sparseprop_jax.pooling import max_pool
 from sparseprop_jax.sparse_weight import SparseWeight, SparsityPattern
 
@@ -41,8 +51,9 @@ class SparsityPatternVar(nnx.Variable):
 
 
 def _constant(array: Any) -> Initializer:
-    """An initializer that returns `array`, to build a layer from given weights."""
-    return lambda key, shape, dtype=None: array
+    """An initializer that returns `array` (in the dtype asked for), to build a layer from
+    given weights."""
+    return lambda key, shape, dtype=None: array if dtype is None else jnp.asarray(array, dtype)
 
 
 class _SparseKernelLayer(nnx.Module):
@@ -69,12 +80,63 @@ class _SparseKernelLayer(nnx.Module):
     def _bias_value(self) -> Optional[Array]:
         return None if self.bias is None else self.bias[...]
 
+    def _init_params(self, where: str, pattern: SparsityPattern, use_bias: bool,
+                     kernel_init: Initializer, bias_init: Initializer, dtype: Any,
+                     param_dtype: Any, rngs: nnx.Rngs) -> None:
+        """Sets the pattern, the parameters (in `param_dtype`, checked by the caller) and
+        the dtypes, drawing the values' key, then the bias'."""
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.pattern = SparsityPatternVar(pattern)
+        self.values = nnx.Param(init_values(where, kernel_init, rngs.params(), pattern,
+                                            param_dtype))
+        self.use_bias = bool(use_bias)
+        if self.use_bias:
+            self.bias = nnx.Param(init_bias(where, bias_init, rngs.params(),
+                                            pattern.out_features, param_dtype))
+        else:
+            self.bias = nnx.data(None)
+
+    def _promoted(self, where: str, inputs: Any) -> tuple[Any, SparseWeight, Optional[Array]]:
+        """Inputs, weight and bias in the computation dtype, as `nnx.Linear` promotes them.
+
+        The casts are outside the ops' custom_vjp, so each gradient comes back in
+        its own dtype (the parameters' in `param_dtype`).
+        """
+        # Named here: the promotion would otherwise fail first, with JAX's message.
+        inputs = _checks.as_array(where, "inputs", inputs)
+        inputs, values, bias = dtypes.promote_dtype(
+            (inputs, self.values[...], self._bias_value()), dtype=self.dtype)
+        return inputs, SparseWeight(values, self.pattern.get_value()), bias
+
+    def _repr_dtypes(self):
+        # Only when not the defaults, so the usual float32 layer's line stays short.
+        if self.dtype is not None:
+            yield reprlib.Attr("dtype", dtype_name(self.dtype), use_raw_value=True)
+        if jnp.dtype(self.param_dtype) != jnp.float32:
+            yield reprlib.Attr("param_dtype", dtype_name(self.param_dtype), use_raw_value=True)
+
+    @staticmethod
+    def _dense_dtypes(where: str, layer: Any, kernel: Any, dtype: Any,
+                      param_dtype: Any) -> tuple[Any, Any]:
+        """`from_dense`'s dtype and param_dtype: the dense layer's, or for a kernel array
+        the arguments (param_dtype defaulting to the kernel's dtype)."""
+        if layer is not None:
+            for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+                if value is not None:
+                    raise ValueError(f"{where}: {name} must be None when an "
+                                     f"nnx.{type(layer).__name__} is given (its own {name} is "
+                                     "kept)")
+            return layer.dtype, layer.param_dtype
+        return dtype, kernel.dtype if param_dtype is None else param_dtype
+
 
 class SparseDense(_SparseKernelLayer):
     """A linear layer `y = x @ kernel + bias` whose kernel has a fixed sparsity pattern.
 
-    Mirrors `flax.nnx.Linear` (float32 only). The dense kernel is drawn with
-    `kernel_init` and restricted to a uniformly random pattern with exactly
+    Mirrors `flax.nnx.Linear`, with its `dtype` and `param_dtype` (float32 or
+    bfloat16). The dense kernel is drawn with `kernel_init` and restricted to
+    a uniformly random pattern with exactly
     `round(sparsity * in_features * out_features)` zeros; only the nonzeros
     are stored and trained. Forward and backward cost O(batch x nnz).
 
@@ -83,10 +145,14 @@ class SparseDense(_SparseKernelLayer):
       bias: `nnx.Param` `[out_features]`, or None.
       pattern: `SparsityPatternVar` holding the `SparsityPattern`.
       use_bias: whether the layer adds a bias.
+      dtype: the computation dtype, or None to infer it from the inputs and
+        parameters.
+      param_dtype: the dtype of `values` and `bias`.
     """
 
     def __init__(self, in_features: int, out_features: int, *,
                  sparsity: Optional[float] = None, use_bias: bool = True,
+                 dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
                  kernel_init: Initializer = nnx.initializers.lecun_normal(),
                  bias_init: Initializer = nnx.initializers.zeros_init(),
                  pattern: Optional[SparsityPattern] = None, rngs: nnx.Rngs):
@@ -98,6 +164,11 @@ class SparseDense(_SparseKernelLayer):
           sparsity: fraction of the kernel's entries that are zero, in [0, 1];
             0.9 when neither it nor `pattern` is given.
           use_bias: whether to add a bias.
+          dtype: the dtype of the computation, float32 or bfloat16; None (the
+            default) infers it from the inputs and parameters, as flax's
+            `promote_dtype` does (bfloat16 with float32 gives float32).
+          param_dtype: the dtype the values and bias are created and stored
+            in, float32 (the default) or bfloat16.
           kernel_init: initializer of the dense kernel the values are taken from.
           bias_init: initializer of the bias.
           pattern: a fixed `SparsityPattern` of shape `(in_features,
@@ -108,14 +179,12 @@ class SparseDense(_SparseKernelLayer):
         where = "nnx.SparseDense"
         shape = (_checks.check_features(where, "in_features", in_features),
                  _checks.check_features(where, "out_features", out_features))
+        # Checked before a pattern is drawn: a bad dtype fails fast, whatever the sizes.
+        dtype = check_dtype_arg(where, "dtype", dtype, optional=True)
+        param_dtype = check_dtype_arg(where, "param_dtype", param_dtype)
         pattern = layer_pattern(where, shape, sparsity, pattern, rngs.params)
-        self.pattern = SparsityPatternVar(pattern)
-        self.values = nnx.Param(init_values(where, kernel_init, rngs.params(), pattern))
-        self.use_bias = bool(use_bias)
-        if self.use_bias:
-            self.bias = nnx.Param(init_bias(where, bias_init, rngs.params(), shape[1]))
-        else:
-            self.bias = nnx.data(None)
+        self._init_params(where, pattern, use_bias, kernel_init, bias_init, dtype, param_dtype,
+                          rngs)
 
     # -- facts ----------------------------------------------------------------
     @property
@@ -129,19 +198,23 @@ class SparseDense(_SparseKernelLayer):
     def __call__(self, inputs: Any, *, feature_axis: int = -1) -> Array:
         """Applies the layer.
 
+        Inputs, values and bias are cast to `dtype` (when None, to their
+        common dtype) before the product, as `nnx.Linear` does.
+
         Args:
-          inputs: float32 `[..., in_features]`, or with `feature_axis`,
-            in_features along that axis.
+          inputs: `[..., in_features]`, or with `feature_axis`, in_features
+            along that axis.
           feature_axis: the axis of `inputs` the kernel contracts; the output
             has out_features in its place. A token-mixing layer on
             `[batch, tokens, dim]` is `layer(x, feature_axis=-2)`: no
             transposes (see `sparse_linear`).
 
         Returns:
-          float32 `[..., out_features]`, or the shape of `inputs` with
-          out_features at `feature_axis`.
+          `[..., out_features]` in the computation dtype, or the shape of
+          `inputs` with out_features at `feature_axis`.
         """
-        return sparse_linear(inputs, self.weight, self._bias_value(), feature_axis=feature_axis)
+        inputs, weight, bias = self._promoted("nnx.SparseDense", inputs)
+        return sparse_linear(inputs, weight, bias, feature_axis=feature_axis)
 
     def __nnx_repr__(self):
         # One line of facts instead of the arrays; also used when nested in a model.
@@ -151,48 +224,60 @@ class SparseDense(_SparseKernelLayer):
         yield reprlib.Attr("sparsity", f"{self.sparsity:.4g}", use_raw_value=True)
         yield reprlib.Attr("nnz", self.nnz)
         yield reprlib.Attr("use_bias", self.use_bias)
+        yield from self._repr_dtypes()
 
     # -- conversions ----------------------------------------------------------
     @classmethod
     def from_dense(cls, layer_or_kernel: Any, bias: Optional[Any] = None, *,
-                   mask: Optional[Any] = None) -> "SparseDense":
+                   mask: Optional[Any] = None, dtype: Optional[Any] = None,
+                   param_dtype: Optional[Any] = None) -> "SparseDense":
         """A `SparseDense` holding the nonzeros of a dense layer or kernel.
 
         Draws no random numbers.
 
         Args:
-          layer_or_kernel: an `nnx.Linear` (its bias is kept) or a float32
-            `(in_features, out_features)` kernel.
-          bias: optional float32 `[out_features]`; only with a kernel array.
+          layer_or_kernel: an `nnx.Linear` (its bias, `dtype` and
+            `param_dtype` are kept) or an `(in_features, out_features)` kernel
+            (float32 or bfloat16).
+          bias: optional `[out_features]`; only with a kernel array.
           mask: optional boolean array of the kernel's shape choosing the
             nonzeros; without it, the kernel's exact zeros define the pattern.
             Entries outside the mask are dropped.
+          dtype: the layer's computation dtype; only with a kernel array.
+          param_dtype: the dtype the values and bias are stored in; only with
+            a kernel array, whose dtype it defaults to.
 
         Returns:
           The layer; `use_bias` is whether a bias was given.
         """
         where = "nnx.SparseDense.from_dense"
         kernel_name, bias_name = "kernel", "bias"
+        layer = None
         if isinstance(layer_or_kernel, nnx.Linear):
+            layer = layer_or_kernel
             if bias is not None:
                 raise ValueError(f"{where}: bias must be None when an nnx.Linear is given "
                                  "(its own bias is kept)")
-            kernel = layer_or_kernel.kernel[...]
-            bias = None if layer_or_kernel.bias is None else layer_or_kernel.bias[...]
+            kernel = layer.kernel[...]
+            bias = None if layer.bias is None else layer.bias[...]
             kernel_name, bias_name = "layer.kernel", "layer.bias"
         else:
             kernel = layer_or_kernel
         kernel, pattern, bias = check_dense(where, kernel, bias, mask, kernel_name, bias_name)
-        return cls(*pattern.shape, use_bias=bias is not None, kernel_init=_constant(kernel),
+        dtype, param_dtype = cls._dense_dtypes(where, layer, kernel, dtype, param_dtype)
+        return cls(*pattern.shape, use_bias=bias is not None, dtype=dtype,
+                   param_dtype=param_dtype, kernel_init=_constant(kernel),
                    bias_init=_constant(bias), pattern=pattern, rngs=nnx.Rngs(0))
 
     def to_dense(self) -> nnx.Linear:
-        """The equivalent `nnx.Linear`, with the pruned entries as exact zeros.
+        """The equivalent `nnx.Linear`, with the pruned entries as exact zeros and the
+        same `dtype` and `param_dtype`.
 
         Draws no random numbers.
         """
         bias = self._bias_value()
         return nnx.Linear(self.in_features, self.out_features, use_bias=self.use_bias,
+                          dtype=self.dtype, param_dtype=self.param_dtype,
                           kernel_init=_constant(self.weight.to_dense()),
                           bias_init=_constant(bias), rngs=nnx.Rngs(0))
 
@@ -200,7 +285,8 @@ class SparseDense(_SparseKernelLayer):
 class SparseConv(_SparseKernelLayer):
     """A 2-D convolution (NHWC input, HWIO kernel) whose kernel has a fixed sparsity pattern.
 
-    Mirrors `flax.nnx.Conv` for 2-D windows (float32 only). The dense kernel
+    Mirrors `flax.nnx.Conv` for 2-D windows, with its `dtype` and
+    `param_dtype` (float32 or bfloat16). The dense kernel
     `(kh, kw, in_features, out_features)` is drawn with `kernel_init` and
     restricted to a uniformly random pattern with exactly
     `round(sparsity * kh * kw * in_features * out_features)` zeros; only the
@@ -219,16 +305,21 @@ class SparseConv(_SparseKernelLayer):
       conv_variant: the `sparse_conv2d` variant ("auto", "measure",
         "batch" or "width").
       use_bias: whether the layer adds a bias.
+      dtype: the computation dtype, or None to infer it from the inputs and
+        parameters.
+      param_dtype: the dtype of `values` and `bias`.
     """
 
+    # As in nnx.Conv, padding and everything after it are keyword-only.
     def __init__(self, in_features: int, out_features: int, kernel_size: Any,
-                 strides: Any = 1, padding: Any = "SAME", *,
-                 sparsity: Optional[float] = None, use_bias: bool = True,
+                 strides: Any = 1, *, padding: Any = "SAME", input_dilation: Any = 1,
+                 kernel_dilation: Any = 1, feature_group_count: int = 1,
+                 use_bias: bool = True, dtype: Optional[Any] = None,
+                 param_dtype: Any = jnp.float32, sparsity: Optional[float] = None,
                  kernel_init: Initializer = nnx.initializers.lecun_normal(),
                  bias_init: Initializer = nnx.initializers.zeros_init(),
                  pattern: Optional[SparsityPattern] = None, conv_variant: str = "auto",
-                 kernel_dilation: Any = 1, feature_group_count: int = 1,
-                 input_dilation: Any = 1, rngs: nnx.Rngs):
+                 rngs: nnx.Rngs):
         """Initialises the layer.
 
         Args:
@@ -239,9 +330,16 @@ class SparseConv(_SparseKernelLayer):
           strides: an int or an equal pair `(s, s)`.
           padding: "SAME", "VALID", an int, or `((top, bottom), (left,
             right))` (each element may be one int for both sides).
+          input_dilation, kernel_dilation, feature_group_count: as in
+            `flax.nnx.Conv`; only 1 is supported.
+          use_bias: whether to add a bias.
+          dtype: the dtype of the computation, float32 or bfloat16; None (the
+            default) infers it from the inputs and parameters, as flax's
+            `promote_dtype` does (bfloat16 with float32 gives float32).
+          param_dtype: the dtype the values and bias are created and stored
+            in, float32 (the default) or bfloat16.
           sparsity: fraction of the kernel's entries that are zero, in [0, 1];
             0.9 when neither it nor `pattern` is given.
-          use_bias: whether to add a bias.
           kernel_init: initializer of the dense HWIO kernel the values are taken from.
           bias_init: initializer of the bias.
           pattern: a fixed `SparsityPattern` of shape `(kh, kw, in_features,
@@ -249,8 +347,6 @@ class SparseConv(_SparseKernelLayer):
             `sparsity` unset).
           conv_variant: the `variant` argument of `sparse_conv2d` ("auto",
             "measure", "batch" or "width").
-          kernel_dilation, feature_group_count, input_dilation: as in
-            `flax.nnx.Conv`; only 1 is supported.
           rngs: the rng streams; 'params' draws the pattern, kernel and bias.
         """
         where = "nnx.SparseConv"
@@ -261,15 +357,13 @@ class SparseConv(_SparseKernelLayer):
             kernel_dilation=kernel_dilation, feature_group_count=feature_group_count,
             conv_variant=conv_variant)
         self.conv_variant = conv_variant
+        # Checked before a pattern is drawn: a bad dtype fails fast, whatever the sizes.
+        dtype = check_dtype_arg(where, "dtype", dtype, optional=True)
+        param_dtype = check_dtype_arg(where, "param_dtype", param_dtype)
         shape = kernel_size + (in_features, out_features)
         pattern = layer_pattern(where, shape, sparsity, pattern, rngs.params, CONV_DIMS)
-        self.pattern = SparsityPatternVar(pattern)
-        self.values = nnx.Param(init_values(where, kernel_init, rngs.params(), pattern))
-        self.use_bias = bool(use_bias)
-        if self.use_bias:
-            self.bias = nnx.Param(init_bias(where, bias_init, rngs.params(), out_features))
-        else:
-            self.bias = nnx.data(None)
+        self._init_params(where, pattern, use_bias, kernel_init, bias_init, dtype, param_dtype,
+                          rngs)
 
     # -- facts ----------------------------------------------------------------
     @property
@@ -292,15 +386,20 @@ class SparseConv(_SparseKernelLayer):
     def __call__(self, inputs: Any) -> Array:
         """Applies the layer.
 
+        Inputs, values and bias are cast to `dtype` (when None, to their
+        common dtype) before the convolution, as `nnx.Conv` does.
+
         Args:
-          inputs: float32 `[N, H, W, in_features]`; also `[H, W, in_features]`
+          inputs: `[N, H, W, in_features]`; also `[H, W, in_features]`
             (unbatched) or with several batch dims, as `flax.nnx.Conv` takes.
 
         Returns:
-          float32 `[N, H_out, W_out, out_features]` (same batch dims as `inputs`).
+          `[N, H_out, W_out, out_features]` in the computation dtype (same
+          batch dims as `inputs`).
         """
-        return apply_conv("nnx.SparseConv", inputs, self.weight, self._bias_value(), self.strides,
-                          self.padding, self.conv_variant)
+        inputs, weight, bias = self._promoted("nnx.SparseConv", inputs)
+        return apply_conv("nnx.SparseConv", inputs, weight, bias, self.strides, self.padding,
+                          self.conv_variant)
 
     def __nnx_repr__(self):
         # One line of facts instead of the arrays; also used when nested in a model.
@@ -313,25 +412,31 @@ class SparseConv(_SparseKernelLayer):
         yield reprlib.Attr("sparsity", f"{self.sparsity:.4g}", use_raw_value=True)
         yield reprlib.Attr("nnz", self.nnz)
         yield reprlib.Attr("use_bias", self.use_bias)
+        yield from self._repr_dtypes()
 
     # -- conversions ----------------------------------------------------------
     @classmethod
     def from_dense(cls, conv_or_kernel: Any, bias: Optional[Any] = None, *,
                    mask: Optional[Any] = None, strides: Any = None, padding: Any = None,
+                   dtype: Optional[Any] = None, param_dtype: Optional[Any] = None,
                    conv_variant: str = "auto") -> "SparseConv":
         """A `SparseConv` holding the nonzeros of a dense conv layer or HWIO kernel.
 
         Draws no random numbers.
 
         Args:
-          conv_or_kernel: an `nnx.Conv` (its bias, strides and padding are
-            kept; its `mask`, if any, is applied to the kernel first) or a
-            float32 `(kh, kw, in_features, out_features)` kernel.
-          bias: optional float32 `[out_features]`; only with a kernel array.
+          conv_or_kernel: an `nnx.Conv` (its bias, strides, padding, `dtype`
+            and `param_dtype` are kept; its `mask`, if any, is applied to the
+            kernel first) or a `(kh, kw, in_features, out_features)` kernel
+            (float32 or bfloat16).
+          bias: optional `[out_features]`; only with a kernel array.
           mask: optional boolean array of the kernel's shape choosing the
             nonzeros; without it, the kernel's exact zeros define the pattern.
             Entries outside the mask are dropped.
           strides, padding: only with a kernel array; default 1 and "SAME".
+          dtype: the layer's computation dtype; only with a kernel array.
+          param_dtype: the dtype the values and bias are stored in; only with
+            a kernel array, whose dtype it defaults to.
           conv_variant: the `variant` argument of `sparse_conv2d`.
 
         Returns:
@@ -339,6 +444,7 @@ class SparseConv(_SparseKernelLayer):
         """
         where = "nnx.SparseConv.from_dense"
         kernel_name, bias_name = "kernel", "bias"
+        conv = None
         if isinstance(conv_or_kernel, nnx.Conv):
             conv = conv_or_kernel
             for name, value in (("bias", bias), ("strides", strides), ("padding", padding)):
@@ -361,19 +467,23 @@ class SparseConv(_SparseKernelLayer):
             padding = "SAME" if padding is None else padding
         kernel, pattern, bias = check_dense(where, kernel, bias, mask, kernel_name, bias_name,
                                             dims=CONV_DIMS)
+        dtype, param_dtype = cls._dense_dtypes(where, conv, kernel, dtype, param_dtype)
         kh, kw, n_in, n_out = pattern.shape
-        return cls(n_in, n_out, (kh, kw), strides, padding, use_bias=bias is not None,
-                   kernel_init=_constant(kernel), bias_init=_constant(bias), pattern=pattern,
-                   conv_variant=conv_variant, rngs=nnx.Rngs(0))
+        return cls(n_in, n_out, (kh, kw), strides, padding=padding, use_bias=bias is not None,
+                   dtype=dtype, param_dtype=param_dtype, kernel_init=_constant(kernel),
+                   bias_init=_constant(bias), pattern=pattern, conv_variant=conv_variant,
+                   rngs=nnx.Rngs(0))
 
     def to_dense(self) -> nnx.Conv:
-        """The equivalent `nnx.Conv`, with the pruned entries as exact zeros.
+        """The equivalent `nnx.Conv`, with the pruned entries as exact zeros and the same
+        `dtype` and `param_dtype`.
 
         Draws no random numbers.
         """
         bias = self._bias_value()
         return nnx.Conv(self.in_features, self.out_features, self.kernel_size, self.strides,
-                        padding=self.padding, use_bias=self.use_bias,
+                        padding=self.padding, use_bias=self.use_bias, dtype=self.dtype,
+                        param_dtype=self.param_dtype,
                         kernel_init=_constant(self.weight.to_dense()),
                         bias_init=_constant(bias), rngs=nnx.Rngs(0))
 

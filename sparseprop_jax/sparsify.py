@@ -450,13 +450,16 @@ def sparsify(model: Any, sparsity: float = 0.9, *, distribution: str = "uniform"
       linen: new variables holding `values` instead of `kernel` for each
       sparse layer and its pattern in the `PATTERN_COLLECTION` collection,
       to apply with `sparse_apply(module)(variables, ...)`. `print(report)`
-      prints the per-layer table.
+      prints the per-layer table. The sparse layers keep the dense ones'
+      `dtype` and `param_dtype`: new nnx layers take them from the layers
+      they replace; linen values keep the kernel's dtype, and the unchanged
+      module its `dtype`.
 
     Raises:
       ValueError: sparsity outside [0, 1), an unknown distribution, a skip
         pattern matching no layer, or a layer the sparse kernels cannot run
-        (e.g. a dilated or grouped convolution, a non-float32 kernel) that is
-        not skipped.
+        (e.g. a dilated or grouped convolution, a kernel neither float32 nor
+        bfloat16) that is not skipped.
       TypeError: `model` is not a Flax module.
     """
     model, report, _ = _run("sparsify", model, sparsity, distribution=distribution, skip=skip,
@@ -554,9 +557,10 @@ def sparse_apply(module_or_apply: Any, *, keep_flax_ops: bool = False) -> Callab
     Returns:
       A function with `module.apply`'s signature (`apply(variables, *args,
       **kwargs)`), usable under `jax.jit` and `jax.grad`. The sparse layers
-      compute in float32 and ignore the dense layer's `precision` and
-      `dot_general` settings; layers inside lifted transforms (`nn.scan`,
-      `nn.vmap`) are not supported.
+      promote their inputs and parameters to the dense layer's `dtype` with
+      its `promote_dtype`, as its own call does, and ignore its `precision`
+      and `dot_general` settings; layers inside lifted transforms
+      (`nn.scan`, `nn.vmap`) are not supported.
     """
     apply = module_or_apply.apply if isinstance(module_or_apply, nn.Module) else module_or_apply
     if not callable(apply):
