@@ -77,19 +77,22 @@ class Config:
     image_size: int
     sparsities: tuple[float, ...]
     quick: bool = False
+    # The layers' computation dtype (None: float32); parameters stay float32.
+    dtype: Optional[str] = None
 
     def build(self, seed: int) -> nnx.Module:
         rngs = nnx.Rngs(seed)
         if self.family == "resnet18":
             widths = (8, 16, 32, 64) if self.quick else (64, 128, 256, 512)
-            return reference_models.ResNet18(NUM_CLASSES, widths=widths, rngs=rngs)
+            return reference_models.ResNet18(NUM_CLASSES, widths=widths, dtype=self.dtype,
+                                             rngs=rngs)
         if self.quick:
             return reference_models.MLPMixer(NUM_CLASSES, image_size=self.image_size,
                                              patch_size=4, dim=32, depth=2, token_hidden=16,
-                                             channel_hidden=64, rngs=rngs)
+                                             channel_hidden=64, dtype=self.dtype, rngs=rngs)
         return reference_models.MLPMixer(NUM_CLASSES, image_size=self.image_size, patch_size=4,
                                          dim=256, depth=8, token_hidden=128, channel_hidden=1024,
-                                         rngs=rngs)
+                                         dtype=self.dtype, rngs=rngs)
 
     @property
     def skip(self) -> tuple[str, ...]:
@@ -113,7 +116,9 @@ QUICK_CONFIGS = (Config("resnet18/8 32x32", "resnet18", 32, (0.95,), quick=True)
 # -- jitted steps ----------------------------------------------------------------
 
 def cross_entropy(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    # The loss in float32 whatever the layers compute in, as mixed precision does.
+    logits = model(x).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 class TrainLoop:
@@ -264,11 +269,13 @@ def sparsified_layer_groups(dense: nnx.Module, sparse: nnx.Module, report, x) ->
     return list(groups.values())
 
 
-def check_variants(variants: dict, x: jax.Array) -> None:
+def check_variants(variants: dict, x: jax.Array, dtype: Optional[str] = None) -> None:
     """Before timing: "dense*" computes what "dense" does, and the sparse model what its
     densified copy (the same weights as dense arrays, run by XLA) does.
 
-    Compares eval-mode logits; raises `RuntimeError` on a mismatch.
+    Compares eval-mode logits, within 1e-3 relative in float32 and 3e-2 in
+    bfloat16 (a few roundings to bfloat16 through the model, which XLA and the
+    sparse ops make at different places); raises `RuntimeError` on a mismatch.
     """
     def logits(model):
         model = nnx.clone(model)
@@ -278,9 +285,11 @@ def check_variants(variants: dict, x: jax.Array) -> None:
     pairs = [("sparse", logits(variants["sparse"]), logits(densify(variants["sparse"], copy=True)))]
     if "dense*" in variants:
         pairs.append(("dense*", logits(variants["dense*"]), logits(variants["dense"])))
+    tol = 3e-2 if dtype == "bfloat16" else 1e-3
     for name, got, want in pairs:
-        atol = 1e-3 * max(1.0, float(np.max(np.abs(want))))
-        if not np.allclose(got, want, rtol=1e-3, atol=atol):
+        got, want = got.astype(np.float32), want.astype(np.float32)
+        atol = tol * max(1.0, float(np.max(np.abs(want))))
+        if not np.allclose(got, want, rtol=tol, atol=atol):
             raise RuntimeError(f"{name} logits differ from the reference by up to "
                                f"{float(np.max(np.abs(got - want))):.3g} (atol {atol:.3g})")
 
@@ -311,16 +320,18 @@ def bench_model(config: Config, sparsity: float, *, batch: int = BATCH,
     sparse, report = sparsify(dense, sparsity, skip=config.skip, copy=True)
     groups = sparsified_layer_groups(dense, sparse, report, x)
 
-    # Each sparsified layer alone, dense (lax and, for convs, im2col) and sparse.
+    # Each sparsified layer alone, dense (lax and, for convs, im2col) and sparse, on
+    # activations and cotangents of the model's computation dtype.
+    act = jnp.dtype(config.dtype or "float32")
     cases = []
     for i, group in enumerate(groups):
         calls = (("dense", group.dense_module, group.input_shape, {}),
                  ("sparse", group.sparse_module, group.sparse_input_shape, group.sparse_kwargs))
         for variant, module, shape, kwargs in calls:
-            lx = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+            lx = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), act)
             ct = jnp.asarray(rng.standard_normal(jax.eval_shape(
-                lambda x: module(x, **kwargs), jax.ShapeDtypeStruct(shape, jnp.float32)).shape,
-                dtype=np.float32))
+                lambda x: module(x, **kwargs), jax.ShapeDtypeStruct(shape, act)).shape,
+                dtype=np.float32), act)
             fn, params = layer_pass_fn(module, **kwargs)
             cases.append(_timing.Case(f"layer{i}/{variant}", fn, params, lx, ct))
             if variant == "dense" and isinstance(module, nnx.Conv):
@@ -356,7 +367,7 @@ def bench_model(config: Config, sparsity: float, *, batch: int = BATCH,
         layers_total["dense"] += len(group.names) * layer_ms[f"layer{i}/dense"]
         layers_total["sparse"] += len(group.names) * layer_ms[f"layer{i}/sparse"]
 
-    check_variants(variants, x)
+    check_variants(variants, x, config.dtype)
 
     # Whole steps, inference and the optimizer alone, interleaved.
     cases = []
@@ -461,6 +472,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="small models and few samples: a smoke run, no targets, no JSON")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the layers' computation dtype: bfloat16 is mixed precision "
+                             "(float32 parameters and loss), dense and sparse alike")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="call sparseprop_jax.keep_freed_memory() first (glibc's malloc "
                              "keeps freed memory: steps stop faulting their buffers in)")
@@ -482,20 +496,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.min_time = args.min_time if args.min_time is not None else (0.01 if args.quick else 1.0)
     threads = _threads.usable()
     evaluate = _targets.evaluates(threads)
-    default_run = (not args.quick and args.models is None
-                   and args.batch == BATCH and not args.keep_freed_memory)
+    default_run = (not args.quick and args.models is None and args.batch == BATCH
+                   and not args.keep_freed_memory and args.dtype == "float32")
     path = None if args.no_json else (
         args.json or (_targets.default_json_path("end_to_end", threads) if default_run else None))
 
     info = _timing.machine_info()
     info["keep_freed_memory"] = args.keep_freed_memory
+    info["dtype"] = args.dtype
     print(f"# end-to-end training steps, batch {args.batch}: {_timing.machine_summary(info)}"
-          + (", malloc keeps freed memory" if args.keep_freed_memory else ""))
+          + (", malloc keeps freed memory" if args.keep_freed_memory else "")
+          + (", mixed precision (bfloat16)" if args.dtype == "bfloat16" else ""))
     print(_targets.note(threads), flush=True)
     results = []
     for config in (QUICK_CONFIGS if args.quick else CONFIGS):
         if config.family not in chosen:
             continue
+        if args.dtype != "float32":
+            config = dataclasses.replace(config, dtype=args.dtype)
         for sparsity in config.sparsities:
             results.append(bench_model(config, sparsity, batch=args.batch, seed=args.seed,
                                        min_time=args.min_time, repeats=args.repeats,

@@ -111,8 +111,7 @@ def call(target: Target, shapes, *operands: jax.Array, **attrs):
     Every custom call of the package goes through here, so how results are
     declared (shape, dtype, vmap rule, sharding) lives in one place. The
     call's floating dtype is its floating operands' (they must agree), one of
-    `_targets.SUPPORTED_DTYPES`. A target not built for it (`target.dtypes`)
-    runs in float32, its floating operands widened and results rounded here.
+    the dtypes the target is built for (`target.dtypes`).
     """
     multiple = bool(shapes) and isinstance(shapes[0], tuple)
     shapes = tuple(tuple(s) for s in shapes) if multiple else (tuple(shapes),)
@@ -129,12 +128,7 @@ def call(target: Target, shapes, *operands: jax.Array, **attrs):
                         f"{_targets.SUPPORTED_DTYPES}, got {sorted(floats)}")
     dtype = floats.pop()
     if dtype not in target.dtypes:
-        wide = tuple(op.astype("float32") if a.dtype == _targets.FLOAT else op
-                     for op, a in zip(operands, target.operands))
-        out = call(target, shapes if multiple else shapes[0], *wide, **attrs)
-        out = tuple(o.astype(dtype) if r.dtype == _targets.FLOAT else o
-                    for o, r in zip(out if multiple else (out,), target.results))
-        return out if multiple else out[0]
+        raise TypeError(f"{target.name} is built for {list(target.dtypes)}, not {dtype}")
     name = target.name_for(dtype)
     types = tuple(zip(shapes, target.result_dtypes(dtype)))
     avals = [jax.typeof(op) for op in operands]

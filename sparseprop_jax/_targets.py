@@ -12,9 +12,9 @@ changed on one side only is an import error rather than a wrong call.
 
 FLOAT stands for the call's floating dtype, one of `SUPPORTED_DTYPES`; index
 arrays are int32, a max pool's taps int8. A target is built for the dtypes
-its `dtypes` lists, each registered under its own name (`name_for`); a call
-in a supported dtype that a target is not built for runs it in float32 (see
-`_ffi.call`).
+its `dtypes` lists, each registered under its own name (`name_for`): the
+sparse layers' for float32 and bfloat16; the dense convolution's and the
+norm-pool backward's for float32, which their ops check before calling.
 """
 
 from __future__ import annotations
@@ -118,20 +118,18 @@ CONV_ATTRS = ("stride", "kh", "kw", "pad_top", "pad_bottom", "pad_left", "pad_ri
 
 def _conv_forward(variant: str) -> Target:
     return Target(f"sparseprop_conv_{variant}_forward", (Array("x", FLOAT, 0), VALUES, *PATTERN),
-                  (Array("y", FLOAT, 0),), CONV_ATTRS, CONV_DTYPES[variant])
+                  (Array("y", FLOAT, 0),), CONV_ATTRS, BOTH_DTYPES)
 
 
 def _conv_backward(variant: str) -> Target:
     return Target(f"sparseprop_conv_{variant}_backward",
                   (Array("x", FLOAT, 0), Array("dy", FLOAT, 0), VALUES, *BOTH_PATTERNS),
                   (Array("dx", FLOAT, 0), Array("dvalues", FLOAT, SUM)), CONV_ATTRS,
-                  CONV_DTYPES[variant])
+                  BOTH_DTYPES)
 
 
 #: The convolution variants (which dims the SIMD lanes run over; see conv_variants.py).
 CONV_VARIANTS = ("batch", "width")
-#: Each variant's dtypes (the width variant has no bfloat16 build yet).
-CONV_DTYPES = {"batch": BOTH_DTYPES, "width": ("float32",)}
 CONV_FORWARD = {v: _conv_forward(v) for v in CONV_VARIANTS}
 CONV_BACKWARD = {v: _conv_backward(v) for v in CONV_VARIANTS}
 

@@ -16,6 +16,12 @@ gradients, above all the weight gradient of a 7x7 stem on 3 channels, are
 several times slower (`benchmarks/results/NOTES.md`). The price is memory in
 the backward pass: the patches hold kh * kw copies of the input.
 
+A bfloat16 convolution runs these float32 products on its widened operands
+and rounds the result to bfloat16 (each gradient comes back in its
+operand's dtype): the C++ products are float32, and XLA's own bfloat16
+convolutions on CPUs were slower than the float32 ones (the mixed-precision
+ResNet18 step in `benchmarks/results/end_to_end-avx512_bf16-bfloat16.txt`).
+
 Other convolutions (dilated, grouped, other layouts than channels last,
 negative padding) go to `lax.conv_general_dilated` unchanged.
 """
@@ -216,8 +222,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         batch_group_count, precision, preferred_element_type,
                                         out_sharding=out_sharding, **kwargs)
-    return _patch_conv(lhs.astype(promoted), rhs.astype(promoted), strides, tuple(pads),
-                       channels_last, precision)
+    # bfloat16 in float32 products, rounded once (see the module doc).
+    compute = jnp.float32 if promoted == jnp.bfloat16 else promoted
+    y = _patch_conv(lhs.astype(compute), rhs.astype(compute), strides, tuple(pads),
+                    channels_last, precision)
+    return y.astype(promoted)
 
 
 __all__ = ["conv_general_dilated"]

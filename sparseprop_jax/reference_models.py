@@ -31,23 +31,23 @@ RESNET18_SPARSIFY_SKIP = ("stem_conv", "head")
 MLP_MIXER_SPARSIFY_SKIP = ("patch_embed", "head")
 
 
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs):
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int, dtype, rngs: nnx.Rngs):
     """A bias-free conv with torchvision's symmetric padding, and its BatchNorm."""
     pad = (kernel - 1) // 2
     conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                    use_bias=False, rngs=rngs)
+                    use_bias=False, dtype=dtype, rngs=rngs)
     # momentum 0.9 is PyTorch's 0.1 in flax's convention.
-    return conv, nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    return conv, nnx.BatchNorm(cout, momentum=0.9, dtype=dtype, rngs=rngs)
 
 
 class BasicBlock(nnx.Module):
     """Two 3x3 conv-BN layers and a shortcut (1x1/stride conv-BN when the shape changes)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1, self.bn1 = _conv_bn(cin, cout, 3, stride, rngs)
-        self.conv2, self.bn2 = _conv_bn(cout, cout, 3, 1, rngs)
+    def __init__(self, cin: int, cout: int, stride: int, *, dtype=None, rngs: nnx.Rngs):
+        self.conv1, self.bn1 = _conv_bn(cin, cout, 3, stride, dtype, rngs)
+        self.conv2, self.bn2 = _conv_bn(cout, cout, 3, 1, dtype, rngs)
         if stride != 1 or cin != cout:
-            self.shortcut_conv, self.shortcut_bn = _conv_bn(cin, cout, 1, stride, rngs)
+            self.shortcut_conv, self.shortcut_bn = _conv_bn(cin, cout, 1, stride, dtype, rngs)
         else:
             self.shortcut_conv = self.shortcut_bn = None
 
@@ -59,20 +59,24 @@ class BasicBlock(nnx.Module):
 
 
 class ResNet18(nnx.Module):
-    """ResNet-18 for NHWC float32 images; `model.train()` / `model.eval()` switch BatchNorm."""
+    """ResNet-18 for NHWC images; `model.train()` / `model.eval()` switch BatchNorm.
+
+    `dtype` is every layer's computation dtype (Flax's; None infers it):
+    `jnp.bfloat16` trains in mixed precision, the parameters staying float32.
+    """
 
     def __init__(self, num_classes: int = 1000, *, in_channels: int = 3,
-                 widths: Sequence[int] = (64, 128, 256, 512), rngs: nnx.Rngs):
-        self.stem_conv, self.stem_bn = _conv_bn(in_channels, widths[0], 7, 2, rngs)
+                 widths: Sequence[int] = (64, 128, 256, 512), dtype=None, rngs: nnx.Rngs):
+        self.stem_conv, self.stem_bn = _conv_bn(in_channels, widths[0], 7, 2, dtype, rngs)
         blocks = []
         cin = widths[0]
         for stage, width in enumerate(widths):
             for index in range(2):
                 stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(BasicBlock(cin, width, stride, rngs=rngs))
+                blocks.append(BasicBlock(cin, width, stride, dtype=dtype, rngs=rngs))
                 cin = width
         self.blocks = nnx.List(blocks)
-        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+        self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = batch_norm_relu_max_pool(self.stem_bn, self.stem_conv(x), (3, 3), strides=(2, 2),
@@ -98,13 +102,13 @@ class MixerBlock(nnx.Module):
     """LayerNorm, token-mixing MLP (across patches), LayerNorm, channel-mixing MLP."""
 
     def __init__(self, tokens: int, dim: int, token_hidden: int, channel_hidden: int, *,
-                 rngs: nnx.Rngs):
-        self.token_norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.token_fc1 = nnx.Linear(tokens, token_hidden, rngs=rngs)
-        self.token_fc2 = nnx.Linear(token_hidden, tokens, rngs=rngs)
-        self.channel_norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.channel_fc1 = nnx.Linear(dim, channel_hidden, rngs=rngs)
-        self.channel_fc2 = nnx.Linear(channel_hidden, dim, rngs=rngs)
+                 dtype=None, rngs: nnx.Rngs):
+        self.token_norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.token_fc1 = nnx.Linear(tokens, token_hidden, dtype=dtype, rngs=rngs)
+        self.token_fc2 = nnx.Linear(token_hidden, tokens, dtype=dtype, rngs=rngs)
+        self.channel_norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.channel_fc1 = nnx.Linear(dim, channel_hidden, dtype=dtype, rngs=rngs)
+        self.channel_fc2 = nnx.Linear(channel_hidden, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., tokens, dim]
         y = self.token_norm(x)
@@ -114,21 +118,23 @@ class MixerBlock(nnx.Module):
 
 
 class MLPMixer(nnx.Module):
-    """MLP-Mixer for NHWC float32 images of `image_size` x `image_size` pixels."""
+    """MLP-Mixer for NHWC images of `image_size` x `image_size` pixels; `dtype` as in
+    `ResNet18`."""
 
     def __init__(self, num_classes: int = 10, *, image_size: int = 32, patch_size: int = 4,
                  in_channels: int = 3, dim: int = 256, depth: int = 8, token_hidden: int = 128,
-                 channel_hidden: int = 1024, rngs: nnx.Rngs):
+                 channel_hidden: int = 1024, dtype=None, rngs: nnx.Rngs):
         if image_size % patch_size:
             raise ValueError(f"MLPMixer: image_size ({image_size}) must be a multiple of "
                              f"patch_size ({patch_size})")
         self.patch_size = patch_size
         tokens = (image_size // patch_size) ** 2
-        self.patch_embed = nnx.Linear(patch_size * patch_size * in_channels, dim, rngs=rngs)
-        self.blocks = nnx.List([MixerBlock(tokens, dim, token_hidden, channel_hidden, rngs=rngs)
-                                for _ in range(depth)])
-        self.norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+        self.patch_embed = nnx.Linear(patch_size * patch_size * in_channels, dim, dtype=dtype,
+                                      rngs=rngs)
+        self.blocks = nnx.List([MixerBlock(tokens, dim, token_hidden, channel_hidden,
+                                           dtype=dtype, rngs=rngs) for _ in range(depth)])
+        self.norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         *batch, height, width, channels = x.shape

@@ -35,6 +35,19 @@ def supported_simd_paths() -> list[str]:
     return list(_ext.supported_simd_paths())
 
 
+def distinct_simd_paths(dtype: str = "float32") -> list[str]:
+    """The supported paths whose routines for `dtype` ("float32" or "bfloat16") are their
+    own, best first: running on each of them runs every distinct implementation.
+
+    avx512_bf16 differs from avx512 only in its bfloat16 routines, so it is
+    listed for "bfloat16" alone. Tests that check every path use this.
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"distinct_simd_paths: dtype must be 'float32' or 'bfloat16', got "
+                         f"{dtype!r}")
+    return list(_ext.distinct_simd_paths(dtype))
+
+
 def set_simd_path(name: str) -> None:
     """Forces a SIMD path by name, or "auto" for the best supported one.
 

@@ -59,7 +59,7 @@ def test_linear_matches_dense_reference_on_every_path(n_in, n_out, sparsity, bat
     kernel, weight, x, dy = _bf16_case(rng, n_in, n_out, sparsity, batch)
     y_ref, dx_ref, dk_ref, _ = dense_reference(as_bf16(x), kernel, None, as_bf16(dy))
     mask = kernel != 0
-    for path in sp.supported_simd_paths():
+    for path in sp.runtime.distinct_simd_paths("bfloat16"):
         for tasks in (0, 3):
             with sp.use_simd_path(path), tasks_per_call(tasks):
                 grads, y = jax.block_until_ready(_grads(weight, x, dy, wrt))
@@ -83,7 +83,7 @@ def test_empty_rows_and_columns(rng):
     x = jnp.asarray(rng.standard_normal((21, 40)), BF16)
     dy = jnp.asarray(rng.standard_normal((21, 30)), BF16)
     y_ref, dx_ref, dk_ref, _ = dense_reference(as_bf16(x), kernel, None, as_bf16(dy))
-    for path in sp.supported_simd_paths():
+    for path in sp.runtime.distinct_simd_paths("bfloat16"):
         with sp.use_simd_path(path):
             (dx, dvalues), y = jax.block_until_ready(_grads(weight, x, dy, (0, 1)))
         assert_rounded_once(y, y_ref, 40)
@@ -100,7 +100,7 @@ def test_paths_agree_on_the_products_they_share(rng):
     within one rounding to bfloat16 either side."""
     kernel, weight, x, dy = _bf16_case(rng, 120, 90, 0.8, 70)
     results = {}
-    for path in sp.supported_simd_paths():
+    for path in sp.runtime.distinct_simd_paths("bfloat16"):
         with sp.use_simd_path(path):
             results[path] = jax.block_until_ready(_grads(weight, x, dy, (1,)))
     (scalar_dv,), scalar_y = results["scalar"]
@@ -147,7 +147,7 @@ def test_feature_axis_matches_dense_reference_on_every_path(groups, n_in, n_out,
     y_ref, dx_ref, dk_ref, _ = dense_reference(np.swapaxes(as_bf16(x), 1, 2), kernel, None,
                                                np.swapaxes(as_bf16(dy), 1, 2))
     mask = kernel != 0
-    for path in sp.supported_simd_paths():
+    for path in sp.runtime.distinct_simd_paths("bfloat16"):
         with sp.use_simd_path(path):
             (dx, dvalues), y = jax.block_until_ready(
                 _grads(weight, x, dy, (0, 1), feature_axis=-2))
@@ -180,8 +180,7 @@ def _conv_reference(x, kernel, stride, padding, dy):
 ])
 def test_conv_matches_dense_reference_on_every_path(variant, n, h, w, cin, cout, k, stride,
                                                     padding, sparsity, rng):
-    """The batch variant has bfloat16 kernels; the width variant runs in float32
-    and rounds: both within one rounding of the float64 reference."""
+    """Both variants' bfloat16 kernels, within one rounding of the float64 reference."""
     kernel = as_bf16(rng.standard_normal((k, k, cin, cout)))
     kernel[rng.random(kernel.shape) < sparsity] = 0
     weight = sp.SparseWeight.from_dense(kernel.astype(np.float32))
@@ -199,7 +198,7 @@ def test_conv_matches_dense_reference_on_every_path(variant, n, h, w, cin, cout,
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
     mask = kernel != 0
-    for path in sp.supported_simd_paths():
+    for path in sp.runtime.distinct_simd_paths("bfloat16"):
         with sp.use_simd_path(path):
             (dx, dvalues), y = jax.block_until_ready(step(x, weight.values))
         assert_rounded_once(y, y_ref, k * k * cin)
@@ -207,6 +206,37 @@ def test_conv_matches_dense_reference_on_every_path(variant, n, h, w, cin, cout,
         dk = weight.with_values(dvalues).to_dense()
         assert_rounded_once(dk, dk_ref * mask, int(np.prod(y_shape[:3])))
         assert np.all(np.asarray(dk, np.float32)[~mask] == 0)
+
+
+@pytest.mark.parametrize("k,cin,stride", [(7, 3, 2), (3, 16, 1)])
+def test_dense_conv_computes_bfloat16_in_float32(k, cin, stride, rng):
+    """sparseprop_jax.conv_general_dilated on bfloat16: float32 products (the C++
+    ones for the 7x7 stem on 3 channels), rounded once; gradients in bfloat16."""
+    x = jnp.asarray(rng.standard_normal((2, 12, 12, cin)), BF16)
+    kernel = jnp.asarray(rng.standard_normal((k, k, cin, 8)), BF16)
+    pads = ((k // 2, k // 2),) * 2
+    y = sp.conv_general_dilated(x, kernel, (stride, stride), pads,
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dy = np.asarray(rng.standard_normal(y.shape), np.float32)
+    y_ref, dx_ref, dk_ref = _conv_reference(as_bf16(x), as_bf16(kernel), stride, pads,
+                                            as_bf16(dy))
+    assert_rounded_once(y, y_ref, k * k * cin)
+    dx, dk = jax.grad(lambda x, w: jnp.vdot(sp.conv_general_dilated(
+        x, w, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        .astype(jnp.float32), dy), argnums=(0, 1))(x, kernel)
+    assert_rounded_once(dx, dx_ref, k * k * 8)
+    assert_rounded_once(dk, dk_ref, int(np.prod(y.shape[:3])))
+
+
+def test_distinct_paths_per_dtype():
+    """avx512_bf16 differs from avx512 in its bfloat16 routines alone."""
+    supported = sp.supported_simd_paths()
+    float32, bfloat16 = (sp.runtime.distinct_simd_paths(d) for d in ("float32", "bfloat16"))
+    assert bfloat16 == supported
+    assert float32 == [p for p in supported if not (p == "avx512_bf16" and "avx512" in supported)]
+    assert float32[-1] == "scalar"
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16'"):
+        sp.runtime.distinct_simd_paths("float16")
 
 
 def test_float16_is_refused_naming_the_supported_dtypes(rng):

@@ -47,7 +47,7 @@ def _check(rng, n, h, w, kernel_shape, strides, padding, sparsity, variants=VARI
             return jnp.vdot(y, dy), y
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
-        for path in paths or sp.supported_simd_paths():
+        for path in paths or sp.runtime.distinct_simd_paths():
             with sp.use_simd_path(path):  # results ready before the path is restored
                 (dx, dvalues, db), y = jax.block_until_ready(step(x, weight.values, bias))
             dk = np.asarray(weight.with_values(dvalues).to_dense())

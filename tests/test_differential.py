@@ -42,7 +42,7 @@ from conftest import tasks_per_call
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23, twice the unit roundoff u
 TINY32 = float(np.finfo(np.float32).tiny)  # smallest normal float32
-PATHS = tuple(sp.supported_simd_paths())
+PATHS = tuple(sp.runtime.distinct_simd_paths())
 TASKS = (0, 1, 2, 3, 7)  # 0: the library's automatic split
 
 

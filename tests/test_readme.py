@@ -35,3 +35,18 @@ def test_workflow_example_runs(capsys):
 
 def test_quotes_the_keep_freed_memory_tunables():
     assert f"GLIBC_TUNABLES={KEEP_FREED_MEMORY_TUNABLES}`" in README.read_text()
+
+
+def test_mixed_precision_example_runs():
+    """The bfloat16 section's layer: float32 values, bfloat16 outputs."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sparseprop_jax.nnx import SparseDense
+
+    (example,) = [b for b in _python_blocks() if "param_dtype=jnp.float32" in b]
+    scope = {"jnp": jnp, "nnx": nnx, "SparseDense": SparseDense}
+    exec(compile(example, str(README), "exec"), scope)
+    layer = scope["layer"]
+    assert layer.values[...].dtype == jnp.float32
+    assert layer(jnp.ones((2, 784))).dtype == jnp.bfloat16

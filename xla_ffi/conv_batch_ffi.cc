@@ -12,6 +12,7 @@
 #include "conv_common.h"
 #include "conv_ffi.h"
 #include "ffi_common.h"
+#include "float_values.h"
 #include "pattern.h"
 #include "simd_dispatch.h"
 
@@ -132,18 +133,7 @@ ffi::Future ConvBatchForward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer
   std::vector<Phase> layout, phases;
   layout.push_back(to_row_runs(k, x.typed_data(), xs, xl.get(), xr, g.pt, g.pl, parts));
   // The products' values: for bfloat16, widened to float beside the layout.
-  const T* w = values.typed_data();
-  std::shared_ptr<float[]> wide;
-  if constexpr (!std::is_same_v<T, float>) {
-    wide = scratch<float>(vs.count * pat.nnz);
-    layout.push_back(widen_phase(w, vs, pat.nnz, wide.get(), parts));
-  }
-  const auto values_of = [=](int64_t v) {
-    if constexpr (std::is_same_v<T, float>)
-      return w + slice_offset(vs, v);
-    else
-      return static_cast<const float*>(wide.get() + vs.index(v) * pat.nnz);
-  };
+  const FloatValues<T> wv(values.typed_data(), vs, pat.nnz, parts, &layout);
   phases.push_back(concurrent(std::move(layout)));
   // Tasks: (output row = group, range of output channels).
   Phase products;
@@ -158,7 +148,7 @@ ffi::Future ConvBatchForward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer
   products.fn = [=, &k](const Task& t) {
     T* image = out + t.slice * ys.slice() + t.group * wo * cout + t.begin;
     const T* in = xl.get() + xs.index(t.slice) * xr.size() + t.group * s * xr.row();
-    row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice), values_of(t.slice), in,
+    row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice), wv.of(t.slice), in,
                         t.begin, t.end, wo, n, image, cout, ho * wo * cout, stream_y);
     return ffi::Error::Success();
   };
@@ -243,27 +233,17 @@ ffi::Future ConvBatchBackward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffe
     for (int64_t e = 0; e < static_cast<int64_t>(in_rows.size()); ++e)
       split_even(cin, v, 1 + e, in_parts, &products.tasks);
   T* dxd = dx->typed_data();
-  T* dwd = dvalues->typed_data();
-  std::shared_ptr<float[]> wsums;  // bfloat16: the weight gradient's float sums
-  if constexpr (!std::is_same_v<T, float>) wsums = scratch<float>(total * pat.nnz);
+  const FloatSums<T> sums_of(dvalues->typed_data(), total, pat.nnz);
   const int64_t h = g.h, wdt = g.w, pt = g.pt, pl = g.pl;
   const bool stream_dx = streams_past_cache(total * dxs.slice());
   products.fn = [=, &k](const Task& t) {
     const T* dyv = dyp.get() + dys.index(t.slice) * dr.size();
     if (t.group == 0) {
-      T* dw_v = dwd + t.slice * pat.nnz;
-      float* sums_v;
-      if constexpr (std::is_same_v<T, float>)
-        sums_v = dw_v;
-      else
-        sums_v = wsums.get() + t.slice * pat.nnz;
       weight_gradient_blocks(k, pat.row_ptr(t.slice), offsets.of(t.slice), dyv + dr.at(P, Q, 0),
-                             xl.get() + xs.index(t.slice) * xr.size(), sums_v, plan, t.begin,
-                             t.end);
-      if constexpr (!std::is_same_v<T, float>) {
-        const int32_t* ptr = pat.row_ptr(t.slice);
-        for (int64_t p = ptr[t.begin]; p < ptr[t.end]; ++p) dw_v[p] = rounded<T>(sums_v[p]);
-      }
+                             xl.get() + xs.index(t.slice) * xr.size(), sums_of.of(t.slice), plan,
+                             t.begin, t.end);
+      const int32_t* ptr = pat.row_ptr(t.slice);
+      sums_of.finish(t.slice, ptr[t.begin], ptr[t.end]);
       return ffi::Error::Success();
     }
     const InputRow& ir = in_rows[t.group - 1];

@@ -16,8 +16,7 @@ constexpr Signature conv_signature(std::initializer_list<ffi::DataType> operands
   return signature(operands, results,
                    {"stride", "kh", "kw", "pad_top", "pad_bottom", "pad_left", "pad_right"});
 }
-// Each for D, the dtype of the activations and values: F32, or BF16 (the
-// batch variant only).
+// Each for D, the dtype of the activations and values: F32 or BF16.
 // (x, values, indptr, indices) -> y
 template <ffi::DataType D>
 inline constexpr Signature kConvForwardSignature =
@@ -33,5 +32,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvBatchForwardBf16);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvBatchBackwardBf16);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWidthForward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWidthBackward);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWidthForwardBf16);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kConvWidthBackwardBf16);
 
 }  // namespace sparseprop

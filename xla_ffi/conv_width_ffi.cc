@@ -3,7 +3,8 @@
 // handlers lay the activations out in recycled scratch (WidthLayout); the
 // products compute one row of one image (a range of its channels) at a time
 // into a buffer that is transposed into the NHWC result while it is still in
-// cache. What both variants share is in conv_common.h.
+// cache. What both variants share is in conv_common.h. The handlers exist
+// for float32 and bfloat16 (T) operands, as the batch variant's.
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "conv_common.h"
 #include "conv_ffi.h"
 #include "ffi_common.h"
+#include "float_values.h"
 #include "pattern.h"
 #include "simd_dispatch.h"
 
@@ -41,15 +43,16 @@ WidthLayout dy_layout(const ConvGeometry& g) { return {g.n, g.cout, g.hd(), 1, g
 // Tasks copying each slice of NHWC `src` (n, h, w, c) into the width layout
 // `to` at `dst`, the images at (top, left) and zeros around them; split over
 // the destination's image rows.
-Phase to_width_layout(const Routines& k, const float* src, const Stack& ss, float* dst,
+template <typename T>
+Phase to_width_layout(const RoutinesFor<T>& k, const T* src, const Stack& ss, T* dst,
                       const WidthLayout& to, int64_t top, int64_t left, int parts) {
   const int64_t h = ss.dims[1], w = ss.dims[2], c = ss.dims[3];
   const bool stream = streams_past_cache(ss.count * to.size());
   Phase phase;
   for (int64_t v = 0; v < ss.count; ++v) split_even(to.n * to.rows, v, 0, parts, &phase.tasks);
   phase.fn = [=, &k](const Task& t) {
-    const float* images = src + t.slice * ss.slice();
-    float* slice = dst + t.slice * to.size();
+    const T* images = src + t.slice * ss.slice();
+    T* slice = dst + t.slice * to.size();
     for (int64_t pos = t.begin; pos < t.end; ++pos) {
       const int64_t b = pos / to.rows, r = pos % to.rows, y = r - top;
       const bool inside = y >= 0 && y < h;
@@ -60,9 +63,9 @@ Phase to_width_layout(const Routines& k, const float* src, const Stack& ss, floa
         const int64_t hi = inside ? std::max(lo, std::min(to.wq, ceil_div(left + w - a, to.s)))
                                   : to.wq;
         for (int64_t ci = 0; ci < to.c; ++ci) {
-          float* run = slice + to.at(b, ci, r, a);
-          std::fill(run, run + lo, 0.0f);
-          std::fill(run + hi, run + to.wq, 0.0f);
+          T* run = slice + to.at(b, ci, r, a);
+          std::fill(run, run + lo, T{});
+          std::fill(run + hi, run + to.wq, T{});
         }
         if (hi > lo)
           k.transpose(images + ((b * h + y) * w + lo * to.s + a - left) * c, to.s * c,
@@ -85,22 +88,25 @@ std::function<int64_t(int32_t)> tap_offsets(const WidthLayout& x, int64_t kw) {
 // One row of the sparse product: rows [begin, end) of the pattern (channels),
 // each a run of `cols` floats read from `in`, into `buffer`, then transposed
 // into NHWC: pixel i's channels go to dst + i * pixel_step.
-void row_product_to_nhwc(const Routines& k, const int32_t* indptr, const int64_t* offsets,
-                         const float* values, const float* in, int64_t begin, int64_t end,
-                         int64_t cols, float* buffer, float* dst, int64_t pixel_step,
-                         bool stream) {
+template <typename T>
+void row_product_to_nhwc(const RoutinesFor<T>& k, const int32_t* indptr,
+                         const int64_t* offsets, const float* values, const T* in,
+                         int64_t begin, int64_t end, int64_t cols, float* buffer, T* dst,
+                         int64_t pixel_step, bool stream) {
   const int64_t channels = end - begin;
   // indptr + begin: the range's rows as rows 0.. (the entries keep their
   // positions in offsets and values).
   k.spmm(indptr + begin, offsets, values, in, buffer, cols, cols, Grid{}, 0, 1, 0, channels);
-  k.transpose(buffer, cols, dst, pixel_step, channels, 0, cols, stream);
+  k.transpose_rounded(buffer, cols, dst, pixel_step, channels, 0, cols, stream);
 }
 
-ffi::Future ConvWidthForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> indptr,
-                             ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> y,
-                             int64_t stride, int64_t kh, int64_t kw, int64_t pad_top,
-                             int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+template <ffi::DataType D>
+ffi::Future ConvWidthForward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> values,
+                             ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                             ffi::ResultBuffer<D> y, int64_t stride, int64_t kh, int64_t kw,
+                             int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                             int64_t pad_right) {
+  using T = ffi::NativeType<D>;
   constexpr const char* op = "sparse_conv2d forward";
   ConvForwardCall c;
   SPARSEPROP_RETURN_IF_ERROR(decode_conv_forward(
@@ -113,24 +119,26 @@ ffi::Future ConvWidthForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
   const WidthLayout xl = x_layout(g);
   const EntryOffsets offsets = entry_offsets(pat, tap_offsets(xl, kw));
-  const Routines& k = active_routines();
+  const RoutinesFor<T>& k = active_routines<T>();
   const int parts = parallel_parts(pool, total * g.n * ho * wo * pat.nnz);
-  auto xd = scratch<float>(xs.count * xl.size());
-  std::vector<Phase> phases;
-  phases.push_back(to_width_layout(k, x.typed_data(), xs, xd.get(), xl, g.pt, g.pl, parts));
+  auto xd = scratch<T>(xs.count * xl.size());
+  std::vector<Phase> layout, phases;
+  layout.push_back(to_width_layout(k, x.typed_data(), xs, xd.get(), xl, g.pt, g.pl, parts));
+  // The products' values: for bfloat16, widened to float beside the layout.
+  const FloatValues<T> wv(values.typed_data(), vs, pat.nnz, parts, &layout);
+  phases.push_back(concurrent(std::move(layout)));
   // Tasks: ranges of output rows (image, row).
   Phase products;
   for (int64_t v = 0; v < total; ++v) split_even(g.n * ho, v, 0, parts, &products.tasks);
-  const float* w = values.typed_data();
-  float* out = y->typed_data();
+  T* out = y->typed_data();
   const bool stream_y = streams_past_cache(total * ys.slice());
   products.fn = [=, &k](const Task& t) {
     const auto buffer = scratch<float>(cout * wo);
-    const float* x_v = xd.get() + xs.index(t.slice) * xl.size();
+    const T* x_v = xd.get() + xs.index(t.slice) * xl.size();
     for (int64_t pos = t.begin; pos < t.end; ++pos) {
       const int64_t b = pos / ho, i = pos % ho;
-      row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice),
-                          w + slice_offset(vs, t.slice), x_v + b * xl.image() + i * s * xl.row(),
+      row_product_to_nhwc(k, pat.row_ptr(t.slice), offsets.of(t.slice), wv.of(t.slice),
+                          x_v + b * xl.image() + i * s * xl.row(),
                           0, cout, wo, buffer.get(), out + t.slice * ys.slice() + pos * wo * cout,
                           cout, stream_y);
     }
@@ -144,14 +152,15 @@ ffi::Future ConvWidthForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // gradient (tasks split over output channels) and the rows of the s x s
 // stride phases of the input gradient (tasks split over input channels)
 // side by side.
-ffi::Future ConvWidthBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                              ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> values,
-                              ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
-                              ffi::Buffer<ffi::S32> t_indptr, ffi::Buffer<ffi::S32> t_indices,
-                              ffi::Buffer<ffi::S32> t_perm, ffi::ResultBuffer<ffi::F32> dx,
-                              ffi::ResultBuffer<ffi::F32> dvalues, int64_t stride, int64_t kh,
-                              int64_t kw, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-                              int64_t pad_right) {
+template <ffi::DataType D>
+ffi::Future ConvWidthBackward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> dy,
+                              ffi::Buffer<D> values, ffi::Buffer<ffi::S32> indptr,
+                              ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> t_indptr,
+                              ffi::Buffer<ffi::S32> t_indices, ffi::Buffer<ffi::S32> t_perm,
+                              ffi::ResultBuffer<D> dx, ffi::ResultBuffer<D> dvalues,
+                              int64_t stride, int64_t kh, int64_t kw, int64_t pad_top,
+                              int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  using T = ffi::NativeType<D>;
   constexpr const char* op = "sparse_conv2d backward";
   ConvBackwardCall c;
   SPARSEPROP_RETURN_IF_ERROR(decode_conv_backward(
@@ -197,10 +206,10 @@ ffi::Future ConvWidthBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       for (int64_t j = pr.j0; j < pr.j0 + pr.rows; ++j)
         in_rows.push_back({pr.a, pr.b, image, j, pr.i0, pr.cols});
 
-  const Routines& k = active_routines();
+  const RoutinesFor<T>& k = active_routines<T>();
   const int parts = parallel_parts(pool, total * g.n * ho * wo * pat.nnz);
-  auto xd = scratch<float>(xs.count * xl.size());
-  auto dyd = scratch<float>(dys.count * dl.size());
+  auto xd = scratch<T>(xs.count * xl.size());
+  auto dyd = scratch<T>(dys.count * dl.size());
   std::vector<Phase> layout, phases;
   layout.push_back(to_width_layout(k, x.typed_data(), xs, xd.get(), xl, g.pt, g.pl, parts));
   layout.push_back(to_width_layout(k, dy.typed_data(), dys, dyd.get(), dl, P, Q, parts));
@@ -215,22 +224,24 @@ ffi::Future ConvWidthBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t v = 0; v < total; ++v)
     for (int64_t e = 0; e < static_cast<int64_t>(in_rows.size()); ++e)
       split_even(cin, v, 1 + e, in_parts, &products.tasks);
-  float* dxd = dx->typed_data();
-  float* dwd = dvalues->typed_data();
+  T* dxd = dx->typed_data();
+  const FloatSums<T> sums_of(dvalues->typed_data(), total, pat.nnz);
   const int64_t h = g.h, wdt = g.w, pt = g.pt, pl = g.pl;
   const bool stream_dx = streams_past_cache(total * dxs.slice());
   products.fn = [=, &k](const Task& t) {
-    const float* dy_v = dyd.get() + dys.index(t.slice) * dl.size();
+    const T* dy_v = dyd.get() + dys.index(t.slice) * dl.size();
     if (t.group == 0) {
       weight_gradient_blocks(k, pat.row_ptr(t.slice), offsets.of(t.slice),
                              dy_v + P * dl.row() + Q, xd.get() + xs.index(t.slice) * xl.size(),
-                             dwd + t.slice * pat.nnz, plan, t.begin, t.end);
+                             sums_of.of(t.slice), plan, t.begin, t.end);
+      const int32_t* ptr = pat.row_ptr(t.slice);
+      sums_of.finish(t.slice, ptr[t.begin], ptr[t.end]);
       return ffi::Error::Success();
     }
     const InputRow& ir = in_rows[t.group - 1];
     const PhaseMatrix& m = phase_mats->of(t.slice);
     const auto buffer = scratch<float>((t.end - t.begin) * ir.cols);
-    float* pixel0 = dxd + t.slice * dxs.slice() +
+    T* pixel0 = dxd + t.slice * dxs.slice() +
                     (((ir.image * h + ir.j * s + ir.a - pt) * wdt + ir.i0 * s + ir.b - pl) * cin) +
                     t.begin;
     row_product_to_nhwc(k, m.indptr.data() + (ir.a * s + ir.b) * cin, m.offsets.data(),
@@ -244,9 +255,14 @@ ffi::Future ConvWidthBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWidthForward, Guarded<ConvWidthForward>::Call,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWidthForward, Guarded<ConvWidthForward<ffi::F32>>::Call,
                               bind<kConvForwardSignature<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWidthBackward, Guarded<ConvWidthBackward>::Call,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWidthBackward, Guarded<ConvWidthBackward<ffi::F32>>::Call,
                               bind<kConvBackwardSignature<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWidthForwardBf16, Guarded<ConvWidthForward<ffi::BF16>>::Call,
+                              bind<kConvForwardSignature<ffi::BF16>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kConvWidthBackwardBf16,
+                              Guarded<ConvWidthBackward<ffi::BF16>>::Call,
+                              bind<kConvBackwardSignature<ffi::BF16>>());
 
 }  // namespace sparseprop

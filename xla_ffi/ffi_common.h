@@ -12,7 +12,6 @@
 #include <utility>
 #include <vector>
 
-#include "bfloat16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace sparseprop {
@@ -168,21 +167,6 @@ struct Phase {
   std::vector<Task> tasks;
   std::function<ffi::Error(const Task&)> fn;
 };
-
-// Tasks widening each of the `stack.count` slices of `n` values at `src` to
-// float at `dst` (slice i at i * n).
-template <typename T>
-Phase widen_phase(const T* src, const Stack& stack, int64_t n, float* dst, int parts) {
-  Phase phase;
-  for (int64_t v = 0; v < stack.count; ++v) split_even(n, v, 0, parts, &phase.tasks);
-  phase.fn = [=](const Task& t) {
-    const T* from = src + t.slice * stack.slice();
-    float* to = dst + t.slice * n;
-    for (int64_t p = t.begin; p < t.end; ++p) to[p] = as_float(from[p]);
-    return ffi::Error::Success();
-  };
-  return phase;
-}
 
 // One phase running the tasks of all of `phases` side by side (they must not
 // depend on each other); each task's group is rewritten to pick its phase's

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "ffi_common.h"
+#include "float_values.h"
 #include "linear_backward.h"
 #include "linear_feature_major_ffi.h"
 #include "pattern.h"
@@ -136,18 +137,10 @@ ffi::Future LinearFeatureMajorForward(ffi::ThreadPool pool, ffi::Buffer<D> x,
   const int parts = parallel_parts(pool, ys.count * groups * n * (pat.nnz + n_out));
   const T* w = values.typed_data();
   std::vector<Phase> phases;
-  std::function<const float*(int64_t)> values_of;
-  if constexpr (std::is_same_v<T, float>) {
-    values_of = [=](int64_t v) { return w + slice_offset(vs, v); };
-  } else {  // widened once, in a first phase
-    std::shared_ptr<float[]> wide = scratch<float>(vs.count * pat.nnz);
-    phases.push_back(widen_phase(w, vs, pat.nnz, wide.get(), parts));
-    values_of = [=, nnz = pat.nnz](int64_t v) -> const float* {
-      return wide.get() + vs.index(v) * nnz;
-    };
-  }
-  phases.push_back(products_phase(k, pat, xs, x.typed_data(), ys, y->typed_data(), values_of,
-                                  units, parts, /*check=*/true, op));
+  const FloatValues<T> wv(w, vs, pat.nnz, parts, &phases);  // widened first, for bfloat16
+  phases.push_back(products_phase(
+      k, pat, xs, x.typed_data(), ys, y->typed_data(),
+      [wv](int64_t v) { return wv.of(v); }, units, parts, /*check=*/true, op));
   return run_phases(pool, parts, std::move(phases));
 }
 
@@ -251,8 +244,7 @@ ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<D> d
     const T* x = b.x->typed_data();
     const T* dyd = dy.typed_data();
     T* dw = (*b.dvalues)->typed_data();
-    std::shared_ptr<float[]> wsums;  // bfloat16: the float sums, rounded into dw
-    if constexpr (!std::is_same_v<T, float>) wsums = scratch<float>(ds.count * nnz);
+    const FloatSums<T> sums_of(dw, ds.count, ds.slice());
     wgrad.fn = [=, &k](const Task& t) -> ffi::Error {
       ffi::Error error = check_rows(pat, t.slice, t.begin, t.end, op, "pattern");
       if (error.failure()) return error;
@@ -263,11 +255,7 @@ ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<D> d
         std::fill(dw_v + ptr[t.begin], dw_v + ptr[t.end], T{});
         return ffi::Error::Success();
       }
-      float* sums_v;
-      if constexpr (std::is_same_v<T, float>)
-        sums_v = dw_v;
-      else
-        sums_v = wsums.get() + t.slice * nnz;
+      float* sums_v = sums_of.of(t.slice);
       int64_t* offsets_v = offsets.get() + t.slice * nnz;
       for (int64_t p = ptr[t.begin]; p < ptr[t.end]; ++p) offsets_v[p] = int64_t{idx[p]} * n;
       const T* dy_v = dyd + slice_offset(dys, t.slice);
@@ -275,8 +263,7 @@ ffi::Future linear_feature_major_backward(ffi::ThreadPool pool, ffi::Buffer<D> d
       for (int64_t q = 0; q < groups; q += window)
         k.sddmm(ptr, offsets_v, dy_v, n, x_v, sums_v, n, grid, q, std::min(groups, q + window),
                 t.begin, t.end, /*accumulate=*/q > 0);
-      if constexpr (!std::is_same_v<T, float>)
-        for (int64_t p = ptr[t.begin]; p < ptr[t.end]; ++p) dw_v[p] = rounded<T>(sums_v[p]);
+      sums_of.finish(t.slice, ptr[t.begin], ptr[t.end]);
       return ffi::Error::Success();
     };
     products.push_back(std::move(wgrad));

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "ffi_common.h"
+#include "float_values.h"
 #include "linear_backward.h"
 #include "linear_ffi.h"
 #include "pattern.h"
@@ -257,17 +258,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D
   // The products' values: for bfloat16, widened to float once, in a first
   // phase (rather than a block at a time in every tile of every task).
   std::vector<Phase> phases;
-  std::shared_ptr<float[]> wide;
-  if constexpr (!std::is_same_v<T, float>) {
-    wide = scratch<float>(vs.count * pat.nnz);
-    phases.push_back(widen_phase(w, vs, pat.nnz, wide.get(), parts));
-  }
-  const auto values_of = [=](int64_t v) {
-    if constexpr (std::is_same_v<T, float>)
-      return w + slice_offset(vs, v);
-    else
-      return static_cast<const float*>(wide.get() + vs.index(v) * pat.nnz);
-  };
+  const FloatValues<T> wv(w, vs, pat.nnz, parts, &phases);
   const bool stream_y = streams_past_cache(total * ys.slice());
 
   // Whole batch tiles per task, where they share out evenly over the parts
@@ -293,7 +284,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D
         T* xt_tile = xt_v + at.offset;
         k.transpose(x_v + first * n_in, n_in, xt_tile, at.ld, width, 0, n_in, false);
         spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
-                         values_of(t.slice), nullptr, xt_tile, n_in, width,
+                         wv.of(t.slice), nullptr, xt_tile, n_in, width,
                          y_v + first * pat.rows, pat.rows, 0, pat.rows, stream_y, nullptr,
                          nullptr, xt_ld);
       }
@@ -309,7 +300,7 @@ ffi::Future linear_forward(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D
   products.fn = [=, keep = scratch_xt, &k](const Task& t) -> ffi::Error {
     ffi::Error error = check_rows(pat, t.slice, t.begin, t.end, op, "pattern");
     if (error.failure()) return error;
-    spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), values_of(t.slice),
+    spmm_batch_major(k, pat.row_ptr(t.slice), pat.col_idx(t.slice), wv.of(t.slice),
                      nullptr, xt_of(t.slice), n_in, batch,
                      out + t.slice * ys.slice(), pat.rows, t.begin, t.end, stream_y, nullptr,
                      nullptr, xt_ld);
@@ -504,26 +495,16 @@ ffi::Future linear_backward(ffi::ThreadPool pool, ffi::Buffer<D> dy,
     Phase wgrad;
     for (int64_t v = 0; v < total; ++v) split_rows(pat.row_ptr(v), n_out, v, parts, &wgrad.tasks);
     const bool per_tile = batch > kBatchTile && pat.nnz >= kPerTileMinEntriesPerRow * n_out;
-    // Float sums: dvalues itself, or for bfloat16 a float copy, rounded into it.
-    std::shared_ptr<float[]> wsums;
-    if constexpr (!std::is_same_v<T, float>) wsums = scratch<float>(total * pat.nnz);
+    const FloatSums<T> sums_of(dw, total, dw_slice);
     wgrad.fn = [=, &k](const Task& t) -> ffi::Error {
       ffi::Error error = check_rows(pat, t.slice, t.begin, t.end, op, "pattern");
       if (error.failure()) return error;
-      T* dw_v = dw + t.slice * dw_slice;
-      float* sums_v;
-      if constexpr (std::is_same_v<T, float>)
-        sums_v = dw_v;
-      else
-        sums_v = wsums.get() + t.slice * pat.nnz;
       weight_gradient(k, pat.row_ptr(t.slice), pat.col_idx(t.slice),
                       dyt.get() + slice_offset(dys, t.slice), n_out,
                       (xt_tiles ? xt_tiles.get() : xt) + slice_offset(xs, t.slice), n_in,
-                      batch, per_tile, sums_v, t.begin, t.end);
-      if constexpr (!std::is_same_v<T, float>) {
-        const int32_t* ptr = pat.row_ptr(t.slice);
-        for (int64_t p = ptr[t.begin]; p < ptr[t.end]; ++p) dw_v[p] = rounded<T>(sums_v[p]);
-      }
+                      batch, per_tile, sums_of.of(t.slice), t.begin, t.end);
+      const int32_t* ptr = pat.row_ptr(t.slice);
+      sums_of.finish(t.slice, ptr[t.begin], ptr[t.end]);
       return ffi::Error::Success();
     };
     products.push_back(std::move(wgrad));

@@ -81,6 +81,10 @@ const Target kTargets[] = {
      &sparseprop::kConvForwardSignature<xla::ffi::F32>},
     {"sparseprop_conv_width_backward", sparseprop::kConvWidthBackward,
      &sparseprop::kConvBackwardSignature<xla::ffi::F32>},
+    {"sparseprop_conv_width_forward_bf16", sparseprop::kConvWidthForwardBf16,
+     &sparseprop::kConvForwardSignature<xla::ffi::BF16>},
+    {"sparseprop_conv_width_backward_bf16", sparseprop::kConvWidthBackwardBf16,
+     &sparseprop::kConvBackwardSignature<xla::ffi::BF16>},
     {"sparseprop_dense_conv_forward", sparseprop::kDenseConvForward,
      &sparseprop::kDenseConvForwardSignature},
     {"sparseprop_dense_conv_weight_grad", sparseprop::kDenseConvWeightGrad,
@@ -135,8 +139,16 @@ NB_MODULE(_sparseprop_jax_ffi, m) {
   m.def("simd_path", &sparseprop::active_simd_path, "The instruction set of the routines in use.");
   m.def("known_simd_paths", &sparseprop::known_simd_paths,
         "Instruction sets this build has, best first, supported or not.");
-  m.def("supported_simd_paths", &sparseprop::supported_simd_paths,
+  m.def("supported_simd_paths", nb::overload_cast<>(&sparseprop::supported_simd_paths),
         "Instruction sets this CPU can run, best first.");
+  m.def("distinct_simd_paths",
+        [](const std::string& dtype) {
+          if (dtype != "float32" && dtype != "bfloat16")
+            throw std::invalid_argument("dtype must be float32 or bfloat16, got " + dtype);
+          return sparseprop::supported_simd_paths(dtype == "bfloat16");
+        },
+        nb::arg("dtype"),
+        "The supported paths whose routines for dtype are their own, best first.");
   m.def(
       "set_simd_path",
       [](const std::string& name) {

@@ -168,7 +168,8 @@ struct RoutinesFor {
   // gradients, rather than spmm_indexed and sddmm_indexed apart.
   bool one_pass_backward;
 
-  // The instruction set's name, as set_simd_path takes it (Isa::kName).
+  // The instruction set whose code this is (Isa::kName): for a bfloat16
+  // table, the path's name as set_simd_path takes it.
   const char* name;
 };
 

@@ -728,6 +728,22 @@ static inline void transpose16x16(const float* src, int64_t ld_src, float* dst,
     transpose16x16_in_8x8_blocks<kStream, I>(src, ld_src, dst, ld_dst);
 }
 
+// block(r, c) for the b x b blocks at rows r < in_blocks and columns c in
+// [col_begin, cols_in_blocks), in the order `transpose` explains: a band of
+// source rows across all the columns (`by_rows`), else a band of columns
+// down all the rows.
+template <typename Block>
+static inline void for_each_block(int64_t b, int64_t in_blocks, int64_t col_begin,
+                                  int64_t cols_in_blocks, bool by_rows, const Block& block) {
+  if (by_rows) {
+    for (int64_t r = 0; r < in_blocks; r += b)
+      for (int64_t c = col_begin; c < cols_in_blocks; c += b) block(r, c);
+  } else {
+    for (int64_t c = col_begin; c < cols_in_blocks; c += b)
+      for (int64_t r = 0; r < in_blocks; r += b) block(r, c);
+  }
+}
+
 // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c in [col_begin,
 // col_end): whole blocks in registers, then the edges one by one. The
 // blocks go in the order whose inner loop steps along the side with the
@@ -765,13 +781,7 @@ static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_d
       else
         transpose16x16<false, I>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
     };
-    if (ld_src > ld_dst) {
-      for (int64_t r = 0; r < in_blocks; r += b)
-        for (int64_t c = col_begin; c < cols_in_blocks; c += b) block(r, c);
-    } else {
-      for (int64_t c = col_begin; c < cols_in_blocks; c += b)
-        for (int64_t r = 0; r < in_blocks; r += b) block(r, c);
-    }
+    for_each_block(b, in_blocks, col_begin, cols_in_blocks, ld_src > ld_dst, block);
   }
   for (int64_t c = col_begin; c < col_end; ++c)
     for (int64_t r = c < cols_in_blocks ? in_blocks : 0; r < rows; ++r)
@@ -810,13 +820,7 @@ static void transpose_elements(const Src* src, int64_t ld_src, Dst* dst, int64_t
         for (int64_t j = 0; j < b; ++j)
           dst[(c + i) * ld_dst + r + j] = rounded<Dst>(turned[i * b + j]);
     };
-    if (ld_src > ld_dst) {
-      for (int64_t r = 0; r < in_blocks; r += b)
-        for (int64_t c = col_begin; c < cols_in_blocks; c += b) block(r, c);
-    } else {
-      for (int64_t c = col_begin; c < cols_in_blocks; c += b)
-        for (int64_t r = 0; r < in_blocks; r += b) block(r, c);
-    }
+    for_each_block(b, in_blocks, col_begin, cols_in_blocks, ld_src > ld_dst, block);
   }
   for (int64_t c = col_begin; c < col_end; ++c)
     for (int64_t r = c < cols_in_blocks ? in_blocks : 0; r < rows; ++r)

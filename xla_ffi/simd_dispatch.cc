@@ -1,5 +1,6 @@
 #include "simd_dispatch.h"
 
+#include <algorithm>
 #include <atomic>
 
 namespace sparseprop {
@@ -21,10 +22,16 @@ SPARSEPROP_DECLARE_TABLES(avx512_bf16)
 
 namespace {
 
+// A path's tables for each dtype. Its name is its bfloat16 table's (every
+// path has its own): its float table may be another path's, where the two
+// differ only in their bfloat16 routines.
 struct Path {
-  const Routines* routines;  // its name too: routines->name
+  const Routines* routines;
   const RoutinesFor<BFloat16>* bf16_routines;
   bool (*cpu_supports)();
+  const char* name() const { return bf16_routines->name; }
+  // The instruction set whose code the table for one dtype is.
+  const char* table_name(bool bf16) const { return bf16 ? bf16_routines->name : routines->name; }
 };
 
 // The CPU checks stay here, in a file compiled without any instruction set's
@@ -54,7 +61,8 @@ bool always() { return true; }
 // here, and its source and flags in CMakeLists.txt (ROUTINES_ISAS).
 const Path kPaths[] = {
 #if defined(SPARSEPROP_X86_SIMD)
-    {&avx512_bf16::kRoutines, &avx512_bf16::kBf16Routines, &has_avx512_bf16},
+    // avx512_bf16 differs from avx512 only in its bfloat16 routines.
+    {&avx512::kRoutines, &avx512_bf16::kBf16Routines, &has_avx512_bf16},
     {&avx512::kRoutines, &avx512::kBf16Routines, &has_avx512},
     {&avx2::kRoutines, &avx2::kBf16Routines, &has_avx2},
 #endif
@@ -82,18 +90,32 @@ const RoutinesFor<BFloat16>& active_routines<BFloat16>() {
   return *kPaths[active.load(std::memory_order_relaxed)].bf16_routines;
 }
 
-std::string active_simd_path() { return kPaths[active.load()].routines->name; }
+std::string active_simd_path() { return kPaths[active.load()].name(); }
 
 std::vector<std::string> known_simd_paths() {
   std::vector<std::string> names;
-  for (const Path& p : kPaths) names.push_back(p.routines->name);
+  for (const Path& p : kPaths) names.push_back(p.name());
   return names;
 }
 
 std::vector<std::string> supported_simd_paths() {
   std::vector<std::string> names;
   for (const Path& p : kPaths)
-    if (p.cpu_supports()) names.push_back(p.routines->name);
+    if (p.cpu_supports()) names.push_back(p.name());
+  return names;
+}
+
+std::vector<std::string> supported_simd_paths(bool bf16) {
+  const std::vector<std::string> supported = supported_simd_paths();
+  std::vector<std::string> names;
+  for (const Path& p : kPaths) {
+    // The table's own path is the one named after it (its instruction set).
+    const std::string owner = p.table_name(bf16);
+    const bool runs_own = owner == p.name();
+    if (p.cpu_supports() &&
+        (runs_own || std::find(supported.begin(), supported.end(), owner) == supported.end()))
+      names.push_back(p.name());
+  }
   return names;
 }
 
@@ -103,7 +125,7 @@ bool set_simd_path(const std::string& name) {
     return true;
   }
   for (int i = 0; i < kNumPaths; ++i) {
-    if (name == kPaths[i].routines->name && kPaths[i].cpu_supports()) {
+    if (name == kPaths[i].name() && kPaths[i].cpu_supports()) {
       active.store(i);
       return true;
     }

@@ -25,6 +25,12 @@ std::vector<std::string> known_simd_paths();
 // Paths this CPU can run, best first; "scalar" is always there.
 std::vector<std::string> supported_simd_paths();
 
+// Those of them whose routines for one dtype (bfloat16 if `bf16`, else
+// float) are their own, not a better path's: running each runs every
+// distinct implementation of that dtype's routines (avx512_bf16 runs
+// avx512's float routines, so only the bfloat16 list has both).
+std::vector<std::string> supported_simd_paths(bool bf16);
+
 // Selects a path by name, or "auto" for the best supported one. Returns false
 // (and changes nothing) for an unknown name or a path this CPU cannot run.
 bool set_simd_path(const std::string& name);
