@@ -119,6 +119,23 @@ def test_vmap_and_leading_dims(rng):
     assert_rounded_once(sp.sparse_linear(xs, weight), y_ref, 30)
 
 
+def test_conv_under_vmap(rng):
+    """vmap over a stack of images and over a stack of kernels' values."""
+    kernel = as_bf16(rng.standard_normal((3, 3, 4, 6)))
+    kernel[rng.random(kernel.shape) < 0.6] = 0
+    weight = sp.SparseWeight.from_dense(kernel.astype(np.float32))
+    weight = weight.with_values(weight.values.astype(BF16))
+    xs = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 4)), BF16)
+    y = jax.jit(jax.vmap(lambda x: sp.sparse_conv2d(x, weight)))(xs)
+    for x, y_i in zip(xs, y):
+        assert_rounded_once(y_i, _conv_reference(as_bf16(x), kernel, 1, "SAME",
+                                                 np.zeros(y_i.shape))[0], 36)
+    scales = jnp.asarray([1.0, -0.5], BF16)
+    ys = jax.vmap(lambda c: sp.sparse_conv2d(xs[0], weight.with_values(weight.values * c)))(
+        scales)
+    assert_rounded_once(ys[1], -0.5 * np.asarray(ys[0], np.float64), 36)
+
+
 def test_bfloat16_with_float32_computes_in_float32(rng):
     """As jnp.matmul promotes; each gradient comes back in its own input's dtype."""
     kernel = random_kernel(rng, 24, 16, 0.75)
