@@ -35,7 +35,10 @@ struct Isa : Avx512Record {
   }
 };
 
+// Its float routines are avx512's (simd_dispatch.cc): no float table here.
+#define SPARSEPROP_ROUTINES_BFLOAT16_ONLY
 #include "routines_impl.h"
+#undef SPARSEPROP_ROUTINES_BFLOAT16_ONLY
 
 }  // namespace avx512_bf16
 }  // namespace sparseprop

@@ -1037,12 +1037,16 @@ static void pool_input_grad_row(const PoolGeometry& g, const float* grad, const 
   }
 }
 
-// This instruction set's tables, for the dispatch table of simd_dispatch.cc.
+// This instruction set's tables, for the dispatch table of simd_dispatch.cc
+// (an instruction set that only adds bfloat16 routines to another's defines
+// SPARSEPROP_ROUTINES_BFLOAT16_ONLY and compiles no float table).
+#if !defined(SPARSEPROP_ROUTINES_BFLOAT16_ONLY)
 extern const Routines kRoutines;
 const Routines kRoutines = {&spmm<float>, &sddmm<float>, &spmm_indexed<float>,
                             &sddmm_indexed<float>, &spmm_sddmm_indexed<float>, &transpose<>,
                             &transpose<>, &patch_conv, &patch_weight_grad, &pool_grad_sums,
                             &pool_input_grad_row, Isa::kOnePassBackward, Isa::kName};
+#endif
 extern const RoutinesFor<BFloat16> kBf16Routines;
 const RoutinesFor<BFloat16> kBf16Routines = {
     &spmm<BFloat16>, &sddmm<BFloat16>, &spmm_indexed<BFloat16>, &sddmm_indexed<BFloat16>,

@@ -16,7 +16,9 @@ SPARSEPROP_DECLARE_TABLES(scalar)
 #if defined(SPARSEPROP_X86_SIMD)
 SPARSEPROP_DECLARE_TABLES(avx2)
 SPARSEPROP_DECLARE_TABLES(avx512)
-SPARSEPROP_DECLARE_TABLES(avx512_bf16)
+namespace avx512_bf16 {
+extern const RoutinesFor<BFloat16> kBf16Routines;  // its float routines are avx512's
+}
 #endif
 #undef SPARSEPROP_DECLARE_TABLES
 
