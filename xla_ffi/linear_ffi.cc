@@ -73,9 +73,9 @@ TileAt tile_at(const BatchTiles& tiles, int64_t t, int64_t features, int64_t unt
 // features, or, with `in_ld`, untiled: [in_rows, batch] with rows in_ld
 // apart. value(p) = vals[perm[p]] if perm, else vals[p]: the permuted
 // values are gathered a block at a time into a buffer that stays in cache
-// (once per tile: see linear_backward for when the caller gathers instead);
-// values of another type than float (Val) are widened the same way, a block
-// at a time.
+// (once per tile: see linear_backward for when the caller gathers instead),
+// widened to float where they are stored as another type (Val): such values
+// always come with `perm` (the forward widens its values first).
 // `stream`: write `out` with streaming stores (streams_past_cache).
 // With `xt` (the linear layer's input x transposed, [ld_out, batch]: the rows
 // here are its input features), the weight gradient in the same pass
@@ -122,11 +122,7 @@ void spmm_batch_major(const RoutinesFor<T>& k, const int32_t* indptr, const int3
       const int32_t lo = indptr[r0];
       for (int64_t i = 0; i <= n; ++i) block_ptr[i] = indptr[r0 + i] - lo;
       block_vals.resize(std::max<int32_t>(1, block_ptr[n]));
-      if (perm != nullptr) {
-        gather(vals, perm + lo, 0, block_ptr[n], block_vals.data());
-      } else {
-        for (int32_t p = 0; p < block_ptr[n]; ++p) block_vals[p] = as_float(vals[lo + p]);
-      }
+      gather(vals, perm + lo, 0, block_ptr[n], block_vals.data());
       product(block_ptr.data(), idx + lo, block_vals.data(),
               sums != nullptr ? sums + lo : nullptr);
       k.transpose_rounded(buffer.data(), width, out_tile + r0, ld_out, n, 0, width, stream);
